@@ -1,0 +1,3 @@
+"""avobuild: host-side toolchain for A/B updates of embedded Linux devices."""
+
+__version__ = "0.1.0"

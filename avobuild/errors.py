@@ -1,0 +1,85 @@
+"""Exception families. Each carries the exit code `avobuild` ends with when it escapes.
+
+Library code raises these; only `cli.main()` catches them, prints the message and exits.
+Messages are written for the user: they name the file, key, tool or byte offset at fault.
+"""
+
+from __future__ import annotations
+
+
+class AvobuildError(Exception):
+    """Base of every error avobuild reports to the user."""
+
+    exit_code = 1
+
+
+class RecipeError(AvobuildError):
+    """A recipe or layout file is malformed or inconsistent."""
+
+    exit_code = 2
+
+
+class ToolMissing(AvobuildError):
+    """A host tool avobuild needs is not installed."""
+
+    exit_code = 3
+
+    def __init__(self, tool: str, purpose: str, package: str) -> None:
+        super().__init__(
+            f"{tool}: not found; it is needed to {purpose}. "
+            f"Install the Debian package '{package}' (apt-get install {package})."
+        )
+        self.tool = tool
+        self.package = package
+
+
+class ToolFailed(AvobuildError):
+    """An external tool exited non-zero. The message carries a command line to rerun."""
+
+    exit_code = 4
+
+    def __init__(self, command: str, returncode: int, stderr: str) -> None:
+        detail = stderr.strip()
+        message = f"command failed with exit code {returncode}: {command}"
+        if detail:
+            message += "\n" + detail
+        super().__init__(message)
+        self.command = command
+        self.returncode = returncode
+        self.stderr = stderr
+
+
+class BuildError(AvobuildError):
+    """Building an image failed for a reason other than a tool failing (e.g. it does not fit)."""
+
+    exit_code = 5
+
+
+class BundleError(AvobuildError):
+    """A bundle is malformed, truncated or its contents do not match their hashes."""
+
+    exit_code = 6
+
+
+class SignatureError(BundleError):
+    """A bundle's signature is missing, invalid or made by a key that is not trusted."""
+
+    exit_code = 7
+
+
+class CompatibilityError(BundleError):
+    """A valid bundle that is not meant for this device (compatible string, layout, version)."""
+
+    exit_code = 8
+
+
+class KeyError_(AvobuildError):
+    """A key file cannot be read or is of an unsupported type."""
+
+    exit_code = 9
+
+
+class InstallError(AvobuildError):
+    """The target disk or device cannot take the bundle (layout, sizes, boot state)."""
+
+    exit_code = 10
