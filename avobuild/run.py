@@ -52,6 +52,7 @@ TOOLS: dict[str, Tool] = {
         Tool("zstd", "decompress bundle chunks", "zstd"),
         Tool("busybox", "provide a userland for images and the applier", "busybox-static"),
         Tool("xorriso", "build and inspect ISO 9660 media", "xorriso"),
+        Tool("env", "run mksquashfs and mkfs.erofs without SOURCE_DATE_EPOCH", "coreutils"),
     )
 }
 

@@ -1,0 +1,198 @@
+"""Host-side install of a bundle into a disk image: the reference applier.
+
+Manufacturers use it to preload factory images; the tests use it as the reference the
+on-target applier must match byte for byte. Order matters and is the safety argument:
+signature, compatibility, sizes and every chunk hash are checked in full before the first byte
+is written, and only the inactive slot is written. The boot state on the boot partition is
+rewritten last, so an interruption leaves the previous slot booting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from avobuild.boot.grubenv import parse_grubenv, render_grubenv
+from avobuild.boot.state import BOOT_STATE_PATH, DEFAULT_MAX_ATTEMPTS, BootState
+from avobuild.bundle.format import BundleReader
+from avobuild.bundle.keys import load_keyring
+from avobuild.bundle.manifest import Manifest
+from avobuild.disk.gpt import GptPartition, GptTable, read_gpt
+from avobuild.errors import CompatibilityError, InstallError, ToolFailed
+from avobuild.fs import read_vfat_file, write_vfat_file
+from avobuild.layout import IMAGE_SLOT_CLASS, Layout, Role, Slot
+from avobuild.tomlcheck import format_size
+
+InstallProgress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class InstallResult:
+    slot: Slot
+    previous: Slot
+    version: str
+    written: dict[str, int]
+    state: BootState
+
+
+def _no_progress(_step: str, _done: int, _total: int) -> None:
+    pass
+
+
+def role_label(layout: Layout | None, role: Role) -> str:
+    """The partition label of `role`: from the layout, or by convention the role's name."""
+    if layout is not None:
+        spec = layout.by_role(role)
+        if spec is None:
+            raise InstallError(f"{layout.path}: no partition has role {role.value!r}")
+        return spec.label
+    return role.value
+
+
+def _find(table: GptTable, disk: Path, label: str) -> GptPartition:
+    part = table.find(label)
+    if part is None:
+        names = ", ".join(p.name for p in table.partitions) or "none"
+        raise InstallError(
+            f"{disk}: no partition labelled {label!r} (partitions: {names}); "
+            "pass --layout if this disk uses other labels"
+        )
+    return part
+
+
+def read_boot_state(disk: Path, layout: Layout | None = None) -> BootState:
+    """The boot state stored on the disk image's boot partition."""
+    with disk.open("rb") as handle:
+        table = read_gpt(handle)
+    boot = _find(table, disk, role_label(layout, Role.BOOT))
+    source = f"{disk}: partition {boot.name}: {BOOT_STATE_PATH}"
+    try:
+        data = read_vfat_file(disk, table.offset(boot), BOOT_STATE_PATH)
+    except ToolFailed as error:
+        raise InstallError(f"{source}: cannot be read: {error}") from None
+    return BootState.from_variables(parse_grubenv(data, source), source)
+
+
+def install_bundle(
+    bundle: Path,
+    disk: Path,
+    keyring: Path,
+    *,
+    layout: Layout | None = None,
+    confirm: bool = False,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    progress: InstallProgress = _no_progress,
+) -> InstallResult:
+    """Verify `bundle` completely, write it to the inactive slot of `disk`, switch slots."""
+    trusted = load_keyring(keyring)
+    with BundleReader.open(bundle) as reader:
+        reader.verify_signature(trusted)
+        manifest = reader.manifest
+        with disk.open("rb") as handle:
+            table = read_gpt(handle)
+        state = read_boot_state(disk, layout)
+        check_compatible(manifest, state, disk)
+        target = state.inactive
+        targets = _plan_targets(manifest, table, disk, layout, target)
+        total = sum(image.size for image in manifest.images)
+        progress("verifying", 0, total)
+        reader.verify_payload()
+        progress("verifying", total, total)
+
+    written = _write_images(bundle, trusted, manifest, disk, targets, progress)
+    new_state = state.with_pending(target, manifest.version, max_attempts)
+    if confirm:
+        new_state = new_state.with_confirmed(target)
+    boot = _find(table, disk, role_label(layout, Role.BOOT))
+    write_vfat_file(
+        disk, table.offset(boot), BOOT_STATE_PATH, render_grubenv(new_state.to_variables())
+    )
+    return InstallResult(target, state.active, manifest.version, written, new_state)
+
+
+def check_compatible(manifest: Manifest, state: BootState, disk: Path) -> None:
+    if manifest.compatible != state.compatible:
+        raise CompatibilityError(
+            f"bundle is for {manifest.compatible!r} but {disk} is {state.compatible!r}; "
+            "nothing was written"
+        )
+
+
+def _plan_targets(
+    manifest: Manifest, table: GptTable, disk: Path, layout: Layout | None, slot: Slot
+) -> dict[str, tuple[int, int]]:
+    """Byte offset and size of the partition each bundle image goes to."""
+    targets: dict[str, tuple[int, int]] = {}
+    for image in manifest.images:
+        slot_class = IMAGE_SLOT_CLASS.get(image.name)
+        if slot_class is None:
+            known = ", ".join(IMAGE_SLOT_CLASS)
+            raise CompatibilityError(
+                f"bundle image {image.name!r} has no slot on a device (known images: {known})"
+            )
+        role = Role(f"{slot_class}-{slot.value.lower()}")
+        label = role_label(layout, role)
+        part = table.find(label)
+        if part is None:
+            raise CompatibilityError(
+                f"bundle image {image.name!r} needs a partition labelled {label!r} on {disk}; "
+                "there is none"
+            )
+        offset, size = table.offset(part), table.size(part)
+        if image.size > size:
+            raise CompatibilityError(
+                f"bundle image {image.name!r} is {format_size(image.size)}, larger than "
+                f"partition {label} ({format_size(size)})"
+            )
+        targets[image.name] = (offset, size)
+    return targets
+
+
+def _write_images(
+    bundle: Path,
+    trusted: object,
+    manifest: Manifest,
+    disk: Path,
+    targets: dict[str, tuple[int, int]],
+    progress: InstallProgress,
+) -> dict[str, int]:
+    total = sum(image.size for image in manifest.images)
+    done = 0
+    written: dict[str, int] = {}
+    fd = os.open(disk, os.O_RDWR)
+    try:
+        with BundleReader.open(bundle) as reader:
+            reader.verify_signature(trusted)  # type: ignore[arg-type]
+            if reader.manifest != manifest:
+                raise InstallError(f"{bundle}: changed while it was being installed")
+            for image, chunk, data in reader.iter_chunks():
+                offset = targets[image.name][0] + chunk.index * manifest.chunk_size
+                os.pwrite(fd, data, offset)
+                written[image.name] = written.get(image.name, 0) + len(data)
+                done += len(data)
+                progress("writing", done, total)
+        os.fsync(fd)
+        for image in manifest.images:
+            _check_written(fd, targets[image.name][0], image.size, image.sha256, image.name, disk)
+    finally:
+        os.close(fd)
+    return written
+
+
+def _check_written(fd: int, offset: int, size: int, expected: str, name: str, disk: Path) -> None:
+    digest = hashlib.sha256()
+    position = 0
+    while position < size:
+        block = os.pread(fd, min(1 << 20, size - position), offset + position)
+        if not block:
+            break
+        digest.update(block)
+        position += len(block)
+    if digest.hexdigest() != expected:
+        raise InstallError(
+            f"{disk}: image {name} read back at offset {offset} does not match its hash; "
+            "the slot stays inactive"
+        )

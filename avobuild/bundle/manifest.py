@@ -1,0 +1,371 @@
+"""The bundle manifest: the signed, line-oriented description of a bundle's images and chunks.
+
+Specified in docs/bundle-format.md, section "Manifest". The text form is chosen so that a
+POSIX sh reader can parse it with `read` and `case`: ASCII, one record per LF-terminated line,
+fields separated by exactly one space. The exact bytes are what is signed, so rendering is
+canonical (one spelling per manifest) and parsing is strict: anything a v1 reader does not
+understand is an error, because an ignored line could change what gets installed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+from avobuild.errors import BundleError
+
+MANIFEST_VERSION = 1
+MAX_MANIFEST_SIZE = 16 << 20
+MIN_CHUNK_SIZE = 64 << 10
+MAX_CHUNK_SIZE = 16 << 20
+DEFAULT_CHUNK_SIZE = 1 << 20
+# Largest value any decimal field may take: what a 64-bit signed shell arithmetic handles.
+MAX_DECIMAL = (1 << 63) - 1
+EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+
+_IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~:@-]{0,127}", re.ASCII)
+_IMAGE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}", re.ASCII)
+_DECIMAL = re.compile(r"0|[1-9][0-9]{0,18}", re.ASCII)
+_SHA256 = re.compile(r"[0-9a-f]{64}", re.ASCII)
+
+IDENTIFIER_GRAMMAR = "[A-Za-z0-9][A-Za-z0-9._+~:@-]{0,127}"
+IMAGE_NAME_GRAMMAR = "[a-z0-9][a-z0-9_-]{0,31}"
+
+
+class BundleType(StrEnum):
+    FULL = "full"
+
+
+class Compression(StrEnum):
+    ZSTD = "zstd"
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class ChunkEntry:
+    """One chunk of an image as stored in the payload: its stored size and the hash of it."""
+
+    index: int
+    stored_size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """One image: its uncompressed size and hash, and its chunks in order."""
+
+    name: str
+    size: int
+    sha256: str
+    chunks: tuple[ChunkEntry, ...]
+
+    @property
+    def chunk_count(self) -> int:
+        return len(self.chunks)
+
+    @property
+    def stored_size(self) -> int:
+        return sum(chunk.stored_size for chunk in self.chunks)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A parsed, validated manifest (docs/bundle-format.md, section 3)."""
+
+    name: str
+    version: str
+    compatible: str
+    build_date: int
+    chunk_size: int
+    compression: Compression
+    images: tuple[ImageEntry, ...]
+    type: BundleType = BundleType.FULL
+
+    def image(self, name: str) -> ImageEntry | None:
+        return next((image for image in self.images if image.name == name), None)
+
+    def chunk_data_size(self, image: ImageEntry, index: int) -> int:
+        """Size of chunk `index` of `image` once decompressed (the last one may be short)."""
+        return min(self.chunk_size, image.size - index * self.chunk_size)
+
+    @property
+    def payload_size(self) -> int:
+        return sum(image.stored_size for image in self.images)
+
+    @property
+    def total_image_size(self) -> int:
+        return sum(image.size for image in self.images)
+
+
+def chunk_count(size: int, chunk_size: int) -> int:
+    return -(-size // chunk_size)
+
+
+def max_stored_size(data_size: int, compression: Compression) -> int:
+    """The largest stored size a chunk of `data_size` bytes may have (docs/bundle-format.md 3.3).
+
+    zstd never expands incompressible data by more than its block headers (3 bytes per
+    128 KiB block) plus an 18-byte frame header; the bound leaves ample room for that while
+    still capping what a reader must buffer per chunk.
+    """
+    if compression is Compression.NONE:
+        return data_size
+    return data_size + (data_size >> 7) + 512
+
+
+# Field checks shared by the parser (which prefixes a line number) and by writers that
+# validate user input before doing any work.
+
+
+def check_identifier(field: str, value: str) -> str:
+    if not _IDENTIFIER.fullmatch(value):
+        raise BundleError(
+            f"{field}: expected 1-128 characters matching {IDENTIFIER_GRAMMAR}, got {value!r}"
+        )
+    return value
+
+
+def check_image_name(value: str) -> str:
+    if not _IMAGE_NAME.fullmatch(value):
+        raise BundleError(
+            f"image name: expected 1-32 characters matching {IMAGE_NAME_GRAMMAR}, got {value!r}"
+        )
+    return value
+
+
+def check_chunk_size(value: int) -> int:
+    if not (MIN_CHUNK_SIZE <= value <= MAX_CHUNK_SIZE and value & (value - 1) == 0):
+        raise BundleError(
+            f"chunk-size: expected a power of two between {MIN_CHUNK_SIZE} and "
+            f"{MAX_CHUNK_SIZE}, got '{value}'"
+        )
+    return value
+
+
+def check_build_date(value: int) -> int:
+    if not 0 <= value <= MAX_DECIMAL:
+        raise BundleError(f"build-date: expected seconds since 1970 (0 or more), got '{value}'")
+    return value
+
+
+def _decimal(field: str, text: str) -> int:
+    if not _DECIMAL.fullmatch(text) or int(text) > MAX_DECIMAL:
+        raise BundleError(
+            f"{field}: expected a decimal number without leading zeros, at most {MAX_DECIMAL}, "
+            f"got {text!r}"
+        )
+    return int(text)
+
+
+def _sha256(field: str, text: str) -> str:
+    if not _SHA256.fullmatch(text):
+        raise BundleError(f"{field}: expected 64 lowercase hex digits (sha256), got {text!r}")
+    return text
+
+
+def render_manifest(manifest: Manifest) -> bytes:
+    """The canonical bytes of `manifest`; raises BundleError if it breaks the grammar."""
+    lines = [
+        f"avobuild-manifest {MANIFEST_VERSION}",
+        f"type {manifest.type.value}",
+        f"name {manifest.name}",
+        f"version {manifest.version}",
+        f"compatible {manifest.compatible}",
+        f"build-date {manifest.build_date}",
+        f"chunk-size {manifest.chunk_size}",
+        f"compression {manifest.compression.value}",
+    ]
+    for image in manifest.images:
+        lines.append(f"image {image.name} {image.size} {image.sha256} {image.chunk_count}")
+        lines.extend(
+            f"chunk {image.name} {chunk.index} {chunk.stored_size} {chunk.sha256}"
+            for chunk in image.chunks
+        )
+    data = "".join(line + "\n" for line in lines).encode("utf-8")
+    # Parsing back is the one definition of validity, so a writer can never produce a
+    # manifest the reader refuses.
+    try:
+        parsed = parse_manifest(data)
+    except BundleError as error:
+        raise BundleError(f"invalid manifest: {error}") from None
+    if parsed != manifest:
+        raise BundleError("invalid manifest: it does not survive a render/parse round trip")
+    return data
+
+
+class _Lines:
+    """A cursor over the manifest's lines; `number` is the line the last error is about."""
+
+    def __init__(self, lines: list[str]) -> None:
+        self._lines = lines
+        self.number = 0
+
+    def __bool__(self) -> bool:
+        return self.number < len(self._lines)
+
+    def next(self) -> list[str]:
+        line = self._lines[self.number]
+        self.number += 1
+        if not line:
+            raise BundleError("empty line")
+        fields = line.split(" ")
+        if "" in fields:
+            raise BundleError(
+                "fields must be separated by exactly one space, with none at the ends"
+            )
+        return fields
+
+    def expect(self, keyword: str, count: int) -> list[str]:
+        """The values of the next line, which must be `keyword` followed by `count` values."""
+        if not self:
+            self.number += 1
+            raise BundleError(f"the manifest ends where a {keyword!r} line was expected")
+        fields = self.next()
+        if fields[0] != keyword:
+            raise BundleError(
+                f"expected a line starting with {keyword!r}, got {_describe_keyword(fields[0])}"
+            )
+        if len(fields) != count + 1:
+            raise BundleError(f"{keyword}: expected {count} value(s), got {len(fields) - 1}")
+        return fields[1:]
+
+
+_FIXED_KEYWORDS = (
+    "avobuild-manifest",
+    "type",
+    "name",
+    "version",
+    "compatible",
+    "build-date",
+    "chunk-size",
+    "compression",
+)
+
+
+def _describe_keyword(keyword: str) -> str:
+    if keyword in _FIXED_KEYWORDS or keyword in ("image", "chunk"):
+        return f"{keyword!r} (out of order or repeated)"
+    return f"unknown keyword {keyword!r} (not part of manifest version {MANIFEST_VERSION})"
+
+
+def parse_manifest(data: bytes) -> Manifest:
+    """Parse and validate manifest bytes; every error is a BundleError naming the line."""
+    if len(data) > MAX_MANIFEST_SIZE:
+        raise BundleError(f"manifest is {len(data)} bytes, over the limit of {MAX_MANIFEST_SIZE}")
+    if not data:
+        raise BundleError("manifest is empty")
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise BundleError(
+            f"manifest line {line}: byte 0x{data[error.start]:02x} is not ASCII "
+            "(every value in a version 1 manifest is ASCII)"
+        ) from None
+    if not text.endswith("\n"):
+        line = text.count("\n") + 1
+        raise BundleError(f"manifest line {line}: not terminated by a newline")
+    lines = _Lines(text[:-1].split("\n"))
+    try:
+        return _parse_lines(lines)
+    except BundleError as error:
+        raise BundleError(f"manifest line {lines.number}: {error}") from None
+
+
+def _parse_lines(lines: _Lines) -> Manifest:
+    magic = lines.next()
+    if magic[0] != "avobuild-manifest" or len(magic) != 2:
+        raise BundleError(
+            f"expected 'avobuild-manifest {MANIFEST_VERSION}', got {' '.join(magic)!r}"
+        )
+    if magic[1] != str(MANIFEST_VERSION):
+        raise BundleError(
+            f"unsupported manifest version {magic[1]!r} (this avobuild reads version "
+            f"{MANIFEST_VERSION}; a newer avobuild is needed)"
+        )
+    (type_value,) = lines.expect("type", 1)
+    if type_value != BundleType.FULL.value:
+        raise BundleError(f"type: expected 'full', got {type_value!r}")
+    name = check_identifier("name", lines.expect("name", 1)[0])
+    version = check_identifier("version", lines.expect("version", 1)[0])
+    compatible = check_identifier("compatible", lines.expect("compatible", 1)[0])
+    build_date = _decimal("build-date", lines.expect("build-date", 1)[0])
+    chunk_size = _chunk_size(lines.expect("chunk-size", 1)[0])
+    (compression_text,) = lines.expect("compression", 1)
+    if compression_text not in {member.value for member in Compression}:
+        raise BundleError(f"compression: expected 'zstd' or 'none', got {compression_text!r}")
+    compression = Compression(compression_text)
+
+    images: list[ImageEntry] = []
+    while lines:
+        images.append(_parse_image(lines, chunk_size, compression, {i.name for i in images}))
+    if not images:
+        lines.number += 1
+        raise BundleError("the manifest ends without listing an image")
+    return Manifest(
+        name=name,
+        version=version,
+        compatible=compatible,
+        build_date=build_date,
+        chunk_size=chunk_size,
+        compression=compression,
+        images=tuple(images),
+    )
+
+
+def _chunk_size(text: str) -> int:
+    try:
+        return check_chunk_size(_decimal("chunk-size", text))
+    except BundleError:
+        raise BundleError(
+            f"chunk-size: expected a power of two between {MIN_CHUNK_SIZE} and "
+            f"{MAX_CHUNK_SIZE}, got {text!r}"
+        ) from None
+
+
+def _parse_image(
+    lines: _Lines, chunk_size: int, compression: Compression, seen: set[str]
+) -> ImageEntry:
+    name, size_text, digest_text, count_text = lines.expect("image", 4)
+    check_image_name(name)
+    if name in seen:
+        raise BundleError(f"image {name!r} is listed twice")
+    size = _decimal(f"image {name}: size", size_text)
+    digest = _sha256(f"image {name}: sha256", digest_text)
+    count = _decimal(f"image {name}: chunk-count", count_text)
+    expected_count = chunk_count(size, chunk_size)
+    if count != expected_count:
+        raise BundleError(
+            f"image {name}: chunk-count: expected {expected_count} for {size} bytes in chunks "
+            f"of {chunk_size}, got {count}"
+        )
+    if size == 0 and digest != EMPTY_SHA256:
+        raise BundleError(f"image {name}: sha256: an empty image must have {EMPTY_SHA256}")
+    chunks = tuple(
+        _parse_chunk(lines, name, size, index, chunk_size, compression) for index in range(count)
+    )
+    return ImageEntry(name=name, size=size, sha256=digest, chunks=chunks)
+
+
+def _parse_chunk(
+    lines: _Lines, image: str, size: int, index: int, chunk_size: int, compression: Compression
+) -> ChunkEntry:
+    where = f"chunk {index} of image {image}"
+    owner, index_text, stored_text, digest_text = lines.expect("chunk", 4)
+    if owner != image or index_text != str(index):
+        raise BundleError(f"expected the line of {where}, got chunk {index_text} of image {owner}")
+    stored = _decimal(f"{where}: stored-size", stored_text)
+    data_size = min(chunk_size, size - index * chunk_size)
+    if compression is Compression.NONE and stored != data_size:
+        raise BundleError(
+            f"{where}: stored-size: expected {data_size} (compression none), got {stored}"
+        )
+    limit = max_stored_size(data_size, compression)
+    if not 1 <= stored <= limit:
+        raise BundleError(
+            f"{where}: stored-size: expected 1 to {limit} for {data_size} bytes of data, "
+            f"got {stored}"
+        )
+    digest = _sha256(f"{where}: sha256", digest_text)
+    return ChunkEntry(index=index, stored_size=stored, sha256=digest)

@@ -1,0 +1,1 @@
+"""Disk images: partition tables (GPT, MBR) and the partition type identifiers they use."""

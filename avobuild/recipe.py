@@ -1,0 +1,196 @@
+"""Recipes: what a product is made of. TOML -> one frozen `Recipe`, validated here only.
+
+Paths in a recipe are relative to the recipe file. The layout named by the recipe is loaded
+with it, so the rest of the build sees a single object.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from avobuild.fs import FsType
+from avobuild.layout import Layout, Role, load_layout
+from avobuild.tomlcheck import Table, load_toml
+
+# Shared with the bundle manifest grammar: these strings travel into the signed manifest and
+# into the on-target applier, so they are restricted to characters that need no quoting.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~:@-]{0,127}")
+EXTENSION_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+_DEST_PATH = re.compile(r"/[A-Za-z0-9._+@/-]*")
+
+
+class Architecture(enum.StrEnum):
+    X86_64 = "x86_64"
+    AARCH64 = "aarch64"
+    ARM = "arm"
+    RISCV64 = "riscv64"
+    I686 = "i686"
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A host file copied into the rootfs at `dest` with `mode`."""
+
+    source: Path
+    dest: str
+    mode: int
+
+
+@dataclass(frozen=True)
+class Extension:
+    """A sysext-style image built from a tree, placed in the rootfs at `dest`."""
+
+    name: str
+    tree: Path
+    filesystem: FsType
+
+    @property
+    def dest(self) -> str:
+        return f"/usr/lib/extensions/{self.name}.raw"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    path: Path
+    name: str
+    version: str
+    compatible: str
+    architecture: Architecture
+    layout: Layout
+    rootfs_tree: Path
+    rootfs_files: tuple[FileEntry, ...]
+    rootfs_directories: tuple[str, ...]
+    kernel: Path | None
+    kernel_dest: str
+    extensions: tuple[Extension, ...]
+    boot_tree: Path | None
+    data_tree: Path | None
+    signing_key: Path | None
+    seed: str
+
+
+def load_recipe(path: Path) -> Recipe:
+    """Read and validate a recipe file and the layout it names."""
+    root = load_toml(path)
+    product = root.table("product", required=True)
+    assert product is not None
+    name = product.string("name", pattern=NAME_PATTERN, what=_name_rule())
+    version = product.string("version", pattern=NAME_PATTERN, what=_name_rule("a version"))
+    compatible = product.string(
+        "compatible", pattern=NAME_PATTERN, what=_name_rule("a compatible string")
+    )
+    arch_name = product.string("architecture")
+    if arch_name not in {arch.value for arch in Architecture}:
+        product.fail(
+            "architecture", "one of " + ", ".join(a.value for a in Architecture), arch_name
+        )
+    layout_path = product.path_value("layout")
+    assert layout_path is not None
+    seed = product.string("seed", default=name)
+    product.check_unknown()
+    layout = load_layout(layout_path)
+
+    rootfs = root.table("rootfs", required=True)
+    assert rootfs is not None
+    rootfs_tree = _existing_dir(rootfs, "tree")
+    files = tuple(_read_file_entry(entry) for entry in rootfs.array_of_tables("file"))
+    directories = tuple(rootfs.string_list("directories"))
+    for directory in directories:
+        if not _DEST_PATH.fullmatch("/" + directory.strip("/")) or ".." in directory.split("/"):
+            rootfs.fail("directories", "paths inside the rootfs without '..'", directory)
+    rootfs.check_unknown()
+    system = layout.by_role(Role.SYSTEM_A)
+    assert system is not None
+    if system.filesystem is None:
+        rootfs.fail("tree", f"a layout whose {system.label} partition has a filesystem")
+
+    kernel_table = root.table("kernel")
+    kernel: Path | None = None
+    kernel_dest = "/boot/vmlinuz"
+    if kernel_table is not None:
+        kernel = kernel_table.path_value("file")
+        assert kernel is not None
+        if not kernel.is_file():
+            kernel_table.fail("file", "an existing kernel image file", str(kernel))
+        kernel_dest = kernel_table.string("dest", default=kernel_dest, pattern=_DEST_PATH)
+        kernel_table.check_unknown()
+
+    extensions = tuple(_read_extension(table) for table in root.array_of_tables("extension"))
+    names = [ext.name for ext in extensions]
+    if len(set(names)) != len(names):
+        raise_duplicate = next(n for n in names if names.count(n) > 1)
+        root.fail("extension", "unique extension names", raise_duplicate)
+
+    boot = root.table("boot")
+    boot_tree = _existing_dir(boot, "tree") if boot is not None else None
+    if boot is not None:
+        boot.check_unknown()
+    data = root.table("data")
+    data_tree = _existing_dir(data, "tree") if data is not None else None
+    if data is not None:
+        data.check_unknown()
+
+    signing = root.table("signing")
+    signing_key = None
+    if signing is not None:
+        signing_key = signing.path_value("key")
+        signing.check_unknown()
+    root.check_unknown()
+    return Recipe(
+        path=path,
+        name=name,
+        version=version,
+        compatible=compatible,
+        architecture=Architecture(arch_name),
+        layout=layout,
+        rootfs_tree=rootfs_tree,
+        rootfs_files=files,
+        rootfs_directories=directories,
+        kernel=kernel,
+        kernel_dest=kernel_dest,
+        extensions=extensions,
+        boot_tree=boot_tree,
+        data_tree=data_tree,
+        signing_key=signing_key,
+        seed=seed,
+    )
+
+
+def _name_rule(what: str = "a name") -> str:
+    return f"{what} of letters, digits and . _ + ~ : @ - (at most 128, starting alphanumeric)"
+
+
+def _existing_dir(table: Table, key: str) -> Path:
+    path = table.path_value(key)
+    assert path is not None
+    if not path.is_dir():
+        table.fail(key, "an existing directory", str(path))
+    return path
+
+
+def _read_file_entry(table: Table) -> FileEntry:
+    source = table.path_value("source")
+    assert source is not None
+    if not source.is_file():
+        table.fail("source", "an existing file", str(source))
+    dest = table.string("dest", pattern=_DEST_PATH, what="an absolute path inside the rootfs")
+    if ".." in dest.split("/"):
+        table.fail("dest", "a path without '..'", dest)
+    mode_text = table.string("mode", default="0644")
+    if not re.fullmatch(r"0?[0-7]{3,4}", mode_text):
+        table.fail("mode", 'an octal file mode like "0755"', mode_text)
+    table.check_unknown()
+    return FileEntry(source, dest, int(mode_text, 8))
+
+
+def _read_extension(table: Table) -> Extension:
+    name = table.string("name", pattern=EXTENSION_NAME, what="an extension name (a-z, 0-9, _.-)")
+    tree = _existing_dir(table, "tree")
+    fs_name = table.string("filesystem", default="squashfs")
+    if fs_name not in (FsType.SQUASHFS.value, FsType.EROFS.value):
+        table.fail("filesystem", '"squashfs" or "erofs"', fs_name)
+    table.check_unknown()
+    return Extension(name, tree, FsType(fs_name))
