@@ -18,7 +18,7 @@ from pathlib import Path
 from avobuild.boot.grubenv import parse_grubenv, render_grubenv
 from avobuild.boot.state import BOOT_STATE_PATH, DEFAULT_MAX_ATTEMPTS, BootState
 from avobuild.bundle.format import BundleReader
-from avobuild.bundle.keys import load_keyring
+from avobuild.bundle.keys import Keyring, load_keyring
 from avobuild.bundle.manifest import Manifest
 from avobuild.disk.gpt import GptPartition, GptTable, read_gpt
 from avobuild.errors import CompatibilityError, InstallError, ToolFailed
@@ -153,7 +153,7 @@ def _plan_targets(
 
 def _write_images(
     bundle: Path,
-    trusted: object,
+    trusted: Keyring,
     manifest: Manifest,
     disk: Path,
     targets: dict[str, tuple[int, int]],
@@ -165,7 +165,7 @@ def _write_images(
     fd = os.open(disk, os.O_RDWR)
     try:
         with BundleReader.open(bundle) as reader:
-            reader.verify_signature(trusted)  # type: ignore[arg-type]
+            reader.verify_signature(trusted)
             if reader.manifest != manifest:
                 raise InstallError(f"{bundle}: changed while it was being installed")
             for image, chunk, data in reader.iter_chunks():
