@@ -48,9 +48,11 @@ from avobuild.bundle.keys import (
 )
 from avobuild.bundle.manifest import (
     EMPTY_SHA256,
+    BundleType,
     ChunkEntry,
     Compression,
     ImageEntry,
+    ImageRef,
     Manifest,
     parse_manifest,
     render_manifest,
@@ -707,7 +709,7 @@ VALID_MANIFEST = (
         ),
         ("chunk-size 65536", "chunk-size 065536", "line 7: chunk-size"),
         ("avobuild-manifest 1", "avobuild-manifest 2", "line 1: unsupported manifest version '2'"),
-        ("type full", "type delta", "line 2: type: expected 'full', got 'delta'"),
+        ("type full", "type patch", "line 2: type: expected 'full' or 'delta', got 'patch'"),
         ("name demo", "name  demo", "line 3: fields must be separated by exactly one space"),
         ("name demo", "name demo ", "line 3: fields must be separated"),
         ("name demo", "name dé", "line 3: byte 0xc3 is not ASCII"),
@@ -946,3 +948,30 @@ def test_fuzz_reader(small: Built, keys: Keys, operations: list[tuple[str, float
     except BundleError:
         return
     assert data == original, "only the unmodified bundle verifies"
+
+
+def test_delta_manifest_round_trip() -> None:
+    """Delta images carry the source they need and the target they produce, signed."""
+    source = ImageRef(4096, "a" * 64)
+    target = ImageRef(8192, "b" * 64)
+    image = ImageEntry("rootfs", 10, "c" * 64, (ChunkEntry(0, 19, "d" * 64),), source, target)
+    manifest = Manifest(
+        name="p",
+        version="2",
+        compatible="c",
+        build_date=0,
+        chunk_size=1 << 20,
+        compression=Compression.ZSTD,
+        images=(image,),
+        type=BundleType.DELTA,
+    )
+    data = render_manifest(manifest)
+    assert b"type delta\n" in data
+    assert f"source 4096 {'a' * 64}\ntarget 8192 {'b' * 64}\nchunk ".encode() in data
+    assert parse_manifest(data) == manifest
+    # A full manifest must not carry source/target lines, a delta one must.
+    with pytest.raises(BundleError, match="source"):
+        parse_manifest(data.replace(b"type delta", b"type full"))
+    missing = data.replace(f"target 8192 {'b' * 64}\n".encode(), b"")
+    with pytest.raises(BundleError, match="target"):
+        parse_manifest(missing)

@@ -16,6 +16,7 @@ import shutil
 import stat
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -362,24 +363,31 @@ def test_build_epoch_changes_the_image(
     assert before != after
 
 
+def _field(pattern: str, report: str) -> str:
+    found = re.search(pattern, report)
+    assert found is not None, report
+    return found.group(1)
+
+
 def _ext4_uuid(image: Path) -> str:
-    return re.findall(r"Filesystem UUID: +(\S+)", run_text(["debugfs", "-R", "stats", image]))[0]
+    return _field(r"Filesystem UUID: +(\S+)", run_text(["debugfs", "-R", "stats", image]))
 
 
 def _vfat_volume_id(image: Path) -> str:
-    return re.findall(r"Serial Number is (\S+)", run_text(["mdir", "-i", image, "::/"]))[0]
+    return _field(r"Serial Number is (\S+)", run_text(["mdir", "-i", image, "::/"]))
 
 
 def _erofs_uuid(image: Path) -> str:
-    return re.findall(r"Filesystem UUID: +(\S+)", run_text(["dump.erofs", "-s", image]))[0]
+    return _field(r"Filesystem UUID: +(\S+)", run_text(["dump.erofs", "-s", image]))
 
 
 @pytest.mark.parametrize(
     ("fstype", "identify"),
     [(FsType.EXT4, _ext4_uuid), (FsType.VFAT, _vfat_volume_id), (FsType.EROFS, _erofs_uuid)],
 )
-def test_seed_decides_the_filesystem_uuid(fstype: FsType, identify: object, tmp_path: Path) -> None:
-    assert callable(identify)
+def test_seed_decides_the_filesystem_uuid(
+    fstype: FsType, identify: Callable[[Path], str], tmp_path: Path
+) -> None:
     one = identify(build(fstype, None, tmp_path / "one", seed="product/a"))
     same = identify(build(fstype, None, tmp_path / "same", seed="product/a"))
     other = identify(build(fstype, None, tmp_path / "other", seed="product/b"))

@@ -23,7 +23,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
@@ -34,9 +34,11 @@ from avobuild.bundle.keys import Keyring, PrivateKey
 from avobuild.bundle.manifest import (
     DEFAULT_CHUNK_SIZE,
     MAX_MANIFEST_SIZE,
+    BundleType,
     ChunkEntry,
     Compression,
     ImageEntry,
+    ImageRef,
     Manifest,
     check_build_date,
     check_chunk_size,
@@ -390,6 +392,14 @@ def bundle_info(reader: BundleReader) -> dict[str, object]:
                 "sha256": image.sha256,
                 "chunks": image.chunk_count,
                 "stored_size": image.stored_size,
+                **(
+                    {
+                        "source": {"size": image.source.size, "sha256": image.source.sha256},
+                        "target": {"size": image.target.size, "sha256": image.target.sha256},
+                    }
+                    if image.source is not None and image.target is not None
+                    else {}
+                ),
             }
             for image in manifest.images
         ],
@@ -416,6 +426,9 @@ class ImageSource:
 
     name: str
     path: Path
+    # Delta bundles: `path` holds a delta that turns image `source` into image `target`.
+    source: ImageRef | None = None
+    target: ImageRef | None = None
 
 
 class _ChunkEncoder:
@@ -478,6 +491,10 @@ def write_bundle(
         )
     if not images:
         raise BundleError("a bundle needs at least one image")
+    deltas = [source.target is not None and source.source is not None for source in images]
+    if any(deltas) and not all(deltas):
+        raise BundleError("a bundle holds either full images or deltas, not both")
+    bundle_type = BundleType.DELTA if all(deltas) else BundleType.FULL
     seen: set[str] = set()
     for source in images:
         check_image_name(source.name)
@@ -510,6 +527,10 @@ def write_bundle(
             entries = []
             for source, size in zip(images, sizes, strict=True):
                 entries.append(writer.add_image(source, size, lambda done: report(done, total)))
+            entries = [
+                replace(entry, source=source.source, target=source.target)
+                for entry, source in zip(entries, images, strict=True)
+            ]
             manifest = Manifest(
                 name=name,
                 version=version,
@@ -518,6 +539,7 @@ def write_bundle(
                 chunk_size=chunk_size,
                 compression=compression,
                 images=tuple(entries),
+                type=bundle_type,
             )
             manifest_bytes = render_manifest(manifest)
             signature_bytes = render_signature_block(sign_manifest(manifest_bytes, private_key))

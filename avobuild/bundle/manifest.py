@@ -35,6 +35,15 @@ IMAGE_NAME_GRAMMAR = "[a-z0-9][a-z0-9_-]{0,31}"
 
 class BundleType(StrEnum):
     FULL = "full"
+    DELTA = "delta"
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """Size and sha256 of a whole slot image: what a delta needs, or what it produces."""
+
+    size: int
+    sha256: str
 
 
 class Compression(StrEnum):
@@ -59,6 +68,10 @@ class ImageEntry:
     size: int
     sha256: str
     chunks: tuple[ChunkEntry, ...]
+    # Delta bundles only: the payload stream (size, sha256, chunks) is a delta; applied to
+    # the image `source` it produces the image `target`.
+    source: ImageRef | None = None
+    target: ImageRef | None = None
 
     @property
     def chunk_count(self) -> int:
@@ -178,6 +191,9 @@ def render_manifest(manifest: Manifest) -> bytes:
     ]
     for image in manifest.images:
         lines.append(f"image {image.name} {image.size} {image.sha256} {image.chunk_count}")
+        if image.source is not None and image.target is not None:
+            lines.append(f"source {image.source.size} {image.source.sha256}")
+            lines.append(f"target {image.target.size} {image.target.sha256}")
         lines.extend(
             f"chunk {image.name} {chunk.index} {chunk.stored_size} {chunk.sha256}"
             for chunk in image.chunks
@@ -244,7 +260,7 @@ _FIXED_KEYWORDS = (
 
 
 def _describe_keyword(keyword: str) -> str:
-    if keyword in _FIXED_KEYWORDS or keyword in ("image", "chunk"):
+    if keyword in _FIXED_KEYWORDS or keyword in ("image", "chunk", "source", "target"):
         return f"{keyword!r} (out of order or repeated)"
     return f"unknown keyword {keyword!r} (not part of manifest version {MANIFEST_VERSION})"
 
@@ -285,8 +301,9 @@ def _parse_lines(lines: _Lines) -> Manifest:
             f"{MANIFEST_VERSION}; a newer avobuild is needed)"
         )
     (type_value,) = lines.expect("type", 1)
-    if type_value != BundleType.FULL.value:
-        raise BundleError(f"type: expected 'full', got {type_value!r}")
+    if type_value not in {member.value for member in BundleType}:
+        raise BundleError(f"type: expected 'full' or 'delta', got {type_value!r}")
+    bundle_type = BundleType(type_value)
     name = check_identifier("name", lines.expect("name", 1)[0])
     version = check_identifier("version", lines.expect("version", 1)[0])
     compatible = check_identifier("compatible", lines.expect("compatible", 1)[0])
@@ -299,7 +316,9 @@ def _parse_lines(lines: _Lines) -> Manifest:
 
     images: list[ImageEntry] = []
     while lines:
-        images.append(_parse_image(lines, chunk_size, compression, {i.name for i in images}))
+        images.append(
+            _parse_image(lines, chunk_size, compression, {i.name for i in images}, bundle_type)
+        )
     if not images:
         lines.number += 1
         raise BundleError("the manifest ends without listing an image")
@@ -311,6 +330,7 @@ def _parse_lines(lines: _Lines) -> Manifest:
         chunk_size=chunk_size,
         compression=compression,
         images=tuple(images),
+        type=bundle_type,
     )
 
 
@@ -325,7 +345,11 @@ def _chunk_size(text: str) -> int:
 
 
 def _parse_image(
-    lines: _Lines, chunk_size: int, compression: Compression, seen: set[str]
+    lines: _Lines,
+    chunk_size: int,
+    compression: Compression,
+    seen: set[str],
+    bundle_type: BundleType,
 ) -> ImageEntry:
     name, size_text, digest_text, count_text = lines.expect("image", 4)
     check_image_name(name)
@@ -342,10 +366,22 @@ def _parse_image(
         )
     if size == 0 and digest != EMPTY_SHA256:
         raise BundleError(f"image {name}: sha256: an empty image must have {EMPTY_SHA256}")
+    source = target = None
+    if bundle_type is BundleType.DELTA:
+        source = _parse_ref(lines, "source", name)
+        target = _parse_ref(lines, "target", name)
     chunks = tuple(
         _parse_chunk(lines, name, size, index, chunk_size, compression) for index in range(count)
     )
-    return ImageEntry(name=name, size=size, sha256=digest, chunks=chunks)
+    return ImageEntry(name, size, digest, chunks, source, target)
+
+
+def _parse_ref(lines: _Lines, keyword: str, image: str) -> ImageRef:
+    size_text, digest_text = lines.expect(keyword, 2)
+    return ImageRef(
+        _decimal(f"{keyword} of image {image}: size", size_text),
+        _sha256(f"{keyword} of image {image}: sha256", digest_text),
+    )
 
 
 def _parse_chunk(

@@ -114,8 +114,8 @@ def _check_fat_tree(source: Path, entries: dict[str, FsEntry]) -> None:
             raise BuildError(f"{where}: FAT cannot hold symlinks; copy the target instead")
         if entry.size > MAX_FILE_SIZE:
             raise BuildError(f"{where}: {entry.size} bytes; FAT files hold at most 4 GiB - 1")
-        bad = sorted(_BAD_NAME_CHARS.intersection(name))
-        if bad or name.endswith((".", " ")) or len(name.encode("utf-16-le", "replace")) > 510:
+        too_long = len(name.encode("utf-16-le", "replace")) > 2 * 255
+        if _BAD_NAME_CHARS.intersection(name) or name.endswith((".", " ")) or too_long:
             raise BuildError(
                 f"{where}: not a valid FAT long name (no control characters, none of "
                 f'"*/:<>?\\|, no trailing dot or space, at most 255 characters)'

@@ -1,0 +1,103 @@
+"""What every command module shares: the app, the consoles, progress and work directories.
+
+Only the `avobuild.cli` package prints; library code reports through callbacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.text import Text
+
+from avobuild import __version__
+
+app = typer.Typer(
+    help="Build A/B factory images, signed update bundles and on-target appliers.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
+out = Console(highlight=False, soft_wrap=True, markup=False)
+state = {"debug": False}
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        out.print(f"avobuild {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _global(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Log every tool command; show tracebacks.")
+    ] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version_callback, is_eager=True)
+    ] = False,
+) -> None:
+    state["debug"] = debug
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="%(message)s",
+        stream=sys.stderr,
+    )
+
+
+def step(message: str) -> None:
+    """Report one named build step on standard error."""
+    console.print(Text("• ", style="bold") + Text(message))
+
+
+@contextmanager
+def byte_progress(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar fed with (bytes done, bytes total)."""
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        yield update
+
+
+@contextmanager
+def work_directory(keep: Path | None) -> Iterator[Path]:
+    """`keep` if given (intermediate files stay for inspection), else a temp directory."""
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        yield keep
+    else:
+        with tempfile.TemporaryDirectory(prefix="avobuild-") as tmp:
+            yield Path(tmp)
+
+
+WorkdirOption = Annotated[
+    Path | None,
+    typer.Option("--workdir", help="Keep intermediate files here instead of a temp directory."),
+]

@@ -1,0 +1,32 @@
+"""`avobuild image`: factory disk images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from avobuild.cli.common import WorkdirOption, app, console, out, step, work_directory
+
+
+@app.command()
+def image(
+    recipe: Annotated[Path, typer.Argument(help="Recipe TOML file.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output directory.")],
+    workdir: WorkdirOption = None,
+) -> None:
+    """Build the factory disk image (GPT, A/B slots, data, recovery) and its .bmap."""
+    from avobuild.disk.image import build_factory_image
+    from avobuild.recipe import load_recipe
+
+    loaded = load_recipe(recipe)
+    with work_directory(workdir) as work:
+        result = build_factory_image(loaded, output, work, step)
+    out.print(f"{result.path}")
+    out.print(f"{result.bmap}")
+    for part in result.plan.partitions:
+        console.print(
+            f"  {part.number}: {part.spec.label:<12} {part.spec.role.value:<10} "
+            f"offset {part.offset:>12}  size {part.size:>12}"
+        )

@@ -1,0 +1,77 @@
+"""`avobuild install` and `avobuild status`: bundles into disk images, boot state."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+from avobuild.cli.common import app, console, out
+
+
+@app.command()
+def install(
+    bundle: Annotated[Path, typer.Argument(help="The .avb bundle.")],
+    disk: Annotated[Path, typer.Option(help="Factory disk image to install into.")],
+    keyring: Annotated[Path, typer.Option(help="Trusted public keys (PEM file or directory).")],
+    layout: Annotated[
+        Path | None, typer.Option(help="Layout TOML, when partition labels are not the roles.")
+    ] = None,
+    confirm: Annotated[
+        bool, typer.Option("--confirm", help="Mark the new slot good at once (preloading).")
+    ] = False,
+) -> None:
+    """Verify a bundle fully, write it to the inactive slot and make that slot boot next."""
+    from avobuild.bundle.install import install_bundle
+    from avobuild.layout import load_layout
+
+    loaded_layout = load_layout(layout) if layout is not None else None
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True))
+    with Progress(*columns, console=console, transient=True) as progress:
+        tasks: dict[str, Any] = {}
+
+        def update(step: str, done: int, total: int) -> None:
+            if step not in tasks:
+                tasks[step] = progress.add_task(step, total=total)
+            progress.update(tasks[step], completed=done, total=total)
+
+        result = install_bundle(
+            bundle, disk, keyring, layout=loaded_layout, confirm=confirm, progress=update
+        )
+    state = "confirmed" if confirm else "pending trial boot"
+    out.print(
+        f"installed {result.version} into slot {result.slot.value} "
+        f"(previous: {result.previous.value}), {state}"
+    )
+
+
+@app.command()
+def status(
+    disk: Annotated[Path, typer.Option(help="Disk image to read the boot state from.")],
+    layout: Annotated[Path | None, typer.Option(help="Layout TOML (custom labels).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show which slot boots next, what each slot holds and whether it is confirmed."""
+    from avobuild.bundle.install import read_boot_state
+    from avobuild.layout import load_layout
+
+    state = read_boot_state(disk, load_layout(layout) if layout is not None else None)
+    report = {
+        "primary": state.primary.value,
+        "compatible": state.compatible,
+        "slots": {
+            slot.value: {"ok": s.ok, "tries": s.tries, "version": s.version}
+            for slot, s in state.slots.items()
+        },
+    }
+    if as_json:
+        out.print(json.dumps(report, indent=2, sort_keys=True))
+        return
+    out.print(f"compatible: {state.compatible}")
+    for slot, slot_state in state.slots.items():
+        marker = "*" if slot is state.primary else " "
+        condition = "confirmed" if slot_state.ok else f"unconfirmed, {slot_state.tries} tries left"
+        out.print(f"{marker} slot {slot.value}: {slot_state.version or '(empty)'} ({condition})")
