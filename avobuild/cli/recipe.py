@@ -1,0 +1,44 @@
+"""`avobuild recipe show`: the recipe and layout exactly as the build sees them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from avobuild.cli.common import app, out
+
+recipe_app = typer.Typer(help="Inspect recipes and layouts.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+
+
+@recipe_app.command("show")
+def recipe_show(
+    recipe: Annotated[Path, typer.Argument(help="Recipe TOML file.")],
+) -> None:
+    """Print the validated recipe, its layout and the planned partition offsets as JSON."""
+    from avobuild.layout import plan_layout
+    from avobuild.recipe import load_recipe
+    from avobuild.serialize import to_jsonable
+
+    loaded = load_recipe(recipe)
+    plan = plan_layout(loaded.layout)
+    report = {
+        "recipe": to_jsonable(loaded),
+        "disk_size": plan.disk_size,
+        "partitions": [
+            {
+                "number": part.number,
+                "label": part.spec.label,
+                "role": part.spec.role.value,
+                "first_lba": part.first_lba,
+                "last_lba": part.last_lba,
+                "offset": part.offset,
+                "size": part.size,
+            }
+            for part in plan.partitions
+        ],
+    }
+    out.print(json.dumps(report, indent=2))

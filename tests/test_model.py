@@ -1,0 +1,40 @@
+"""The model is complete: recipes and layouts survive a JSON round trip unchanged."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import REPO, Product, avobuild_cli
+
+from avobuild.layout import DiskPlan, Layout, load_layout, plan_layout
+from avobuild.recipe import Recipe, load_recipe
+from avobuild.serialize import from_jsonable, to_jsonable
+
+
+def test_recipe_round_trip(product: Product) -> None:
+    recipe = load_recipe(product.recipe)
+    text = json.dumps(to_jsonable(recipe))
+    assert from_jsonable(Recipe, json.loads(text)) == recipe
+
+
+def test_demo_recipe_round_trip() -> None:
+    recipe = load_recipe(REPO / "recipes" / "demo.toml")
+    assert from_jsonable(Recipe, json.loads(json.dumps(to_jsonable(recipe)))) == recipe
+
+
+def test_layout_and_plan_round_trip() -> None:
+    layout = load_layout(REPO / "layouts" / "x86_64-efi-ab.toml")
+    assert from_jsonable(Layout, to_jsonable(layout)) == layout
+    plan = plan_layout(layout)
+    assert from_jsonable(DiskPlan, json.loads(json.dumps(to_jsonable(plan)))) == plan
+
+
+def test_recipe_show(product: Product) -> None:
+    report = json.loads(avobuild_cli("recipe", "show", product.recipe).stdout)
+    assert report["recipe"]["name"] == "testprod"
+    assert report["recipe"]["layout"]["partitions"][0]["type_guid"] == (
+        "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"
+    )
+    plan = plan_layout(load_recipe(product.recipe).layout)
+    assert [p["offset"] for p in report["partitions"]] == [p.offset for p in plan.partitions]
+    assert report["disk_size"] == plan.disk_size
