@@ -38,3 +38,13 @@ def test_recipe_show(product: Product) -> None:
     plan = plan_layout(load_recipe(product.recipe).layout)
     assert [p["offset"] for p in report["partitions"]] == [p.offset for p in plan.partitions]
     assert report["disk_size"] == plan.disk_size
+
+
+def test_every_shipped_layout_and_recipe_loads() -> None:
+    layouts = sorted((REPO / "layouts").glob("*.toml"))
+    assert len(layouts) >= 2
+    for path in layouts:
+        plan = plan_layout(load_layout(path))
+        assert plan.disk_size > sum(p.size for p in plan.partitions)
+    versions = {load_recipe(path).version for path in (REPO / "recipes").glob("*.toml")}
+    assert {"1.0.0", "1.1.0"} <= versions
