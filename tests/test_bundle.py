@@ -543,8 +543,8 @@ def test_unknown_signature_lines_are_skipped(small: Built, keys: Keys) -> None:
     manifest_size, signature_size = regions(small.data)
     manifest = small.data[HEADER_SIZE : HEADER_SIZE + manifest_size]
     good = sign_manifest(manifest, keys.private_key).signatures[0]
-    future = SignatureEntry("ecdsa-p256-sha256", "1" * 64, b"\x30" * 70)
-    block = SignatureBlock((future, good), extra_lines=("certificate " + "2" * 64 + " MIIB",))
+    future = SignatureEntry("ml-dsa-65", "1" * 64, b"\x30" * 70)
+    block = SignatureBlock((future, good), extra_lines=("transparency-log " + "2" * 64 + " MIIB",))
     data = render_signature_block(block)
     assert parse_signature_block(data) == block
     bundle = (
@@ -560,7 +560,7 @@ def test_unknown_signature_lines_are_skipped(small: Built, keys: Keys) -> None:
     error = refuse(
         render_header(manifest_size, len(only_future)) + manifest + only_future, keys.keyring
     )
-    assert "only signatures this avobuild cannot check: ecdsa-p256-sha256" in str(error)
+    assert "only signatures this avobuild cannot check: ml-dsa-65" in str(error)
     unsigned = render_signature_block(SignatureBlock(()))
     error = refuse(render_header(manifest_size, len(unsigned)) + manifest + unsigned, keys.keyring)
     assert "unsigned" in str(error)
@@ -708,7 +708,15 @@ VALID_MANIFEST = (
             "line 7: chunk-size: expected a power of two between 65536 and 16777216, got '123'",
         ),
         ("chunk-size 65536", "chunk-size 065536", "line 7: chunk-size"),
-        ("avobuild-manifest 1", "avobuild-manifest 2", "line 1: unsupported manifest version '2'"),
+        ("avobuild-manifest 1", "avobuild-manifest 3", "line 1: unsupported manifest version '3'"),
+        ("avobuild-manifest 1", "avobuild-manifest 2", "line 1: manifest version 2 for a manifest"),
+        ("compatible acme", "compatible acme-*", "line 5: compatible: expected 1-128"),
+        (
+            "build-date 0\n",
+            "build-date 0\nexpires 5\n",
+            "line 7: expected a line starting with 'chunk-size', got 'expires' (out of order, "
+            "repeated, or in a version 1 manifest)",
+        ),
         ("type full", "type patch", "line 2: type: expected 'full' or 'delta', got 'patch'"),
         ("name demo", "name  demo", "line 3: fields must be separated by exactly one space"),
         ("name demo", "name demo ", "line 3: fields must be separated"),
@@ -729,14 +737,15 @@ VALID_MANIFEST = (
             "image empty 0",
             "imagine empty 0",
             "line 12: expected a line starting with 'image', got "
-            "unknown keyword 'imagine' (not part of manifest version 1)",
+            "unknown keyword 'imagine' (not part of manifest version 2)",
         ),
         (f"image empty 0 {EMPTY_SHA256} 0\n", "", None),
         (
             LAST_LINE,
             LAST_LINE + "security-version 3\n",
             "line 13: expected a line starting "
-            "with 'image', got unknown keyword 'security-version'",
+            "with 'image', got 'security-version' (out of order, repeated, or in a version 1 "
+            "manifest)",
         ),
         (LAST_LINE, LAST_LINE[:-1], "line 12: not terminated by a newline"),
         (LAST_LINE, LAST_LINE + "\n", "line 13: empty line"),
@@ -830,7 +839,7 @@ def test_keys(tmp_path: Path) -> None:
     with pytest.raises(KeyError_, match=r"garbage\.pem: not a readable PEM private key"):
         load_private_key(tmp_path / "garbage.pem")
 
-    ecdsa = ec.generate_private_key(ec.SECP256R1())
+    ecdsa = ec.generate_private_key(ec.SECP224R1())
     (tmp_path / "ec.key.pem").write_bytes(
         ecdsa.private_bytes(
             serialization.Encoding.PEM,
@@ -843,9 +852,9 @@ def test_keys(tmp_path: Path) -> None:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
     )
-    with pytest.raises(KeyError_, match=r"ec\.key\.pem: ECDSA secp256r1 keys are not supported"):
+    with pytest.raises(KeyError_, match=r"ec\.key\.pem: ECDSA secp224r1 keys are not supported"):
         load_private_key(tmp_path / "ec.key.pem")
-    with pytest.raises(KeyError_, match=r"ec\.pub\.pem: ECDSA secp256r1 keys are not supported"):
+    with pytest.raises(KeyError_, match=r"ec\.pub\.pem: ECDSA secp224r1 keys are not supported"):
         load_keyring(tmp_path / "ec.pub.pem")
 
 

@@ -9,6 +9,10 @@ Variables (all prefixed `avo_`, documented in docs/architecture.md):
   avo_<S>_tries    trial boots left for an unconfirmed slot S
   avo_<S>_version  version installed in slot S ("" when empty)
   avo_compatible   compatible string of the device, checked against every bundle
+  avo_security_version    the device's anti-rollback floor: bundles with a lower
+                          security-version are refused (absent: 0)
+  avo_<S>_security_version  security-version of the bundle installed in slot S (absent: 0);
+                          confirming slot S raises the floor to it
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ class SlotState:
     ok: bool
     tries: int
     version: str
+    security_version: int = 0
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,7 @@ class BootState:
     primary: Slot
     slots: dict[Slot, SlotState]
     compatible: str
+    security_version: int = 0
 
     @property
     def active(self) -> Slot:
@@ -43,16 +49,23 @@ class BootState:
     def inactive(self) -> Slot:
         return self.primary.other
 
-    def with_pending(self, slot: Slot, version: str, tries: int) -> BootState:
+    def with_pending(
+        self, slot: Slot, version: str, tries: int, security_version: int = 0
+    ) -> BootState:
         """Make `slot` primary for trial boots; the current slot stays the fallback."""
         slots = dict(self.slots)
-        slots[slot] = SlotState(ok=False, tries=tries, version=version)
+        slots[slot] = SlotState(
+            ok=False, tries=tries, version=version, security_version=security_version
+        )
         return replace(self, primary=slot, slots=slots)
 
     def with_confirmed(self, slot: Slot) -> BootState:
+        """Mark `slot` good; only now does the anti-rollback floor rise to its bundle's
+        security version, so a failed trial boot can still fall back."""
         slots = dict(self.slots)
         slots[slot] = replace(slots[slot], ok=True, tries=0)
-        return replace(self, primary=slot, slots=slots)
+        floor = max(self.security_version, slots[slot].security_version)
+        return replace(self, primary=slot, slots=slots, security_version=floor)
 
     def to_variables(self) -> dict[str, str]:
         variables = {"avo_primary": self.primary.value, "avo_compatible": self.compatible}
@@ -61,6 +74,11 @@ class BootState:
             variables[f"avo_{slot.value}_ok"] = "1" if state.ok else "0"
             variables[f"avo_{slot.value}_tries"] = str(state.tries)
             variables[f"avo_{slot.value}_version"] = state.version
+            # Written only when set, so boot states without anti-rollback stay as they were.
+            if state.security_version:
+                variables[f"avo_{slot.value}_security_version"] = str(state.security_version)
+        if self.security_version:
+            variables["avo_security_version"] = str(self.security_version)
         return variables
 
     @classmethod
@@ -73,6 +91,13 @@ class BootState:
         primary = get("avo_primary")
         if primary not in ("A", "B"):
             raise InstallError(f"{source}: avo_primary: expected A or B, got {primary!r}")
+
+        def number(name: str) -> int:
+            value = variables.get(name, "0")
+            if not value.isdigit() or len(value) > 19:
+                raise InstallError(f"{source}: {name}: expected a number, got {value!r}")
+            return int(value)
+
         slots = {}
         for slot in Slot:
             tries = get(f"avo_{slot.value}_tries")
@@ -82,8 +107,9 @@ class BootState:
                 ok=get(f"avo_{slot.value}_ok") == "1",
                 tries=int(tries),
                 version=get(f"avo_{slot.value}_version"),
+                security_version=number(f"avo_{slot.value}_security_version"),
             )
-        return cls(Slot(primary), slots, get("avo_compatible"))
+        return cls(Slot(primary), slots, get("avo_compatible"), number("avo_security_version"))
 
 
 def factory_state(version: str, compatible: str) -> BootState:

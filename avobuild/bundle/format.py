@@ -30,20 +30,25 @@ from typing import BinaryIO
 
 import zstandard
 
-from avobuild.bundle.keys import Keyring, PrivateKey
+from avobuild.bundle import crypt
+from avobuild.bundle.keys import Keyring, PrivateKey, PublicKey
 from avobuild.bundle.manifest import (
     DEFAULT_CHUNK_SIZE,
     MAX_MANIFEST_SIZE,
     BundleType,
     ChunkEntry,
     Compression,
+    Encryption,
     ImageEntry,
     ImageRef,
     Manifest,
+    Policy,
     check_build_date,
     check_chunk_size,
+    check_compatible,
     check_identifier,
     check_image_name,
+    check_policy,
     chunk_count,
     max_stored_size,
     parse_manifest,
@@ -51,12 +56,15 @@ from avobuild.bundle.manifest import (
 )
 from avobuild.bundle.sign import (
     MAX_SIGNATURE_BLOCK_SIZE,
+    CertificateEntry,
+    KeySigner,
     SignatureBlock,
+    Signer,
     VerifiedSigner,
     parse_signature_block,
     render_signature_block,
-    sign_manifest,
-    verify_signatures,
+    sign_manifest_with,
+    verify_all_signatures,
 )
 from avobuild.errors import BundleError
 
@@ -169,9 +177,13 @@ class BundleReader:
         self._payload_read = False
         self._manifest: Manifest | None = None
         self._signer: VerifiedSigner | None = None
+        self.signers: tuple[VerifiedSigner, ...] = ()
+        self._content_key: bytes | None = None
+        self.signature_bytes = b""
         self.header = self._read_header()
         self.manifest_bytes = self._read_exact(self.header.manifest_size, "the manifest")
         signature_bytes = self._read_exact(self.header.signature_block_size, "the signature block")
+        self.signature_bytes = signature_bytes
         try:
             self.signature_block: SignatureBlock = parse_signature_block(signature_bytes)
         except BundleError as error:
@@ -221,16 +233,51 @@ class BundleReader:
     def signer(self) -> VerifiedSigner | None:
         return self._signer
 
-    def verify_signature(self, keyring: Keyring) -> VerifiedSigner:
-        """Check the signatures over the manifest bytes, then parse the verified manifest."""
+    def verify_signature(self, keyring: Keyring, *, now: int | None = None) -> VerifiedSigner:
+        """Check the signatures over the manifest bytes, then parse the verified manifest.
+
+        `now` (seconds since 1970, default the clock) is when certificates must be valid,
+        unless the keyring judges them at signing time. All trusted signers that verified are
+        in `signers` afterwards; the first is returned.
+        """
         try:
-            signer = verify_signatures(self.manifest_bytes, self.signature_block, keyring)
+            signers = verify_all_signatures(
+                self.manifest_bytes,
+                self.signature_block,
+                keyring,
+                now=now,
+                signing_time=lambda: parse_manifest(self.manifest_bytes).build_date,
+            )
             manifest = parse_manifest(self.manifest_bytes)
         except BundleError as error:
             raise _located(self.name, error) from None
         self._manifest = manifest
-        self._signer = signer
-        return signer
+        self._signer = signers[0]
+        self.signers = signers
+        return signers[0]
+
+    def unlock(
+        self, *, private_key: PrivateKey | None = None, content_key: bytes | None = None
+    ) -> None:
+        """Give the key of an encrypted payload: a recipient's private key, or the key itself.
+
+        Only after `verify_signature`: the key is checked against the signed commitment.
+        """
+        encryption = self.manifest.encryption
+        if encryption is None:
+            return
+        if private_key is not None:
+            content_key = crypt.content_key_for(
+                self.signature_block.extra_lines,
+                private_key,
+                encryption.key_commitment,
+                self.name,
+            )
+        if content_key is None or crypt.key_commitment(content_key) != encryption.key_commitment:
+            raise BundleError(
+                f"{self.name}: the decryption key is not the one the signed manifest commits to"
+            )
+        self._content_key = content_key
 
     @property
     def manifest(self) -> Manifest:
@@ -258,6 +305,11 @@ class BundleReader:
         has received exactly the signed images.
         """
         manifest = self.manifest
+        if manifest.encryption is not None and self._content_key is None:
+            raise BundleError(
+                f"{self.name}: the payload is encrypted; give a decryption key (a recipient's "
+                "private key or the key file)"
+            )
         self._start_payload()
         chunked = [image for image in manifest.images if image.chunks]
         final = (chunked[-1].name, chunked[-1].chunk_count - 1) if chunked else None
@@ -279,6 +331,10 @@ class BundleReader:
                     )
                 data_size = manifest.chunk_data_size(image, chunk.index)
                 try:
+                    if self._content_key is not None:
+                        stored = crypt.decrypt_chunk(
+                            self._content_key, image.name, chunk.index, stored
+                        )
                     data = decode_chunk(stored, data_size, manifest.compression, decompressor)
                 except BundleError as error:
                     raise BundleError(f"{where}: {error}") from None
@@ -383,6 +439,11 @@ def bundle_info(reader: BundleReader) -> dict[str, object]:
         "version": manifest.version,
         "compatible": manifest.compatible,
         "build_date": manifest.build_date,
+        "manifest_version": manifest.manifest_version,
+        "security_version": manifest.policy.security_version,
+        "min_applier_version": manifest.policy.min_applier_version,
+        "expires": manifest.policy.expires,
+        "encryption": manifest.encryption.algorithm if manifest.encryption else None,
         "chunk_size": manifest.chunk_size,
         "compression": manifest.compression.value,
         "images": [
@@ -407,8 +468,10 @@ def bundle_info(reader: BundleReader) -> dict[str, object]:
             {"algorithm": entry.algorithm, "key_id": entry.key_id, "supported": entry.supported}
             for entry in reader.signature_block.signatures
         ],
+        "certificates": [entry.key_id for entry in reader.signature_block.certificates],
         "signature_verified": signer is not None,
         "signer": signer.key_id if signer is not None else None,
+        "signers": [verified.key_id for verified in reader.signers],
         "manifest_size": reader.header.manifest_size,
         "signature_block_size": reader.header.signature_block_size,
         "payload_offset": reader.payload_offset,
@@ -438,12 +501,15 @@ class _ChunkEncoder:
     sha256 covers them), so the output depends only on the data and the level.
     """
 
-    def __init__(self, compression: Compression, level: int) -> None:
+    def __init__(
+        self, compression: Compression, level: int, content_key: bytes | None = None
+    ) -> None:
         self._compression = compression
         self._level = level
+        self._content_key = content_key
         self._local = threading.local()
 
-    def encode(self, data: bytes) -> tuple[bytes, str, int]:
+    def encode(self, data: bytes, image: str = "", index: int = 0) -> tuple[bytes, str, int]:
         if self._compression is Compression.NONE:
             stored = data
         else:
@@ -458,6 +524,8 @@ class _ChunkEncoder:
                 )
                 self._local.compressor = compressor
             stored = compressor.compress(data)
+        if self._content_key is not None:
+            stored = crypt.encrypt_chunk(self._content_key, image, index, stored)
         return stored, hashlib.sha256(stored).hexdigest(), len(data)
 
 
@@ -469,20 +537,49 @@ def write_bundle(
     version: str,
     compatible: str,
     build_date: int,
-    private_key: PrivateKey,
+    private_key: PrivateKey | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     level: int = DEFAULT_LEVEL,
     threads: int | None = None,
     progress: Progress | None = None,
     compression: Compression = Compression.ZSTD,
+    signers: Sequence[Signer] = (),
+    certificates: Sequence[CertificateEntry] = (),
+    unsigned: bool = False,
+    policy: Policy | None = None,
+    encryption_key: bytes | None = None,
+    recipients: Sequence[PublicKey] = (),
 ) -> Manifest:
-    """Write a signed full bundle of `images` to `output` atomically; return its manifest.
+    """Write a signed bundle of `images` to `output` atomically; return its manifest.
 
-    `threads` defaults to the number of CPUs; `progress(done, total)` counts image bytes.
+    The manifest is signed by `private_key` and every one of `signers` (an HSM key, a second
+    key); `certificates` go into the signature block. `unsigned=True` writes a bundle with an
+    empty signature block, to be signed offline (docs/signing.md). `policy` adds the
+    installation policy lines (manifest version 2). `encryption_key` (32 bytes) or
+    `recipients` (RSA/EC public keys; a random key is made for them) encrypt the payload
+    (avobuild/bundle/crypt.py). `threads` defaults to the number of CPUs;
+    `progress(done, total)` counts image bytes.
     """
     check_identifier("name", name)
     check_identifier("version", version)
-    check_identifier("compatible", compatible)
+    check_compatible(compatible)
+    all_signers: list[Signer] = [KeySigner(private_key)] if private_key is not None else []
+    all_signers.extend(signers)
+    if unsigned and all_signers:
+        raise BundleError("an unsigned bundle cannot be given signing keys")
+    if not unsigned and not all_signers:
+        raise BundleError("no signing key given (pass a key, or make an unsigned bundle)")
+    if policy is not None:
+        check_policy(policy)
+    if recipients and encryption_key is None:
+        encryption_key = secrets.token_bytes(crypt.KEY_SIZE)
+    if encryption_key is not None and len(encryption_key) != crypt.KEY_SIZE:
+        raise BundleError(f"the encryption key must be {crypt.KEY_SIZE} bytes")
+    recipient_lines = tuple(
+        crypt.render_recipient(crypt.wrap_key(encryption_key, recipient))
+        for recipient in recipients
+        if encryption_key is not None
+    )
     check_build_date(build_date)
     check_chunk_size(chunk_size)
     if compression is Compression.ZSTD and not 1 <= level <= zstandard.MAX_COMPRESSION_LEVEL:
@@ -502,7 +599,7 @@ def write_bundle(
             raise BundleError(f"image {source.name!r} is given twice")
         seen.add(source.name)
     sizes = [_image_size(source) for source in images]
-    bound = _manifest_size_bound(images, sizes, chunk_size, compression)
+    bound = _manifest_size_bound(images, sizes, chunk_size, compression, encrypted=True)
     if bound > MAX_MANIFEST_SIZE:
         raise BundleError(
             f"the manifest could reach {bound} bytes, over the limit of {MAX_MANIFEST_SIZE}; "
@@ -521,9 +618,8 @@ def write_bundle(
             tempfile.TemporaryFile(dir=directory, prefix=f".{output.name}.payload.") as payload,
             ThreadPoolExecutor(workers, thread_name_prefix="avobuild-zstd") as pool,
         ):
-            writer = _PayloadWriter(
-                payload, pool, 2 * workers, _ChunkEncoder(compression, level), chunk_size
-            )
+            encoder = _ChunkEncoder(compression, level, encryption_key)
+            writer = _PayloadWriter(payload, pool, 2 * workers, encoder, chunk_size)
             entries = []
             for source, size in zip(images, sizes, strict=True):
                 entries.append(writer.add_image(source, size, lambda done: report(done, total)))
@@ -540,9 +636,17 @@ def write_bundle(
                 compression=compression,
                 images=tuple(entries),
                 type=bundle_type,
+                policy=policy or Policy(),
+                encryption=(
+                    Encryption(crypt.key_commitment(encryption_key))
+                    if encryption_key is not None
+                    else None
+                ),
             )
             manifest_bytes = render_manifest(manifest)
-            signature_bytes = render_signature_block(sign_manifest(manifest_bytes, private_key))
+            block = sign_manifest_with(manifest_bytes, all_signers, certificates)
+            block = replace(block, extra_lines=block.extra_lines + recipient_lines)
+            signature_bytes = render_signature_block(block)
             header = render_header(len(manifest_bytes), len(signature_bytes))
             _assemble(output, (header, manifest_bytes, signature_bytes), payload)
     except OSError as error:
@@ -566,10 +670,14 @@ def _image_size(source: ImageSource) -> int:
 
 
 def _manifest_size_bound(
-    images: Sequence[ImageSource], sizes: Sequence[int], chunk_size: int, compression: Compression
+    images: Sequence[ImageSource],
+    sizes: Sequence[int],
+    chunk_size: int,
+    compression: Compression,
+    encrypted: bool = False,
 ) -> int:
     """An upper bound of the manifest's size, to refuse before compressing anything."""
-    stored_digits = len(str(max_stored_size(chunk_size, compression)))
+    stored_digits = len(str(max_stored_size(chunk_size, compression, encrypted)))
     bound = 8 * 160
     for source, size in zip(images, sizes, strict=True):
         count = chunk_count(size, chunk_size)
@@ -611,9 +719,9 @@ class _PayloadWriter:
             report(self.done)
 
         try:
-            for data in _read_chunks(source, size, self._chunk_size):
+            for index, data in enumerate(_read_chunks(source, size, self._chunk_size)):
                 image_hash.update(data)
-                pending.append(self._pool.submit(self._encoder.encode, data))
+                pending.append(self._pool.submit(self._encoder.encode, data, source.name, index))
                 if len(pending) >= self._window:
                     store_oldest()
             while pending:

@@ -14,12 +14,14 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from avobuild.boot.grubenv import parse_grubenv, render_grubenv
 from avobuild.boot.state import BOOT_STATE_PATH, DEFAULT_MAX_ATTEMPTS, BootState
 from avobuild.bundle.format import BundleReader
-from avobuild.bundle.keys import Keyring, load_keyring
-from avobuild.bundle.manifest import Manifest
+from avobuild.bundle.keys import Keyring, PrivateKey, load_keyring
+from avobuild.bundle.manifest import BundleType, Manifest
+from avobuild.bundle.policy import check_install_policy
 from avobuild.disk.gpt import GptPartition, GptTable, read_gpt
 from avobuild.errors import CompatibilityError, InstallError, ToolFailed
 from avobuild.fs import read_vfat_file, write_vfat_file
@@ -27,6 +29,8 @@ from avobuild.layout import IMAGE_SLOT_CLASS, Layout, Role, Slot
 from avobuild.tomlcheck import format_size
 
 InstallProgress = Callable[[str, int, int], None]
+# A recipient's private key, or the 32-byte content key itself.
+DecryptionKey = PrivateKey | bytes
 
 
 @dataclass(frozen=True)
@@ -85,25 +89,65 @@ def install_bundle(
     confirm: bool = False,
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     progress: InstallProgress = _no_progress,
+    stream: BinaryIO | None = None,
+    now: int | None = None,
+    decryption: DecryptionKey | None = None,
 ) -> InstallResult:
-    """Verify `bundle` completely, write it to the inactive slot of `disk`, switch slots."""
+    """Verify `bundle` completely, write it to the inactive slot of `disk`, switch slots.
+
+    With `stream` (a pipe; `bundle` is then only its name) the bundle is read once: each
+    chunk is written to the inactive slot as soon as it verified, and the slots switch only
+    after the whole bundle verified. A refused stream leaves the inactive slot's content
+    undefined; the running slot, the boot state and the data partition are untouched.
+    `now` is the time certificates and `expires` are judged at (default: the clock).
+    `decryption` opens an encrypted payload (see `load_decryption_key`).
+    """
     trusted = load_keyring(keyring)
-    with BundleReader.open(bundle) as reader:
-        reader.verify_signature(trusted)
+    opened = (
+        BundleReader.open(bundle)
+        if stream is None
+        else BundleReader.from_stream(stream, str(bundle))
+    )
+    with opened as reader:
+        reader.verify_signature(trusted, now=now)
+        _unlock(reader, decryption)
         manifest = reader.manifest
         with disk.open("rb") as handle:
             table = read_gpt(handle)
         state = read_boot_state(disk, layout)
         check_compatible(manifest, state, disk)
+        check_install_policy(manifest, state, disk, now=now)
         target = state.inactive
-        targets = _plan_targets(manifest, table, disk, layout, target)
+        # A delta is applied from the active slot into the inactive one (avobuild/delta).
+        delta = manifest.type is BundleType.DELTA
+        targets = {} if delta else _plan_targets(manifest, table, disk, layout, target)
         total = sum(image.size for image in manifest.images)
-        progress("verifying", 0, total)
-        reader.verify_payload()
-        progress("verifying", total, total)
+        if delta:
+            from avobuild.delta.install import install_delta
 
-    written = _write_images(bundle, trusted, manifest, disk, targets, progress)
-    new_state = state.with_pending(target, manifest.version, max_attempts)
+            written = install_delta(
+                reader,
+                manifest,
+                disk,
+                table,
+                layout,
+                state.active,
+                target,
+                progress,
+                streamed=stream is not None,
+            )
+        elif stream is not None:
+            written = _write_verified_chunks(reader, manifest, disk, targets, progress)
+        else:
+            progress("verifying", 0, total)
+            reader.verify_payload()
+            progress("verifying", total, total)
+
+    if stream is None and not delta:
+        written = _write_images(bundle, trusted, manifest, disk, targets, progress, now, decryption)
+    new_state = state.with_pending(
+        target, manifest.version, max_attempts, manifest.policy.security_version or 0
+    )
     if confirm:
         new_state = new_state.with_confirmed(target)
     boot = _find(table, disk, role_label(layout, Role.BOOT))
@@ -113,8 +157,17 @@ def install_bundle(
     return InstallResult(target, state.active, manifest.version, written, new_state)
 
 
+def _unlock(reader: BundleReader, decryption: DecryptionKey | None) -> None:
+    if decryption is not None:
+        if isinstance(decryption, bytes):
+            reader.unlock(content_key=decryption)
+        else:
+            reader.unlock(private_key=decryption)
+
+
 def check_compatible(manifest: Manifest, state: BootState, disk: Path) -> None:
-    if manifest.compatible != state.compatible:
+    # Patterns (manifest version 2) are judged by check_install_policy.
+    if manifest.manifest_version == 1 and manifest.compatible != state.compatible:
         raise CompatibilityError(
             f"bundle is for {manifest.compatible!r} but {disk} is {state.compatible!r}; "
             "nothing was written"
@@ -158,22 +211,36 @@ def _write_images(
     disk: Path,
     targets: dict[str, tuple[int, int]],
     progress: InstallProgress,
+    now: int | None = None,
+    decryption: DecryptionKey | None = None,
 ) -> dict[str, int]:
+    with BundleReader.open(bundle) as reader:
+        reader.verify_signature(trusted, now=now)
+        _unlock(reader, decryption)
+        if reader.manifest != manifest:
+            raise InstallError(f"{bundle}: changed while it was being installed")
+        return _write_verified_chunks(reader, manifest, disk, targets, progress)
+
+
+def _write_verified_chunks(
+    reader: BundleReader,
+    manifest: Manifest,
+    disk: Path,
+    targets: dict[str, tuple[int, int]],
+    progress: InstallProgress,
+) -> dict[str, int]:
+    """Write each chunk as `iter_chunks` releases it (verified), then read the slots back."""
     total = sum(image.size for image in manifest.images)
     done = 0
     written: dict[str, int] = {}
     fd = os.open(disk, os.O_RDWR)
     try:
-        with BundleReader.open(bundle) as reader:
-            reader.verify_signature(trusted)
-            if reader.manifest != manifest:
-                raise InstallError(f"{bundle}: changed while it was being installed")
-            for image, chunk, data in reader.iter_chunks():
-                offset = targets[image.name][0] + chunk.index * manifest.chunk_size
-                os.pwrite(fd, data, offset)
-                written[image.name] = written.get(image.name, 0) + len(data)
-                done += len(data)
-                progress("writing", done, total)
+        for image, chunk, data in reader.iter_chunks():
+            offset = targets[image.name][0] + chunk.index * manifest.chunk_size
+            os.pwrite(fd, data, offset)
+            written[image.name] = written.get(image.name, 0) + len(data)
+            done += len(data)
+            progress("writing", done, total)
         os.fsync(fd)
         for image in manifest.images:
             _check_written(fd, targets[image.name][0], image.size, image.sha256, image.name, disk)

@@ -6,8 +6,13 @@ keys as PKCS#8 (`-----BEGIN PRIVATE KEY-----`), public keys as SubjectPublicKeyI
 DER SubjectPublicKeyInfo (docs/bundle-format.md, "Signature block"), which
 `openssl pkey -pubin -outform DER | sha256sum` reproduces.
 
-Only Ed25519 is supported so far; other key types are refused with a KeyError_ naming the
-file, never silently ignored.
+Supported key types (docs/signing.md, "Algorithms"): Ed25519, ECDSA on P-256 and P-384, and
+RSA of at least 3072 bits. The signature algorithm follows from the key, so a key file is all
+a signer names. Anything else is refused with a KeyError_ naming the file, never ignored.
+
+A keyring is what a verifier trusts: a PEM file or a directory of `*.pem` files (public keys
+and trust-anchor certificates, threshold 1), or a TOML file that lists such files and says how
+many distinct trusted signers must have signed (`threshold`).
 """
 
 from __future__ import annotations
@@ -20,23 +25,39 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TypeAlias
 
+from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa, x448, x25519
 
-from avobuild.errors import KeyError_
+from avobuild.errors import KeyError_, RecipeError
 
-PrivateKey: TypeAlias = ed25519.Ed25519PrivateKey
-PublicKey: TypeAlias = ed25519.Ed25519PublicKey
+PrivateKey: TypeAlias = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+PublicKey: TypeAlias = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+
+MIN_RSA_BITS = 3072
 
 _PEM_BLOCK = re.compile(
     rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----", re.DOTALL | re.ASCII
 )
 _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)
+SUPPORTED_KEYS = "ed25519, ecdsa-p256, ecdsa-p384, rsa (3072 bits or more)"
 
 
 class KeyAlgorithm(StrEnum):
+    """A key type; `avobuild keys generate --type` takes these names."""
+
     ED25519 = "ed25519"
+    ECDSA_P256 = "ecdsa-p256"
+    ECDSA_P384 = "ecdsa-p384"
+    RSA = "rsa"
+
+
+class CertificateTime(StrEnum):
+    """When a certificate must have been valid: now, or at the bundle's build-date."""
+
+    NOW = "now"
+    SIGNING = "signing"
 
 
 @dataclass(frozen=True)
@@ -50,11 +71,26 @@ class TrustedKey:
 
 
 @dataclass(frozen=True)
+class TrustAnchor:
+    """A certificate from a keyring: signer certificates chaining to it are trusted."""
+
+    certificate: x509.Certificate
+    source: Path
+
+
+@dataclass(frozen=True)
 class Keyring:
-    """The public keys a verifier trusts. `source` is the file or directory they came from."""
+    """What a verifier trusts. `source` is the file or directory it came from.
+
+    `threshold` distinct trusted signers (raw keys, or certificates chaining to an anchor)
+    must have signed a bundle's manifest.
+    """
 
     source: Path
     keys: tuple[TrustedKey, ...]
+    threshold: int = 1
+    anchors: tuple[TrustAnchor, ...] = ()
+    certificate_time: CertificateTime = CertificateTime.NOW
 
     def find(self, key_id: str) -> TrustedKey | None:
         return next((key for key in self.keys if key.key_id == key_id), None)
@@ -78,6 +114,17 @@ def public_key_pem(public_key: PublicKey) -> bytes:
     )
 
 
+def key_algorithm(key: PrivateKey | PublicKey) -> KeyAlgorithm:
+    """The key's type; callers only pass keys that `check_key` accepted."""
+    if isinstance(key, ed25519.Ed25519PrivateKey | ed25519.Ed25519PublicKey):
+        return KeyAlgorithm.ED25519
+    if isinstance(key, rsa.RSAPrivateKey | rsa.RSAPublicKey):
+        return KeyAlgorithm.RSA
+    if isinstance(key.curve, ec.SECP384R1):
+        return KeyAlgorithm.ECDSA_P384
+    return KeyAlgorithm.ECDSA_P256
+
+
 def _describe(key: object) -> str:
     if isinstance(key, rsa.RSAPrivateKey | rsa.RSAPublicKey):
         return f"RSA-{key.key_size}"
@@ -94,10 +141,31 @@ def _describe(key: object) -> str:
     return type(key).__name__
 
 
-def _unsupported(path: Path, key: object) -> KeyError_:
+def _supported(key: object) -> bool:
+    if isinstance(
+        key,
+        ed25519.Ed25519PrivateKey | ed25519.Ed25519PublicKey,
+    ):
+        return True
+    if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
+        return isinstance(key.curve, ec.SECP256R1 | ec.SECP384R1)
+    if isinstance(key, rsa.RSAPrivateKey | rsa.RSAPublicKey):
+        return key.key_size >= MIN_RSA_BITS
+    return False
+
+
+def check_public_key(key: object, where: str) -> PublicKey:
+    """`key` if it is a supported signing key, else a KeyError_ naming `where`."""
+    if not _supported(key):
+        raise _unsupported(where, key)
+    assert isinstance(key, ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey)
+    return key
+
+
+def _unsupported(where: str | Path, key: object) -> KeyError_:
     return KeyError_(
-        f"{path}: {_describe(key)} keys are not supported (supported: ed25519); "
-        "make one with 'avobuild keys generate' or 'openssl genpkey -algorithm ed25519'"
+        f"{where}: {_describe(key)} keys are not supported (supported: {SUPPORTED_KEYS}); "
+        "make one with 'avobuild keys generate --type TYPE'"
     )
 
 
@@ -113,7 +181,7 @@ def _pem_labels(data: bytes) -> list[str]:
 
 
 def load_private_key(path: Path, password: bytes | None = None) -> PrivateKey:
-    """Load a PEM PKCS#8 private signing key."""
+    """Load a PEM PKCS#8 private signing key of a supported type."""
     data = _read(path, "private key")
     labels = _pem_labels(data)
     if "PUBLIC KEY" in labels and not any("PRIVATE KEY" in label for label in labels):
@@ -140,8 +208,11 @@ def load_private_key(path: Path, password: bytes | None = None) -> PrivateKey:
             f"{path}: not a readable PEM private key (expected '-----BEGIN PRIVATE KEY-----', "
             "PKCS#8), or the passphrase is wrong"
         ) from None
-    if not isinstance(key, ed25519.Ed25519PrivateKey):
+    if not _supported(key):
         raise _unsupported(path, key)
+    assert isinstance(
+        key, ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+    )
     return key
 
 
@@ -150,66 +221,149 @@ def _load_public_block(path: Path, block: bytes, number: int) -> PublicKey:
         key = serialization.load_pem_public_key(block)
     except (ValueError, UnsupportedAlgorithm):
         raise KeyError_(f"{path}: PEM block {number} is not a readable public key") from None
-    if not isinstance(key, ed25519.Ed25519PublicKey):
-        raise _unsupported(path, key)
-    return key
+    return check_public_key(key, str(path))
 
 
-def _load_public_blocks(path: Path) -> list[PublicKey]:
+def load_certificate_block(path: Path, block: bytes, number: int) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(block)
+    except (ValueError, x509.InvalidVersion):
+        raise KeyError_(f"{path}: PEM block {number} is not a readable X.509 certificate") from None
+
+
+def _load_trust_file(path: Path) -> tuple[list[PublicKey], list[x509.Certificate]]:
+    """The public keys and certificates of one PEM file, in file order."""
     data = _read(path, "public key")
     keys: list[PublicKey] = []
+    certificates: list[x509.Certificate] = []
     for number, match in enumerate(_PEM_BLOCK.finditer(data), start=1):
         label = match.group(1).decode("ascii")
         if label == "PUBLIC KEY":
             keys.append(_load_public_block(path, match.group(0), number))
+        elif label == "CERTIFICATE":
+            certificates.append(load_certificate_block(path, match.group(0), number))
         elif "PRIVATE KEY" in label:
             raise KeyError_(
                 f"{path}: PEM block {number} is a private key; a keyring and a public key file "
                 "must hold only public keys (use the .pub.pem file)"
             )
-        elif label == "CERTIFICATE":
-            raise KeyError_(
-                f"{path}: PEM block {number} is a certificate; certificates are not supported "
-                "yet, give the signer's public key ('openssl x509 -pubkey -noout')"
-            )
         else:
-            raise KeyError_(f"{path}: PEM block {number} is a {label!r}, expected 'PUBLIC KEY'")
-    if not keys:
-        raise KeyError_(f"{path}: no PEM public key found (expected '-----BEGIN PUBLIC KEY-----')")
-    return keys
+            raise KeyError_(
+                f"{path}: PEM block {number} is a {label!r}, expected 'PUBLIC KEY' or 'CERTIFICATE'"
+            )
+    if not keys and not certificates:
+        raise KeyError_(
+            f"{path}: no PEM public key or certificate found "
+            "(expected '-----BEGIN PUBLIC KEY-----' or '-----BEGIN CERTIFICATE-----')"
+        )
+    return keys, certificates
 
 
 def load_public_key(path: Path) -> PublicKey:
-    """Load a PEM file holding exactly one public key."""
-    keys = _load_public_blocks(path)
-    if len(keys) != 1:
-        raise KeyError_(f"{path}: holds {len(keys)} public keys, expected exactly one")
-    return keys[0]
+    """Load a PEM file holding exactly one public key, or one certificate (its key)."""
+    keys, certificates = _load_trust_file(path)
+    if len(keys) + len(certificates) != 1:
+        raise KeyError_(
+            f"{path}: holds {len(keys)} public keys and {len(certificates)} certificates, "
+            "expected exactly one"
+        )
+    if keys:
+        return keys[0]
+    return check_public_key(certificates[0].public_key(), f"{path}: certificate")
+
+
+def load_certificates(path: Path) -> list[x509.Certificate]:
+    """All certificates of a PEM file (a signer certificate, then its intermediates)."""
+    _, certificates = _load_trust_file(path)
+    if not certificates:
+        raise KeyError_(f"{path}: no certificate found (expected '-----BEGIN CERTIFICATE-----')")
+    return certificates
 
 
 def load_keyring(path: Path) -> Keyring:
-    """Load trusted public keys from a PEM file (one or more keys) or a directory of *.pem."""
+    """Load a keyring: a PEM file, a directory of *.pem files, or a TOML keyring file."""
     if path.is_dir():
         files = sorted(entry for entry in path.glob("*.pem") if entry.is_file())
         if not files:
             raise KeyError_(f"{path}: keyring directory holds no *.pem file")
-    elif path.exists():
-        files = [path]
-    else:
+        return _keyring_of(path, files)
+    if not path.exists():
         raise KeyError_(f"{path}: keyring not found")
+    if path.suffix == ".toml":
+        return _load_toml_keyring(path)
+    return _keyring_of(path, [path])
+
+
+def _keyring_of(
+    source: Path,
+    files: list[Path],
+    threshold: int = 1,
+    certificate_time: CertificateTime = CertificateTime.NOW,
+) -> Keyring:
     keys: list[TrustedKey] = []
+    anchors: list[TrustAnchor] = []
     seen: set[str] = set()
+    seen_anchors: set[bytes] = set()
     for file in files:
-        for public_key in _load_public_blocks(file):
+        public_keys, certificates = _load_trust_file(file)
+        for public_key in public_keys:
             identifier = key_id(public_key)
             if identifier not in seen:
                 seen.add(identifier)
-                keys.append(TrustedKey(identifier, KeyAlgorithm.ED25519, public_key, file))
-    return Keyring(source=path, keys=tuple(keys))
+                keys.append(TrustedKey(identifier, key_algorithm(public_key), public_key, file))
+        for certificate in certificates:
+            fingerprint = certificate.public_bytes(serialization.Encoding.DER)
+            if fingerprint not in seen_anchors:
+                seen_anchors.add(fingerprint)
+                anchors.append(TrustAnchor(certificate, file))
+    if not anchors and threshold > len(keys):
+        raise KeyError_(
+            f"{source}: threshold {threshold} can never be met by {len(keys)} trusted key(s)"
+        )
+    return Keyring(source, tuple(keys), threshold, tuple(anchors), certificate_time)
 
 
-def generate_keypair(directory: Path, name: str = "bundle-signing") -> tuple[Path, Path]:
-    """Write a new Ed25519 key pair as `<name>.key.pem` (mode 0600) and `<name>.pub.pem`.
+def _load_toml_keyring(path: Path) -> Keyring:
+    from avobuild.tomlcheck import load_toml
+
+    try:
+        table = load_toml(path)
+        threshold = table.integer("threshold", default=1, minimum=1)
+        names = table.string_list("keys")
+        if not names:
+            table.fail("keys", "a non-empty list of PEM files (public keys or certificates)")
+        time_text = table.string("certificate-time", default=CertificateTime.NOW.value)
+        if time_text not in {member.value for member in CertificateTime}:
+            table.fail("certificate-time", "'now' or 'signing'", time_text)
+        table.check_unknown()
+    except RecipeError as error:
+        raise KeyError_(str(error)) from None
+    files = [(path.parent / name) for name in names]
+    for file in files:
+        if not file.is_file():
+            raise KeyError_(f"{path}: keys: {file}: no such file")
+    return _keyring_of(path, files, threshold, CertificateTime(time_text))
+
+
+def generate_private_key(algorithm: KeyAlgorithm, rsa_bits: int = MIN_RSA_BITS) -> PrivateKey:
+    if algorithm is KeyAlgorithm.ED25519:
+        return ed25519.Ed25519PrivateKey.generate()
+    if algorithm is KeyAlgorithm.ECDSA_P256:
+        return ec.generate_private_key(ec.SECP256R1())
+    if algorithm is KeyAlgorithm.ECDSA_P384:
+        return ec.generate_private_key(ec.SECP384R1())
+    if rsa_bits < MIN_RSA_BITS:
+        raise KeyError_(f"RSA keys need at least {MIN_RSA_BITS} bits, got {rsa_bits}")
+    return rsa.generate_private_key(public_exponent=65537, key_size=rsa_bits)
+
+
+def generate_keypair(
+    directory: Path,
+    name: str = "bundle-signing",
+    algorithm: KeyAlgorithm = KeyAlgorithm.ED25519,
+    rsa_bits: int = MIN_RSA_BITS,
+) -> tuple[Path, Path]:
+    """Write a new key pair as `<name>.key.pem` (mode 0600) and `<name>.pub.pem`.
 
     Existing files are never overwritten: losing a signing key strands a fleet.
     """
@@ -220,7 +374,7 @@ def generate_keypair(directory: Path, name: str = "bundle-signing") -> tuple[Pat
     for existing in (private_path, public_path):
         if existing.exists():
             raise KeyError_(f"{existing}: already exists; refusing to overwrite a key")
-    private_key = ed25519.Ed25519PrivateKey.generate()
+    private_key = generate_private_key(algorithm, rsa_bits)
     private_pem = private_key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,

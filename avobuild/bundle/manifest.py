@@ -16,6 +16,11 @@ from enum import StrEnum
 from avobuild.errors import BundleError
 
 MANIFEST_VERSION = 1
+# Version 2 adds the policy lines (security-version, min-applier-version, expires), glob
+# patterns in `compatible` and payload encryption. Writers emit version 1 whenever a bundle
+# uses none of them, so devices that only read version 1 keep accepting it.
+MANIFEST_VERSION_POLICY = 2
+SUPPORTED_MANIFEST_VERSIONS = (MANIFEST_VERSION, MANIFEST_VERSION_POLICY)
 MAX_MANIFEST_SIZE = 16 << 20
 MIN_CHUNK_SIZE = 64 << 10
 MAX_CHUNK_SIZE = 16 << 20
@@ -28,9 +33,13 @@ _IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~:@-]{0,127}", re.ASCII)
 _IMAGE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}", re.ASCII)
 _DECIMAL = re.compile(r"0|[1-9][0-9]{0,18}", re.ASCII)
 _SHA256 = re.compile(r"[0-9a-f]{64}", re.ASCII)
+COMPATIBLE_PATTERN = _PATTERN = re.compile(r"[A-Za-z0-9*?][A-Za-z0-9._+~:@*?-]{0,127}", re.ASCII)
+_APPLIER_VERSION = re.compile(r"(0|[1-9][0-9]{0,8})(\.(0|[1-9][0-9]{0,8})){0,3}", re.ASCII)
 
 IDENTIFIER_GRAMMAR = "[A-Za-z0-9][A-Za-z0-9._+~:@-]{0,127}"
 IMAGE_NAME_GRAMMAR = "[a-z0-9][a-z0-9_-]{0,31}"
+PATTERN_GRAMMAR = "[A-Za-z0-9*?][A-Za-z0-9._+~:@*?-]{0,127}"
+APPLIER_VERSION_GRAMMAR = "N, N.N, N.N.N or N.N.N.N (decimal, no leading zeros)"
 
 
 class BundleType(StrEnum):
@@ -83,6 +92,45 @@ class ImageEntry:
 
 
 @dataclass(frozen=True)
+class Policy:
+    """What a device must check before installing (manifest version 2, section 3.5).
+
+    `security_version`: anti-rollback counter, refused when lower than the device's;
+    `min_applier_version`: the oldest applier allowed to install the bundle;
+    `expires`: seconds since 1970 after which the bundle must not be installed.
+    """
+
+    security_version: int | None = None
+    min_applier_version: str | None = None
+    expires: int | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self == Policy()
+
+
+ENCRYPTION_ALGORITHM = "aes-256-gcm"
+# Bytes an encrypted chunk stores beyond its frame: the 12-byte nonce and the 16-byte tag.
+ENCRYPTION_OVERHEAD = 28
+
+
+@dataclass(frozen=True)
+class Encryption:
+    """Payload encryption (manifest version 2): AES-256-GCM per chunk (avobuild/bundle/crypt.py).
+
+    `key_commitment` is the sha256 commitment to the content key, so a reader can tell the
+    key it unwrapped is the signer's.
+    """
+
+    key_commitment: str
+    algorithm: str = ENCRYPTION_ALGORITHM
+
+
+def is_pattern(compatible: str) -> bool:
+    return "*" in compatible or "?" in compatible
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A parsed, validated manifest (docs/bundle-format.md, section 3)."""
 
@@ -94,6 +142,15 @@ class Manifest:
     compression: Compression
     images: tuple[ImageEntry, ...]
     type: BundleType = BundleType.FULL
+    policy: Policy = Policy()
+    encryption: Encryption | None = None
+
+    @property
+    def manifest_version(self) -> int:
+        """The lowest manifest version that can express this manifest."""
+        if not self.policy.empty or is_pattern(self.compatible) or self.encryption is not None:
+            return MANIFEST_VERSION_POLICY
+        return MANIFEST_VERSION
 
     def image(self, name: str) -> ImageEntry | None:
         return next((image for image in self.images if image.name == name), None)
@@ -115,16 +172,17 @@ def chunk_count(size: int, chunk_size: int) -> int:
     return -(-size // chunk_size)
 
 
-def max_stored_size(data_size: int, compression: Compression) -> int:
+def max_stored_size(data_size: int, compression: Compression, encrypted: bool = False) -> int:
     """The largest stored size a chunk of `data_size` bytes may have (docs/bundle-format.md 3.3).
 
     zstd never expands incompressible data by more than its block headers (3 bytes per
     128 KiB block) plus an 18-byte frame header; the bound leaves ample room for that while
     still capping what a reader must buffer per chunk.
     """
+    overhead = ENCRYPTION_OVERHEAD if encrypted else 0
     if compression is Compression.NONE:
-        return data_size
-    return data_size + (data_size >> 7) + 512
+        return data_size + overhead
+    return data_size + (data_size >> 7) + 512 + overhead
 
 
 # Field checks shared by the parser (which prefixes a line number) and by writers that
@@ -137,6 +195,34 @@ def check_identifier(field: str, value: str) -> str:
             f"{field}: expected 1-128 characters matching {IDENTIFIER_GRAMMAR}, got {value!r}"
         )
     return value
+
+
+def check_compatible(value: str) -> str:
+    """An exact compatible string, or a glob pattern using `*` and `?` (version 2)."""
+    if not _PATTERN.fullmatch(value):
+        raise BundleError(
+            f"compatible: expected 1-128 characters matching {PATTERN_GRAMMAR} "
+            f"('*' and '?' are wildcards), got {value!r}"
+        )
+    return value
+
+
+def check_applier_version(value: str) -> str:
+    if not _APPLIER_VERSION.fullmatch(value):
+        raise BundleError(f"min-applier-version: expected {APPLIER_VERSION_GRAMMAR}, got {value!r}")
+    return value
+
+
+def check_policy(policy: Policy) -> Policy:
+    for field, number in (
+        ("security-version", policy.security_version),
+        ("expires", policy.expires),
+    ):
+        if number is not None and not 0 <= number <= MAX_DECIMAL:
+            raise BundleError(f"{field}: expected 0 to {MAX_DECIMAL}, got {number}")
+    if policy.min_applier_version is not None:
+        check_applier_version(policy.min_applier_version)
+    return policy
 
 
 def check_image_name(value: str) -> str:
@@ -179,16 +265,28 @@ def _sha256(field: str, text: str) -> str:
 
 def render_manifest(manifest: Manifest) -> bytes:
     """The canonical bytes of `manifest`; raises BundleError if it breaks the grammar."""
+    policy = manifest.policy
     lines = [
-        f"avobuild-manifest {MANIFEST_VERSION}",
+        f"avobuild-manifest {manifest.manifest_version}",
         f"type {manifest.type.value}",
         f"name {manifest.name}",
         f"version {manifest.version}",
         f"compatible {manifest.compatible}",
         f"build-date {manifest.build_date}",
+    ]
+    if policy.security_version is not None:
+        lines.append(f"security-version {policy.security_version}")
+    if policy.min_applier_version is not None:
+        lines.append(f"min-applier-version {policy.min_applier_version}")
+    if policy.expires is not None:
+        lines.append(f"expires {policy.expires}")
+    lines += [
         f"chunk-size {manifest.chunk_size}",
         f"compression {manifest.compression.value}",
     ]
+    if manifest.encryption is not None:
+        encryption = manifest.encryption
+        lines.append(f"encryption {encryption.algorithm} {encryption.key_commitment}")
     for image in manifest.images:
         lines.append(f"image {image.name} {image.size} {image.sha256} {image.chunk_count}")
         if image.source is not None and image.target is not None:
@@ -232,6 +330,12 @@ class _Lines:
             )
         return fields
 
+    def peek(self) -> str | None:
+        """The keyword of the next line, if there is one."""
+        if not self:
+            return None
+        return self._lines[self.number].split(" ", 1)[0]
+
     def expect(self, keyword: str, count: int) -> list[str]:
         """The values of the next line, which must be `keyword` followed by `count` values."""
         if not self:
@@ -257,12 +361,15 @@ _FIXED_KEYWORDS = (
     "chunk-size",
     "compression",
 )
+_POLICY_KEYWORDS = ("security-version", "min-applier-version", "expires", "encryption")
 
 
 def _describe_keyword(keyword: str) -> str:
     if keyword in _FIXED_KEYWORDS or keyword in ("image", "chunk", "source", "target"):
         return f"{keyword!r} (out of order or repeated)"
-    return f"unknown keyword {keyword!r} (not part of manifest version {MANIFEST_VERSION})"
+    if keyword in _POLICY_KEYWORDS:
+        return f"{keyword!r} (out of order, repeated, or in a version 1 manifest)"
+    return f"unknown keyword {keyword!r} (not part of manifest version {MANIFEST_VERSION_POLICY})"
 
 
 def parse_manifest(data: bytes) -> Manifest:
@@ -295,34 +402,55 @@ def _parse_lines(lines: _Lines) -> Manifest:
         raise BundleError(
             f"expected 'avobuild-manifest {MANIFEST_VERSION}', got {' '.join(magic)!r}"
         )
-    if magic[1] != str(MANIFEST_VERSION):
+    if magic[1] not in {str(version) for version in SUPPORTED_MANIFEST_VERSIONS}:
         raise BundleError(
-            f"unsupported manifest version {magic[1]!r} (this avobuild reads version "
-            f"{MANIFEST_VERSION}; a newer avobuild is needed)"
+            f"unsupported manifest version {magic[1]!r} (this avobuild reads versions "
+            f"{MANIFEST_VERSION} and {MANIFEST_VERSION_POLICY}; a newer avobuild is needed)"
         )
+    manifest_version = int(magic[1])
     (type_value,) = lines.expect("type", 1)
     if type_value not in {member.value for member in BundleType}:
         raise BundleError(f"type: expected 'full' or 'delta', got {type_value!r}")
     bundle_type = BundleType(type_value)
     name = check_identifier("name", lines.expect("name", 1)[0])
     version = check_identifier("version", lines.expect("version", 1)[0])
-    compatible = check_identifier("compatible", lines.expect("compatible", 1)[0])
+    compatible_text = lines.expect("compatible", 1)[0]
+    if manifest_version == MANIFEST_VERSION:
+        compatible = check_identifier("compatible", compatible_text)
+    else:
+        compatible = check_compatible(compatible_text)
     build_date = _decimal("build-date", lines.expect("build-date", 1)[0])
+    policy = Policy()
+    if manifest_version >= MANIFEST_VERSION_POLICY:
+        policy = _parse_policy(lines)
     chunk_size = _chunk_size(lines.expect("chunk-size", 1)[0])
     (compression_text,) = lines.expect("compression", 1)
     if compression_text not in {member.value for member in Compression}:
         raise BundleError(f"compression: expected 'zstd' or 'none', got {compression_text!r}")
     compression = Compression(compression_text)
+    encryption = None
+    if manifest_version >= MANIFEST_VERSION_POLICY and lines.peek() == "encryption":
+        algorithm, commitment = lines.expect("encryption", 2)
+        if algorithm != ENCRYPTION_ALGORITHM:
+            raise BundleError(f"encryption: expected {ENCRYPTION_ALGORITHM!r}, got {algorithm!r}")
+        encryption = Encryption(_sha256("encryption: key commitment", commitment))
 
     images: list[ImageEntry] = []
     while lines:
         images.append(
-            _parse_image(lines, chunk_size, compression, {i.name for i in images}, bundle_type)
+            _parse_image(
+                lines,
+                chunk_size,
+                compression,
+                {i.name for i in images},
+                bundle_type,
+                encryption is not None,
+            )
         )
     if not images:
         lines.number += 1
         raise BundleError("the manifest ends without listing an image")
-    return Manifest(
+    manifest = Manifest(
         name=name,
         version=version,
         compatible=compatible,
@@ -331,7 +459,28 @@ def _parse_lines(lines: _Lines) -> Manifest:
         compression=compression,
         images=tuple(images),
         type=bundle_type,
+        policy=policy,
+        encryption=encryption,
     )
+    if manifest.manifest_version != manifest_version:
+        lines.number = 1
+        raise BundleError(
+            f"manifest version {manifest_version} for a manifest that uses nothing beyond "
+            f"version {manifest.manifest_version}; write the lowest version (one spelling "
+            "per manifest)"
+        )
+    return manifest
+
+
+def _parse_policy(lines: _Lines) -> Policy:
+    security_version = min_applier_version = expires = None
+    if lines.peek() == "security-version":
+        security_version = _decimal("security-version", lines.expect("security-version", 1)[0])
+    if lines.peek() == "min-applier-version":
+        min_applier_version = check_applier_version(lines.expect("min-applier-version", 1)[0])
+    if lines.peek() == "expires":
+        expires = _decimal("expires", lines.expect("expires", 1)[0])
+    return Policy(security_version, min_applier_version, expires)
 
 
 def _chunk_size(text: str) -> int:
@@ -350,6 +499,7 @@ def _parse_image(
     compression: Compression,
     seen: set[str],
     bundle_type: BundleType,
+    encrypted: bool = False,
 ) -> ImageEntry:
     name, size_text, digest_text, count_text = lines.expect("image", 4)
     check_image_name(name)
@@ -371,7 +521,8 @@ def _parse_image(
         source = _parse_ref(lines, "source", name)
         target = _parse_ref(lines, "target", name)
     chunks = tuple(
-        _parse_chunk(lines, name, size, index, chunk_size, compression) for index in range(count)
+        _parse_chunk(lines, name, size, index, chunk_size, compression, encrypted)
+        for index in range(count)
     )
     return ImageEntry(name, size, digest, chunks, source, target)
 
@@ -385,7 +536,13 @@ def _parse_ref(lines: _Lines, keyword: str, image: str) -> ImageRef:
 
 
 def _parse_chunk(
-    lines: _Lines, image: str, size: int, index: int, chunk_size: int, compression: Compression
+    lines: _Lines,
+    image: str,
+    size: int,
+    index: int,
+    chunk_size: int,
+    compression: Compression,
+    encrypted: bool = False,
 ) -> ChunkEntry:
     where = f"chunk {index} of image {image}"
     owner, index_text, stored_text, digest_text = lines.expect("chunk", 4)
@@ -393,11 +550,13 @@ def _parse_chunk(
         raise BundleError(f"expected the line of {where}, got chunk {index_text} of image {owner}")
     stored = _decimal(f"{where}: stored-size", stored_text)
     data_size = min(chunk_size, size - index * chunk_size)
-    if compression is Compression.NONE and stored != data_size:
+    overhead = ENCRYPTION_OVERHEAD if encrypted else 0
+    if compression is Compression.NONE and stored != data_size + overhead:
         raise BundleError(
-            f"{where}: stored-size: expected {data_size} (compression none), got {stored}"
+            f"{where}: stored-size: expected {data_size + overhead} (compression none), "
+            f"got {stored}"
         )
-    limit = max_stored_size(data_size, compression)
+    limit = max_stored_size(data_size, compression, encrypted)
     if not 1 <= stored <= limit:
         raise BundleError(
             f"{where}: stored-size: expected 1 to {limit} for {data_size} bytes of data, "

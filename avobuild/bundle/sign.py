@@ -1,14 +1,20 @@
 """The signature block: signatures over the exact manifest bytes, and their verification.
 
-Specified in docs/bundle-format.md, section "Signature block". The block is not itself signed,
-so it may only ever add evidence: lines a reader does not understand (a future `certificate`
-line, a signature with an algorithm it lacks) are kept and skipped, which can make
-verification fail but never pass. Everything that restricts or directs an installation lives
-in the signed manifest instead.
+Specified in docs/bundle-format.md, section 4, and docs/signing.md. The block is not itself
+signed, so it may only ever add evidence: lines a reader does not understand (a signature with
+an algorithm it lacks, a future keyword) are kept and skipped, which can make verification
+fail but never pass. Everything that restricts or directs an installation lives in the signed
+manifest instead.
 
-Trust rule (version 1): at least one signature must verify with a key from the keyring, and a
-signature that names a trusted key but does not verify is a hard failure, since it can only be
-tampering or a signature moved from another manifest.
+Trust rule: at least `keyring.threshold` distinct trusted signers must have a signature that
+verifies, where a signer is trusted when its key is in the keyring or when the block carries a
+certificate for it that chains to one of the keyring's trust anchors. A signature by a trusted
+key that does not verify is a hard failure, since it can only be tampering or a signature
+moved from another manifest.
+
+Every algorithm is one `openssl` can check on the manifest bytes (docs/signing.md lists the
+commands): pure Ed25519, ECDSA with a DER signature over SHA-256 (P-256) or SHA-384 (P-384),
+and RSA-PSS with SHA-256, MGF1-SHA-256 and a 32-byte salt.
 """
 
 from __future__ import annotations
@@ -16,18 +22,37 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Protocol
 
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
 
-from avobuild.bundle.keys import Keyring, PrivateKey, key_id
+from avobuild.bundle.keys import (
+    KeyAlgorithm,
+    Keyring,
+    PrivateKey,
+    PublicKey,
+    key_algorithm,
+    key_id,
+)
 from avobuild.errors import SignatureError
 
 SIGNATURES_VERSION = 1
 MAX_SIGNATURE_BLOCK_SIZE = 1 << 20
 ED25519_SIGNATURE_SIZE = 64
+PSS_SALT_LENGTH = 32
+# Certificates a block may carry: a signer certificate and its intermediates, per signer.
+MAX_CERTIFICATES = 32
+MAX_CERTIFICATE_SIZE = 16 << 10
 
 _KEYWORD = re.compile(r"[a-z][a-z0-9-]{0,31}", re.ASCII)
 _ALGORITHM = re.compile(r"[a-z0-9][a-z0-9-]{0,63}", re.ASCII)
@@ -37,9 +62,97 @@ _KEY_ID = re.compile(r"[0-9a-f]{64}", re.ASCII)
 
 class SignatureAlgorithm(StrEnum):
     ED25519 = "ed25519"
+    ECDSA_P256_SHA256 = "ecdsa-p256-sha256"
+    ECDSA_P384_SHA384 = "ecdsa-p384-sha384"
+    RSA_PSS_SHA256 = "rsa-pss-sha256"
 
 
 SUPPORTED_ALGORITHMS = frozenset(member.value for member in SignatureAlgorithm)
+
+ALGORITHM_OF_KEY = {
+    KeyAlgorithm.ED25519: SignatureAlgorithm.ED25519,
+    KeyAlgorithm.ECDSA_P256: SignatureAlgorithm.ECDSA_P256_SHA256,
+    KeyAlgorithm.ECDSA_P384: SignatureAlgorithm.ECDSA_P384_SHA384,
+    KeyAlgorithm.RSA: SignatureAlgorithm.RSA_PSS_SHA256,
+}
+
+# The largest DER ECDSA-Sig-Value: two INTEGERs of the curve size plus a sign byte each.
+_ECDSA_MAX_DER = {
+    SignatureAlgorithm.ECDSA_P256_SHA256: 72,
+    SignatureAlgorithm.ECDSA_P384_SHA384: 104,
+}
+
+
+def signature_algorithm(key: PrivateKey | PublicKey) -> SignatureAlgorithm:
+    """The one signature algorithm avobuild uses with `key`."""
+    return ALGORITHM_OF_KEY[key_algorithm(key)]
+
+
+def pss_padding() -> padding.PSS:
+    return padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=PSS_SALT_LENGTH)
+
+
+def sign_data(private_key: PrivateKey, data: bytes) -> bytes:
+    """A signature over `data` in the encoding the signature block carries."""
+    if isinstance(private_key, ed25519.Ed25519PrivateKey):
+        return private_key.sign(data)
+    if isinstance(private_key, rsa.RSAPrivateKey):
+        return private_key.sign(data, pss_padding(), hashes.SHA256())
+    digest = hashes.SHA384() if isinstance(private_key.curve, ec.SECP384R1) else hashes.SHA256()
+    return private_key.sign(data, ec.ECDSA(digest))
+
+
+def verify_data(
+    algorithm: SignatureAlgorithm, public_key: PublicKey, signature: bytes, data: bytes
+) -> bool:
+    """True if `signature` is `algorithm`'s signature over `data` by `public_key`."""
+    if signature_algorithm(public_key) is not algorithm:
+        return False
+    try:
+        if isinstance(public_key, ed25519.Ed25519PublicKey):
+            public_key.verify(signature, data)
+        elif isinstance(public_key, rsa.RSAPublicKey):
+            if len(signature) != (public_key.key_size + 7) // 8:
+                return False
+            public_key.verify(signature, data, pss_padding(), hashes.SHA256())
+        else:
+            digest = (
+                hashes.SHA384() if isinstance(public_key.curve, ec.SECP384R1) else hashes.SHA256()
+            )
+            public_key.verify(signature, data, ec.ECDSA(digest))
+    except InvalidSignature:
+        return False
+    return True
+
+
+class Signer(Protocol):
+    """Anything that signs manifest bytes: a key file, an HSM key."""
+
+    @property
+    def algorithm(self) -> SignatureAlgorithm: ...
+
+    @property
+    def key_id(self) -> str: ...
+
+    def sign(self, data: bytes) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class KeySigner:
+    """A signer holding its private key in memory (a PEM key file)."""
+
+    private_key: PrivateKey
+
+    @property
+    def algorithm(self) -> SignatureAlgorithm:
+        return signature_algorithm(self.private_key)
+
+    @property
+    def key_id(self) -> str:
+        return key_id(self.private_key.public_key())
+
+    def sign(self, data: bytes) -> bytes:
+        return sign_data(self.private_key, data)
 
 
 @dataclass(frozen=True)
@@ -56,30 +169,68 @@ class SignatureEntry:
 
 
 @dataclass(frozen=True)
+class CertificateEntry:
+    """One `certificate` line: a DER X.509 certificate for the key `key_id`."""
+
+    key_id: str
+    der: bytes
+
+
+@dataclass(frozen=True)
 class SignatureBlock:
     """The parsed signature block. `extra_lines` are lines of kinds this version skips."""
 
     signatures: tuple[SignatureEntry, ...]
     extra_lines: tuple[str, ...] = ()
+    certificates: tuple[CertificateEntry, ...] = ()
+
+    def with_signature(self, entry: SignatureEntry) -> SignatureBlock:
+        """This block with `entry` added, replacing any signature by the same key."""
+        kept = tuple(other for other in self.signatures if other.key_id != entry.key_id)
+        return SignatureBlock((*kept, entry), self.extra_lines, self.certificates)
+
+    def with_certificates(self, entries: Sequence[CertificateEntry]) -> SignatureBlock:
+        """This block with `entries` added (certificates already present are not repeated)."""
+        certificates = list(self.certificates)
+        for entry in entries:
+            if entry not in certificates:
+                certificates.append(entry)
+        return SignatureBlock(self.signatures, self.extra_lines, tuple(certificates))
 
 
 @dataclass(frozen=True)
 class VerifiedSigner:
-    """The trusted key whose signature over the manifest verified."""
+    """A trusted signer whose signature over the manifest verified."""
 
     key_id: str
     algorithm: SignatureAlgorithm
     source: Path
+    # The subject of the signer's certificate when trust came from a certificate chain.
+    certificate_subject: str | None = None
+
+
+UNSIGNED_BLOCK = SignatureBlock(signatures=())
 
 
 def sign_manifest(manifest_bytes: bytes, private_key: PrivateKey) -> SignatureBlock:
-    """A signature block holding one Ed25519 signature over `manifest_bytes`."""
-    entry = SignatureEntry(
-        algorithm=SignatureAlgorithm.ED25519.value,
-        key_id=key_id(private_key.public_key()),
-        signature=private_key.sign(manifest_bytes),
-    )
-    return SignatureBlock(signatures=(entry,))
+    """A signature block holding one signature over `manifest_bytes` by `private_key`."""
+    return sign_manifest_with(manifest_bytes, [KeySigner(private_key)])
+
+
+def sign_manifest_with(
+    manifest_bytes: bytes,
+    signers: Sequence[Signer],
+    certificates: Sequence[CertificateEntry] = (),
+) -> SignatureBlock:
+    """A signature block with one signature per signer (and the given certificates)."""
+    block = SignatureBlock(signatures=())
+    for signer in signers:
+        block = block.with_signature(make_signature(manifest_bytes, signer))
+    return block.with_certificates(certificates)
+
+
+def make_signature(manifest_bytes: bytes, signer: Signer) -> SignatureEntry:
+    return SignatureEntry(signer.algorithm.value, signer.key_id, signer.sign(manifest_bytes))
 
 
 def render_signature_block(block: SignatureBlock) -> bytes:
@@ -87,6 +238,10 @@ def render_signature_block(block: SignatureBlock) -> bytes:
     lines.extend(
         f"signature {entry.algorithm} {entry.key_id} {base64.b64encode(entry.signature).decode()}"
         for entry in block.signatures
+    )
+    lines.extend(
+        f"certificate {entry.key_id} {base64.b64encode(entry.der).decode()}"
+        for entry in block.certificates
     )
     lines.extend(block.extra_lines)
     data = "".join(line + "\n" for line in lines).encode("ascii")
@@ -116,6 +271,7 @@ def parse_signature_block(data: bytes) -> SignatureBlock:
             f"signature block line {text.count(chr(10)) + 1}: not terminated by a newline"
         )
     signatures: list[SignatureEntry] = []
+    certificates: list[CertificateEntry] = []
     extra: list[str] = []
     for number, line in enumerate(text[:-1].split("\n"), start=1):
         try:
@@ -127,11 +283,18 @@ def parse_signature_block(data: bytes) -> SignatureBlock:
                 if any(other.key_id == entry.key_id for other in signatures):
                     raise SignatureError(f"a second signature by key {entry.key_id}")
                 signatures.append(entry)
+            elif fields[0] == "certificate":
+                certificate = _parse_certificate(fields)
+                if certificate in certificates:
+                    raise SignatureError("the same certificate twice")
+                if len(certificates) == MAX_CERTIFICATES:
+                    raise SignatureError(f"more than {MAX_CERTIFICATES} certificates")
+                certificates.append(certificate)
             else:
                 extra.append(line)
         except SignatureError as error:
             raise SignatureError(f"signature block line {number}: {error}") from None
-    return SignatureBlock(signatures=tuple(signatures), extra_lines=tuple(extra))
+    return SignatureBlock(tuple(signatures), tuple(extra), tuple(certificates))
 
 
 def _split(line: str) -> list[str]:
@@ -160,6 +323,25 @@ def _check_first_line(fields: list[str]) -> None:
         )
 
 
+def _canonical_base64(what: str, encoded: str) -> bytes:
+    try:
+        raw = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    # Only the canonical spelling is accepted, so that every byte of the block matters.
+    if not raw or base64.b64encode(raw).decode("ascii") != encoded:
+        raise SignatureError(f"{what}: expected canonical base64 (RFC 4648, with padding)")
+    return raw
+
+
+def _check_key_id(what: str, identifier: str) -> str:
+    if not _KEY_ID.fullmatch(identifier):
+        raise SignatureError(
+            f"{what}: key-id: expected 64 lowercase hex digits, got {identifier!r}"
+        )
+    return identifier
+
+
 def _parse_signature(fields: list[str]) -> SignatureEntry:
     if len(fields) != 4:
         raise SignatureError(
@@ -169,55 +351,129 @@ def _parse_signature(fields: list[str]) -> SignatureEntry:
     _, algorithm, identifier, encoded = fields
     if not _ALGORITHM.fullmatch(algorithm):
         raise SignatureError(f"signature: algorithm {algorithm!r} is not a valid name")
-    if not _KEY_ID.fullmatch(identifier):
-        raise SignatureError(
-            f"signature: key-id: expected 64 lowercase hex digits, got {identifier!r}"
-        )
-    try:
-        raw = base64.b64decode(encoded, validate=True)
-    except (binascii.Error, ValueError):
-        raw = b""
-    # Only the canonical spelling is accepted, so that every byte of the block matters.
-    if not raw or base64.b64encode(raw).decode("ascii") != encoded:
-        raise SignatureError("signature: expected canonical base64 (RFC 4648, with padding)")
+    _check_key_id("signature", identifier)
+    raw = _canonical_base64("signature", encoded)
     if algorithm == SignatureAlgorithm.ED25519 and len(raw) != ED25519_SIGNATURE_SIZE:
         raise SignatureError(
             f"signature: an ed25519 signature is {ED25519_SIGNATURE_SIZE} bytes, got {len(raw)}"
         )
+    if algorithm in _ECDSA_MAX_DER:
+        _check_ecdsa_der(algorithm, raw)
     return SignatureEntry(algorithm=algorithm, key_id=identifier, signature=raw)
 
 
+def _check_ecdsa_der(algorithm: str, raw: bytes) -> None:
+    """An ECDSA signature must be canonical DER, so no byte of it can change unnoticed."""
+    try:
+        r, s = decode_dss_signature(raw)
+        canonical = encode_dss_signature(r, s) == raw
+    except ValueError:
+        canonical = False
+    if not canonical or len(raw) > _ECDSA_MAX_DER[SignatureAlgorithm(algorithm)]:
+        raise SignatureError(
+            f"signature: an {algorithm} signature must be a DER ECDSA-Sig-Value "
+            "(SEQUENCE of two INTEGERs, as 'openssl dgst -sign' writes it)"
+        )
+
+
+def _parse_certificate(fields: list[str]) -> CertificateEntry:
+    if len(fields) != 3:
+        raise SignatureError(
+            f"certificate: expected 2 values (key-id, base64 DER certificate), "
+            f"got {len(fields) - 1}"
+        )
+    identifier = _check_key_id("certificate", fields[1])
+    der = _canonical_base64("certificate", fields[2])
+    if len(der) > MAX_CERTIFICATE_SIZE:
+        raise SignatureError(
+            f"certificate: {len(der)} bytes, over the limit of {MAX_CERTIFICATE_SIZE}"
+        )
+    return CertificateEntry(identifier, der)
+
+
+def to_der_signature(algorithm: SignatureAlgorithm, signature: bytes) -> bytes:
+    """ECDSA signatures made elsewhere may be raw r||s (PKCS#11, JOSE): convert them to DER."""
+    sizes = {SignatureAlgorithm.ECDSA_P256_SHA256: 32, SignatureAlgorithm.ECDSA_P384_SHA384: 48}
+    size = sizes.get(algorithm)
+    if size is not None and len(signature) == 2 * size and signature[0] != 0x30:
+        r = int.from_bytes(signature[:size], "big")
+        s = int.from_bytes(signature[size:], "big")
+        return encode_dss_signature(r, s)
+    return signature
+
+
+# Looks up the manifest's build-date once the manifest bytes are authenticated by a signer;
+# needed only to judge certificates at signing time.
+SigningTime = Callable[[], int]
+
+
 def verify_signatures(
-    manifest_bytes: bytes, block: SignatureBlock, keyring: Keyring
+    manifest_bytes: bytes,
+    block: SignatureBlock,
+    keyring: Keyring,
+    *,
+    now: int | None = None,
+    signing_time: SigningTime | None = None,
 ) -> VerifiedSigner:
-    """Check the block against the keyring; return the first trusted signer that verifies."""
+    """Check the block against the keyring; return the first trusted signer that verified."""
+    return verify_all_signatures(
+        manifest_bytes, block, keyring, now=now, signing_time=signing_time
+    )[0]
+
+
+def verify_all_signatures(
+    manifest_bytes: bytes,
+    block: SignatureBlock,
+    keyring: Keyring,
+    *,
+    now: int | None = None,
+    signing_time: SigningTime | None = None,
+) -> tuple[VerifiedSigner, ...]:
+    """Every trusted signer that verified; SignatureError unless the threshold is met."""
+    from avobuild.bundle.x509 import certificate_signer
+
     if not block.signatures:
         raise SignatureError("the bundle is unsigned (its signature block holds no signature)")
-    verified: VerifiedSigner | None = None
+    verified: list[VerifiedSigner] = []
     untrusted: list[str] = []
     unsupported: list[str] = []
+    problems: list[str] = []
     for entry in block.signatures:
         if not entry.supported:
             unsupported.append(f"{entry.algorithm} (key {entry.key_id})")
             continue
+        algorithm = SignatureAlgorithm(entry.algorithm)
         trusted = keyring.find(entry.key_id)
-        if trusted is None:
-            untrusted.append(entry.key_id)
+        if trusted is not None:
+            if not verify_data(algorithm, trusted.public_key, entry.signature, manifest_bytes):
+                raise SignatureError(
+                    f"the signature by trusted key {entry.key_id} ({trusted.source}) does not "
+                    "match the manifest: the bundle was modified or the signature belongs to "
+                    "another manifest"
+                )
+            verified.append(VerifiedSigner(entry.key_id, algorithm, trusted.source))
             continue
-        try:
-            trusted.public_key.verify(entry.signature, manifest_bytes)
-        except InvalidSignature:
-            raise SignatureError(
-                f"the signature by trusted key {entry.key_id} ({trusted.source}) does not match "
-                "the manifest: the bundle was modified or the signature belongs to another "
-                "manifest"
-            ) from None
-        if verified is None:
-            verified = VerifiedSigner(
-                entry.key_id, SignatureAlgorithm(entry.algorithm), trusted.source
+        if keyring.anchors:
+            signer, problem = certificate_signer(
+                entry, algorithm, block, keyring, manifest_bytes, now, signing_time
             )
-    if verified is not None:
-        return verified
+            if signer is not None:
+                verified.append(signer)
+                continue
+            if problem is not None:
+                problems.append(problem)
+                continue
+        untrusted.append(entry.key_id)
+    if len(verified) >= keyring.threshold:
+        return tuple(verified)
+    if keyring.threshold > 1 and verified:
+        raise SignatureError(
+            f"keyring {keyring.source} requires {keyring.threshold} trusted signatures, the "
+            f"bundle has {len(verified)} (by {', '.join(s.key_id for s in verified)})"
+            + "".join(f"; {problem}" for problem in problems)
+        )
+    if problems:
+        raise SignatureError("; ".join(problems))
     if len(untrusted) == 1:
         raise SignatureError(
             f"bundle signed by key {untrusted[0]}, which is not in keyring {keyring.source}"

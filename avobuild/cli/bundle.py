@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -18,6 +22,36 @@ from avobuild.cli.common import (
     work_directory,
 )
 from avobuild.errors import RecipeError
+
+if TYPE_CHECKING:
+    from avobuild.bundle.sign import CertificateEntry, Signer
+
+KeyOption = Annotated[
+    list[Path] | None,
+    typer.Option("--key", help="Private signing key, PEM (repeatable: one signature each)."),
+]
+Pkcs11Option = Annotated[
+    list[str] | None,
+    typer.Option("--pkcs11", help="Sign with a token key: a pkcs11: URI (repeatable)."),
+]
+Pkcs11ModuleOption = Annotated[
+    Path | None,
+    typer.Option(help="PKCS#11 module (.so), unless the URI has module-path=."),
+]
+CertificateOption = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--certificate", help="Signer certificate and intermediates (PEM) to carry (repeatable)."
+    ),
+]
+DecryptionKeyOption = Annotated[
+    Path | None,
+    typer.Option(help="For an encrypted payload: a recipient's private key, or the key file."),
+]
+KeyringOption = Annotated[
+    Path,
+    typer.Option(help="Keyring: PEM keys/certificates, a directory of them, or a .toml file."),
+]
 
 bundle_app = typer.Typer(
     help="Create, verify and inspect .avb update bundles.", no_args_is_help=True
@@ -52,16 +86,44 @@ def bundle_create(
     compatible: Annotated[
         str | None, typer.Option(help="Compatible string (with --image).")
     ] = None,
-    key: Annotated[
-        Path | None, typer.Option(help="Private signing key (PEM); default: the recipe's.")
+    key: KeyOption = None,
+    pkcs11: Pkcs11Option = None,
+    pkcs11_module: Pkcs11ModuleOption = None,
+    certificate: CertificateOption = None,
+    unsigned: Annotated[
+        bool, typer.Option("--unsigned", help="Leave the bundle unsigned, for offline signing.")
+    ] = False,
+    security_version: Annotated[
+        int | None, typer.Option(help="Anti-rollback security version (devices refuse lower).")
+    ] = None,
+    min_applier_version: Annotated[
+        str | None, typer.Option(help="Oldest applier version allowed to install, e.g. 1.2.")
+    ] = None,
+    expires: Annotated[
+        str | None,
+        typer.Option(help="Refuse installation after this time: seconds or ISO 8601 (UTC)."),
+    ] = None,
+    encrypt_for: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--encrypt-for",
+            help="Encrypt the payload for this recipient: RSA/EC public key or certificate "
+            "(repeatable).",
+        ),
+    ] = None,
+    encryption_key: Annotated[
+        Path | None,
+        typer.Option(help="Encrypt the payload with this key file (32 bytes, raw or hex)."),
     ] = None,
     chunk_size: Annotated[str, typer.Option(help="Chunk size, e.g. 1M.")] = "1M",
     level: Annotated[int, typer.Option(help="zstd compression level (1-19).")] = 10,
     workdir: WorkdirOption = None,
 ) -> None:
     """Create a signed full bundle from a recipe or from prebuilt images."""
+    from avobuild.bundle.crypt import load_content_key
     from avobuild.bundle.format import ImageSource, write_bundle
-    from avobuild.bundle.keys import load_private_key
+    from avobuild.bundle.manifest import COMPATIBLE_PATTERN, Policy
+    from avobuild.bundle.resign import load_signer_identity
     from avobuild.disk.image import build_slot_images
     from avobuild.recipe import NAME_PATTERN, load_recipe
     from avobuild.run import source_date_epoch
@@ -78,9 +140,13 @@ def bundle_create(
             loaded = load_recipe(recipe)
             images = list(build_slot_images(loaded, work, step).items())
             name, version, compatible = loaded.name, loaded.version, loaded.compatible
-            key = key or loaded.signing_key
-            if key is None:
-                raise RecipeError(f"{recipe}: [signing] key: missing, and no --key was given")
+            if not key and not pkcs11 and not unsigned:
+                if loaded.signing_key is None:
+                    raise RecipeError(
+                        f"{recipe}: [signing] key: missing, and no --key, --pkcs11 or "
+                        "--unsigned was given"
+                    )
+                key = [loaded.signing_key]
         else:
             if not image:
                 raise RecipeError(
@@ -88,21 +154,25 @@ def bundle_create(
                     "--compatible and --key"
                 )
             images = _parse_images(image)
-            for option, value in (
-                ("--name", name),
-                ("--version", version),
-                ("--compatible", compatible),
-            ):
+            for option, value in (("--name", name), ("--version", version)):
                 if value is None or not NAME_PATTERN.fullmatch(value):
                     raise RecipeError(
                         f"{option}: expected letters, digits and ._+~:@-, got {value!r}"
                     )
-            if key is None:
-                raise RecipeError("--key: required with --image")
+            if compatible is None or not COMPATIBLE_PATTERN.fullmatch(compatible):
+                raise RecipeError(
+                    f"--compatible: expected letters, digits and ._+~:@-, with * and ? as "
+                    f"wildcards, got {compatible!r}"
+                )
+            if not key and not pkcs11 and not unsigned:
+                raise RecipeError("--key, --pkcs11 or --unsigned: required with --image")
         assert name is not None and version is not None and compatible is not None
-        private_key = load_private_key(key)
+        policy = Policy(security_version, min_applier_version, _parse_time(expires))
         sources = [ImageSource(image_name, path) for image_name, path in images]
-        with byte_progress("compressing") as update:
+        with (
+            byte_progress("compressing") as update,
+            open_signers(key or [], pkcs11 or [], pkcs11_module) as signers,
+        ):
             manifest = write_bundle(
                 output,
                 sources,
@@ -110,7 +180,12 @@ def bundle_create(
                 version=version,
                 compatible=compatible,
                 build_date=source_date_epoch(),
-                private_key=private_key,
+                signers=signers,
+                certificates=_certificate_entries(certificate or []),
+                unsigned=unsigned,
+                policy=policy,
+                encryption_key=load_content_key(encryption_key) if encryption_key else None,
+                recipients=[load_signer_identity(path)[0] for path in encrypt_for or []],
                 chunk_size=chunk_bytes,
                 level=level,
                 progress=update,
@@ -125,22 +200,153 @@ def bundle_create(
 
 @bundle_app.command("verify")
 def bundle_verify(
-    bundle: Annotated[Path, typer.Argument(help="The .avb bundle.")],
-    keyring: Annotated[Path, typer.Option(help="Trusted public keys (PEM file or directory).")],
+    bundle: Annotated[Path, typer.Argument(help="The .avb bundle, or - for standard input.")],
+    keyring: KeyringOption,
+    decryption_key: DecryptionKeyOption = None,
 ) -> None:
-    """Check the signature, then every chunk and image hash, writing nothing."""
+    """Check the signatures, then every chunk and image hash, writing nothing.
+
+    The bundle is read once, sequentially, so it may come from a pipe.
+    """
+    from avobuild.bundle.crypt import load_decryption_key
     from avobuild.bundle.format import BundleReader
     from avobuild.bundle.keys import load_keyring
 
     trusted = load_keyring(keyring)
-    with BundleReader.open(bundle) as reader:
-        signer = reader.verify_signature(trusted)
+    if str(bundle) == "-":
+        reader = BundleReader.from_stream(sys.stdin.buffer, "<stdin>")
+    else:
+        reader = BundleReader.open(bundle)
+    with reader:
+        reader.verify_signature(trusted)
+        if decryption_key is not None:
+            key = load_decryption_key(decryption_key)
+            if isinstance(key, bytes):
+                reader.unlock(content_key=key)
+            else:
+                reader.unlock(private_key=key)
         reader.verify_payload()
         manifest = reader.manifest
+        signers = ", ".join(signer.key_id for signer in reader.signers)
     out.print(
-        f"{bundle}: OK: {manifest.name} {manifest.version} for {manifest.compatible}, "
-        f"signed by {signer.key_id}"
+        f"{reader.name}: OK: {manifest.name} {manifest.version} for {manifest.compatible}, "
+        f"signed by {signers}"
     )
+
+
+@bundle_app.command("digest")
+def bundle_digest(
+    bundle: Annotated[Path, typer.Argument(help="The .avb bundle.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="File for the bytes to sign.")],
+) -> None:
+    """Write exactly the bytes a signer signs (the manifest), for offline or HSM signing."""
+    from avobuild.bundle.resign import signing_input
+
+    data = signing_input(bundle)
+    output.write_bytes(data)
+    console.print(f"{output}: {len(data)} bytes to sign")
+
+
+@bundle_app.command("attach-signature")
+def bundle_attach_signature(
+    bundle: Annotated[Path, typer.Argument(help="The .avb bundle.")],
+    signature: Annotated[Path, typer.Option(help="The signature, made over the digest file.")],
+    key: Annotated[
+        Path, typer.Option(help="The signer's public key, or its certificate (and chain), PEM.")
+    ],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The signed bundle to write.")],
+) -> None:
+    """Add a signature made elsewhere (openssl, an offline HSM); it must verify."""
+    from avobuild.bundle.resign import attach_signature
+
+    entry = attach_signature(bundle, output, _read_file(signature), key)
+    out.print(f"{output}: added {entry.algorithm} signature by key {entry.key_id}")
+
+
+@bundle_app.command("resign")
+def bundle_resign(
+    bundle: Annotated[Path, typer.Argument(help="The .avb bundle.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The bundle to write.")],
+    key: KeyOption = None,
+    pkcs11: Pkcs11Option = None,
+    pkcs11_module: Pkcs11ModuleOption = None,
+    certificate: CertificateOption = None,
+    replace: Annotated[
+        bool, typer.Option("--replace", help="Drop all existing signatures first.")
+    ] = False,
+    remove: Annotated[
+        list[str] | None, typer.Option("--remove", help="Drop the signature of this key-id.")
+    ] = None,
+    keyring: Annotated[
+        Path | None,
+        typer.Option(help="Require the existing signatures to verify with this keyring first."),
+    ] = None,
+) -> None:
+    """Add or replace signatures; the manifest and payload bytes stay identical."""
+    from avobuild.bundle.keys import load_keyring
+    from avobuild.bundle.resign import resign_bundle
+
+    trusted = load_keyring(keyring) if keyring is not None else None
+    with open_signers(key or [], pkcs11 or [], pkcs11_module) as signers:
+        block = resign_bundle(
+            bundle,
+            output,
+            signers,
+            replace=replace,
+            remove=remove or [],
+            certificates=_certificate_entries(certificate or []),
+            keyring=trusted,
+        )
+    for entry in block.signatures:
+        out.print(f"{output}: {entry.algorithm} signature by key {entry.key_id}")
+
+
+@contextmanager
+def open_signers(keys: list[Path], uris: list[str], module: Path | None) -> Iterator[list[Signer]]:
+    """Signers for key files and PKCS#11 URIs; tokens are closed afterwards."""
+    from avobuild.bundle.keys import load_private_key
+    from avobuild.bundle.sign import KeySigner
+
+    signers: list[Signer] = [KeySigner(load_private_key(path)) for path in keys]
+    with ExitStack() as stack:
+        if uris:
+            from avobuild.bundle.pkcs11 import Pkcs11Signer
+
+            for uri in uris:
+                signers.append(stack.enter_context(Pkcs11Signer(uri, module)))
+        yield signers
+
+
+def _certificate_entries(paths: list[Path]) -> list[CertificateEntry]:
+    from avobuild.bundle.keys import load_certificates
+    from avobuild.bundle.x509 import certificate_entry
+
+    return [certificate_entry(cert) for path in paths for cert in load_certificates(path)]
+
+
+def _parse_time(text: str | None) -> int | None:
+    if text is None:
+        return None
+    if text.isdigit():
+        return int(text)
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise RecipeError(
+            f"--expires: expected seconds since 1970 or an ISO 8601 time, got {text!r}"
+        ) from None
+    if moment.tzinfo is None:
+        from datetime import UTC
+
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp())
+
+
+def _read_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise RecipeError(f"{path}: cannot read: {error.strerror or error}") from None
 
 
 @bundle_app.command("info")
@@ -148,7 +354,7 @@ def bundle_info_command(
     bundle: Annotated[Path, typer.Argument(help="The .avb bundle.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     keyring: Annotated[
-        Path | None, typer.Option(help="Verify the signature with these keys first.")
+        Path | None, typer.Option(help="Verify the signatures with this keyring first.")
     ] = None,
 ) -> None:
     """Describe a bundle: product, version, images, chunks, signatures."""
@@ -174,9 +380,19 @@ def _print_info(info: dict[str, Any]) -> None:
     out.print(f"build date:  {info['build_date']}")
     out.print(f"chunk size:  {info['chunk_size']}")
     out.print(f"compression: {info['compression']}")
+    for field, label in (
+        ("security_version", "security version"),
+        ("min_applier_version", "min applier"),
+        ("expires", "expires"),
+        ("encryption", "encryption"),
+    ):
+        if info.get(field) is not None:
+            out.print(f"{label + ':':<12} {info[field]}")
     out.print(f"signature:   {verified}")
     for signature in info.get("signatures", []):
         out.print(f"  {signature['algorithm']} key {signature['key_id']}")
+    for identifier in info.get("certificates", []):
+        out.print(f"  certificate for key {identifier}")
     for item in info.get("images", []):
         out.print(
             f"image {item['name']}: {item['size']} bytes, sha256 {item['sha256']}, "

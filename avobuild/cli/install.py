@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,20 +15,33 @@ from avobuild.cli.common import app, console, out
 
 @app.command()
 def install(
-    bundle: Annotated[Path, typer.Argument(help="The .avb bundle.")],
+    bundle: Annotated[Path, typer.Argument(help="The .avb bundle, or - for standard input.")],
     disk: Annotated[Path, typer.Option(help="Factory disk image to install into.")],
-    keyring: Annotated[Path, typer.Option(help="Trusted public keys (PEM file or directory).")],
+    keyring: Annotated[
+        Path,
+        typer.Option(help="Keyring: PEM keys/certificates, a directory of them, or a .toml file."),
+    ],
     layout: Annotated[
         Path | None, typer.Option(help="Layout TOML, when partition labels are not the roles.")
     ] = None,
     confirm: Annotated[
         bool, typer.Option("--confirm", help="Mark the new slot good at once (preloading).")
     ] = False,
+    decryption_key: Annotated[
+        Path | None,
+        typer.Option(help="For an encrypted payload: a recipient's private key, or the key file."),
+    ] = None,
 ) -> None:
-    """Verify a bundle fully, write it to the inactive slot and make that slot boot next."""
+    """Verify a bundle fully, write it to the inactive slot and make that slot boot next.
+
+    From standard input (-) the bundle is read once and each verified chunk is written as it
+    arrives; the slots switch only after the whole bundle verified.
+    """
+    from avobuild.bundle.crypt import load_decryption_key
     from avobuild.bundle.install import install_bundle
     from avobuild.layout import load_layout
 
+    decryption = load_decryption_key(decryption_key) if decryption_key is not None else None
     loaded_layout = load_layout(layout) if layout is not None else None
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True))
     with Progress(*columns, console=console, transient=True) as progress:
@@ -38,8 +52,16 @@ def install(
                 tasks[step] = progress.add_task(step, total=total)
             progress.update(tasks[step], completed=done, total=total)
 
+        stream = sys.stdin.buffer if str(bundle) == "-" else None
         result = install_bundle(
-            bundle, disk, keyring, layout=loaded_layout, confirm=confirm, progress=update
+            Path("<stdin>") if stream is not None else bundle,
+            disk,
+            keyring,
+            layout=loaded_layout,
+            confirm=confirm,
+            progress=update,
+            stream=stream,
+            decryption=decryption,
         )
     state = "confirmed" if confirm else "pending trial boot"
     out.print(
@@ -62,8 +84,14 @@ def status(
     report = {
         "primary": state.primary.value,
         "compatible": state.compatible,
+        "security_version": state.security_version,
         "slots": {
-            slot.value: {"ok": s.ok, "tries": s.tries, "version": s.version}
+            slot.value: {
+                "ok": s.ok,
+                "tries": s.tries,
+                "version": s.version,
+                "security_version": s.security_version,
+            }
             for slot, s in state.slots.items()
         },
     }
@@ -71,6 +99,8 @@ def status(
         out.print(json.dumps(report, indent=2, sort_keys=True))
         return
     out.print(f"compatible: {state.compatible}")
+    if state.security_version:
+        out.print(f"security version: {state.security_version} (anti-rollback floor)")
     for slot, slot_state in state.slots.items():
         marker = "*" if slot is state.primary else " "
         condition = "confirmed" if slot_state.ok else f"unconfirmed, {slot_state.tries} tries left"

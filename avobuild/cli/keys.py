@@ -17,10 +17,37 @@ app.add_typer(keys_app, name="keys")
 def keys_generate(
     output: Annotated[Path, typer.Option("-o", "--output", help="Directory for the key pair.")],
     name: Annotated[str, typer.Option(help="File name stem.")] = "bundle-signing",
+    key_type: Annotated[
+        str,
+        typer.Option("--type", help="ed25519, ecdsa-p256, ecdsa-p384 or rsa."),
+    ] = "ed25519",
+    rsa_bits: Annotated[int, typer.Option(help="RSA key size (3072 or more).")] = 3072,
 ) -> None:
-    """Generate an Ed25519 signing key pair (private key mode 0600)."""
-    from avobuild.bundle.keys import generate_keypair
+    """Generate a signing key pair (private key mode 0600)."""
+    from avobuild.bundle.keys import KeyAlgorithm, generate_keypair
+    from avobuild.errors import KeyError_
 
-    private, public = generate_keypair(output, name)
+    if key_type not in {member.value for member in KeyAlgorithm}:
+        known = ", ".join(member.value for member in KeyAlgorithm)
+        raise KeyError_(f"--type: expected one of {known}, got {key_type!r}")
+    private, public = generate_keypair(output, name, KeyAlgorithm(key_type), rsa_bits)
     out.print(str(private))
     out.print(str(public))
+
+
+@keys_app.command("id")
+def keys_id(
+    key: Annotated[Path, typer.Argument(help="Public or private key, or certificate (PEM).")],
+) -> None:
+    """Print the key-id (sha256 of the DER public key) and the signature algorithm."""
+    from avobuild.bundle.keys import PublicKey, key_id, load_private_key
+    from avobuild.bundle.resign import load_signer_identity
+    from avobuild.bundle.sign import signature_algorithm
+
+    data = key.read_bytes() if key.is_file() else b""
+    public_key: PublicKey
+    if b"PRIVATE KEY-----" in data:
+        public_key = load_private_key(key).public_key()
+    else:
+        public_key, _ = load_signer_identity(key)
+    out.print(f"{key_id(public_key)} {signature_algorithm(public_key).value}")
