@@ -1,0 +1,173 @@
+"""`avobuild delta …`: create, apply and measure delta bundles."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn
+
+from avobuild.cli.common import WorkdirOption, app, console, out, work_directory
+
+delta_app = typer.Typer(help="Create, apply and measure delta bundles.", no_args_is_help=True)
+app.add_typer(delta_app, name="delta")
+
+FromOption = Annotated[Path, typer.Option("--from", help="The full bundle devices run now.")]
+ToOption = Annotated[Path, typer.Option("--to", help="The full bundle to update them to.")]
+
+
+def human_size(size: int) -> str:
+    """Decimal units as in "Full size: 500MB": whole MB from 10 MB on, one decimal below."""
+    if size >= 10_000_000:
+        return f"{round(size / 1_000_000)}MB"
+    if size >= 1_000_000:
+        return f"{size / 1_000_000:.1f}MB"
+    if size >= 1_000:
+        return f"{round(size / 1_000)}KB"
+    return f"{size}B"
+
+
+def stats_line(full_size: int, delta_size: int, reduction: float) -> str:
+    return (
+        f"Full size: {human_size(full_size)}, Delta size: {human_size(delta_size)} "
+        f"({int(reduction)}% reduction)"
+    )
+
+
+@delta_app.command("create")
+def delta_create(
+    old: FromOption,
+    new: ToOption,
+    output: Annotated[Path, typer.Option("-o", "--output", help="The delta .avb to write.")],
+    key: Annotated[Path, typer.Option(help="Private signing key (PEM).")],
+    keyring: Annotated[
+        Path | None,
+        typer.Option(help="Keys to verify --from and --to with (default: the --key's own)."),
+    ] = None,
+    full_if_larger: Annotated[
+        bool,
+        typer.Option(
+            "--full-if-larger", help="Write the full --to bundle when the delta is not smaller."
+        ),
+    ] = False,
+    level: Annotated[int, typer.Option(help="zstd level of the delta operations.")] = 9,
+    workdir: WorkdirOption = None,
+) -> None:
+    """Create a signed delta bundle that turns the images of --from into those of --to."""
+    from avobuild.bundle.keys import load_keyring, load_private_key, public_key_pem
+    from avobuild.delta.bundles import create_delta_bundle
+
+    private_key = load_private_key(key)
+    with work_directory(workdir) as work, _step_progress() as update:
+        if keyring is None:
+            keyring = work / "signing-key.pub.pem"
+            keyring.write_bytes(public_key_pem(private_key.public_key()))
+        trusted = load_keyring(keyring)
+        result = create_delta_bundle(
+            old,
+            new,
+            output,
+            work,
+            private_key=private_key,
+            keyring=trusted,
+            full_if_larger=full_if_larger,
+            level=level,
+            progress=update,
+        )
+    console.print(stats_line(result.full_size, result.delta_size, result.reduction))
+    if result.delta_size >= result.full_size:
+        if result.wrote_full:
+            console.print(
+                f"the delta ({result.delta_size} bytes) is not smaller than the full bundle "
+                f"({result.full_size} bytes): wrote the full bundle {new} to {output} instead"
+            )
+        else:
+            console.print(
+                f"warning: the delta ({result.delta_size} bytes) is not smaller than the full "
+                f"bundle ({result.full_size} bytes); --full-if-larger writes the full one instead"
+            )
+    out.print(str(output))
+
+
+@delta_app.command("apply")
+def delta_apply(
+    bundle: Annotated[Path, typer.Argument(help="The delta .avb bundle.")],
+    keyring: Annotated[Path, typer.Option(help="Trusted public keys (PEM file or directory).")],
+    source: Annotated[
+        list[str], typer.Option("--source", help="NAME=PATH of the image the delta starts from.")
+    ],
+    output: Annotated[list[str], typer.Option("--output", help="NAME=PATH of the image to write.")],
+) -> None:
+    """Rebuild target images from their source images and verify them (host side)."""
+    from avobuild.bundle.keys import load_keyring
+    from avobuild.delta.bundles import apply_delta_bundle, apply_options
+
+    trusted = load_keyring(keyring)
+    with _step_progress() as update:
+        built = apply_delta_bundle(
+            bundle,
+            trusted,
+            apply_options(source, "--source"),
+            apply_options(output, "--output"),
+            progress=update,
+        )
+    for name, ref in built.items():
+        out.print(f"{name}: {ref.size} bytes, sha256 {ref.sha256}: OK")
+
+
+@delta_app.command("stats")
+def delta_stats(
+    old: FromOption,
+    new: ToOption,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    keyring: Annotated[
+        Path | None, typer.Option(help="Verify both bundles' signatures with these keys.")
+    ] = None,
+    level: Annotated[int, typer.Option(help="zstd level of the delta operations.")] = 9,
+    workdir: WorkdirOption = None,
+) -> None:
+    """Build the delta in a work directory and compare its size with the full --to bundle."""
+    from avobuild.bundle.keys import load_keyring
+    from avobuild.delta.bundles import measure_delta
+
+    trusted = load_keyring(keyring) if keyring is not None else None
+    with work_directory(workdir) as work, _step_progress() as update:
+        result = measure_delta(old, new, work, keyring=trusted, level=level, progress=update)
+    if as_json:
+        report = {
+            "full_size": result.full_size,
+            "delta_size": result.delta_size,
+            "reduction": round(result.reduction, 2),
+            "images": {
+                summary_name: {
+                    "source": {"size": summary.source.size, "sha256": summary.source.sha256},
+                    "target": {"size": summary.target.size, "sha256": summary.target.sha256},
+                    "stream_size": summary.stream_size,
+                    "operations": summary.op_counts,
+                    "operation_bytes": summary.op_bytes,
+                }
+                for summary_name, summary in result.deltas
+            },
+        }
+        out.print(json.dumps(report, indent=2, sort_keys=True))
+        return
+    out.print(stats_line(result.full_size, result.delta_size, result.reduction))
+
+
+@contextmanager
+def _step_progress() -> Iterator[Callable[[str, int, int], None]]:
+    """A (step, done, total) callback drawing one transient bar per step."""
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True))
+    with Progress(*columns, console=console, transient=True) as progress:
+        tasks: dict[str, TaskID] = {}
+
+        def update(step: str, done: int, total: int) -> None:
+            if step not in tasks:
+                tasks[step] = progress.add_task(step, total=total)
+            progress.update(tasks[step], completed=done, total=total)
+
+        yield update

@@ -1,0 +1,306 @@
+"""Delta bundles: made from two full bundles, applied on the host, measured.
+
+`create_delta_bundle` unpacks the images of the old and the new full bundle into a work
+directory (chunk by chunk, each chunk checked against its manifest), encodes one delta stream
+per image of the new bundle and writes them as a `type delta` bundle (docs/bundle-format.md)
+with the new bundle's name, version, compatible string and build date, signed like any
+bundle. An image the old bundle lacks gets a delta from the empty image (all `data`).
+
+`apply_delta_bundle` is the host-side applier: it checks the signature, then for each image
+checks the given source file's hash before creating anything, and rebuilds the target from
+the verified chunks as they stream by (bounded memory), renaming it into place only after
+its hash matched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import shutil
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import zstandard
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from avobuild.bundle.format import BundleReader, ImageSource, decode_chunk, write_bundle
+from avobuild.bundle.keys import Keyring, PrivateKey
+from avobuild.bundle.manifest import EMPTY_SHA256, BundleType, ImageEntry, ImageRef, Manifest
+from avobuild.delta.apply import ChunkStream, apply_to_file, image_chunks
+from avobuild.delta.encode import DEFAULT_DELTA_LEVEL, DeltaSummary, encode_delta
+from avobuild.delta.plan import DEFAULT_DICTIONARY_SIZE, DEFAULT_EXTENT_SIZE
+from avobuild.errors import BundleError
+
+# The delta stream is mostly zstd frames already; the bundle's own compression only needs to
+# squeeze the operation lines.
+STREAM_BUNDLE_LEVEL = 3
+
+StepProgress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class DeltaBundleResult:
+    manifest: Manifest | None  # None when the full bundle was written instead
+    full_size: int
+    delta_size: int
+    wrote_full: bool
+    deltas: tuple[tuple[str, DeltaSummary], ...]
+
+    @property
+    def reduction(self) -> float:
+        """Percent of the full bundle's size the delta saves (negative: the delta is larger)."""
+        return 100.0 * (1 - self.delta_size / self.full_size) if self.full_size else 0.0
+
+
+def _no_progress(_step: str, _done: int, _total: int) -> None:
+    pass
+
+
+def read_manifest(reader: BundleReader, keyring: Keyring | None) -> Manifest:
+    if keyring is not None:
+        reader.verify_signature(keyring)
+        return reader.manifest
+    return reader.unverified_manifest()
+
+
+def extract_images(
+    bundle: Path, directory: Path, keyring: Keyring | None, prefix: str
+) -> tuple[Manifest, dict[str, Path]]:
+    """Unpack every image of a full bundle into `directory` as `<prefix>-<name>.img`.
+
+    With a keyring the signature is checked first; without one the manifest is taken as is
+    (for measuring), but every chunk and image is still checked against it.
+    """
+    with BundleReader.open(bundle) as reader:
+        manifest = read_manifest(reader, keyring)
+        if manifest.type is not BundleType.FULL:
+            raise BundleError(
+                f"{bundle}: is a {manifest.type} bundle; deltas are made from full ones"
+            )
+        paths = {image.name: directory / f"{prefix}-{image.name}.img" for image in manifest.images}
+        handles = {name: path.open("wb") for name, path in paths.items()}
+        try:
+            chunks = (
+                reader.iter_chunks()
+                if keyring is not None
+                else _unverified_chunks(bundle, reader, manifest)
+            )
+            for image, _chunk, data in chunks:
+                handles[image.name].write(data)
+        finally:
+            for handle in handles.values():
+                handle.close()
+    return manifest, paths
+
+
+def _unverified_chunks(
+    bundle: Path, reader: BundleReader, manifest: Manifest
+) -> Iterator[tuple[ImageEntry, object, bytes]]:
+    """The chunks of a bundle whose signature was not checked, each checked against the
+    manifest (for `delta stats`, which measures and installs nothing)."""
+    if manifest.encryption is not None:
+        raise BundleError(f"{bundle}: the payload is encrypted; give --keyring and a key")
+    decompressor = zstandard.ZstdDecompressor()
+    with bundle.open("rb") as handle:
+        handle.seek(reader.payload_offset)
+        for image in manifest.images:
+            image_hash = hashlib.sha256()
+            for chunk in image.chunks:
+                stored = handle.read(chunk.stored_size)
+                where = f"{bundle}: chunk {chunk.index} of image {image.name}"
+                if hashlib.sha256(stored).hexdigest() != chunk.sha256:
+                    raise BundleError(f"{where}: sha256 mismatch")
+                size = manifest.chunk_data_size(image, chunk.index)
+                try:
+                    data = decode_chunk(stored, size, manifest.compression, decompressor)
+                except BundleError as error:
+                    raise BundleError(f"{where}: {error}") from None
+                image_hash.update(data)
+                yield image, chunk, data
+            if image_hash.hexdigest() != image.sha256:
+                raise BundleError(f"{bundle}: image {image.name}: sha256 mismatch")
+
+
+def create_delta_bundle(
+    old: Path,
+    new: Path,
+    output: Path,
+    work: Path,
+    *,
+    private_key: PrivateKey,
+    keyring: Keyring | None,
+    full_if_larger: bool = False,
+    level: int = DEFAULT_DELTA_LEVEL,
+    extent_size: int = DEFAULT_EXTENT_SIZE,
+    dictionary_size: int = DEFAULT_DICTIONARY_SIZE,
+    threads: int | None = None,
+    progress: StepProgress = _no_progress,
+) -> DeltaBundleResult:
+    """Write the delta bundle from `old` to `new` (full bundles) to `output`.
+
+    If the delta bundle is not smaller than `new` and `full_if_larger` is set, `output`
+    becomes a copy of `new` instead; the result says which was written.
+    """
+    old_manifest, old_images = extract_images(old, work, keyring, "old")
+    new_manifest, new_images = extract_images(new, work, keyring, "new")
+    empty = work / "empty.img"
+    empty.write_bytes(b"")
+    sources = []
+    summaries = []
+    for image in new_manifest.images:
+        previous = old_manifest.image(image.name)
+        source_path = old_images[image.name] if previous is not None else empty
+        source_ref = (
+            ImageRef(previous.size, previous.sha256)
+            if previous is not None
+            else ImageRef(0, EMPTY_SHA256)
+        )
+        target_ref = ImageRef(image.size, image.sha256)
+        stream_path = work / f"delta-{image.name}.stream"
+
+        def report(done: int, total: int, name: str = image.name) -> None:
+            progress(f"delta {name}", done, total)
+
+        with stream_path.open("wb") as stream:
+            summary = encode_delta(
+                source_path,
+                source_ref,
+                new_images[image.name],
+                target_ref,
+                stream,
+                level=level,
+                extent_size=extent_size,
+                dictionary_size=dictionary_size,
+                threads=threads,
+                progress=report,
+            )
+        summaries.append((image.name, summary))
+        sources.append(ImageSource(image.name, stream_path, source=source_ref, target=target_ref))
+        new_images[image.name].unlink()
+    manifest = write_bundle(
+        output,
+        sources,
+        name=new_manifest.name,
+        version=new_manifest.version,
+        compatible=new_manifest.compatible,
+        build_date=new_manifest.build_date,
+        private_key=private_key,
+        chunk_size=new_manifest.chunk_size,
+        level=STREAM_BUNDLE_LEVEL,
+        threads=threads,
+        policy=new_manifest.policy if not new_manifest.policy.empty else None,
+    )
+    full_size = new.stat().st_size
+    delta_size = output.stat().st_size
+    wrote_full = False
+    if delta_size >= full_size and full_if_larger:
+        _copy_atomically(new, output)
+        wrote_full = True
+    return DeltaBundleResult(
+        None if wrote_full else manifest, full_size, delta_size, wrote_full, tuple(summaries)
+    )
+
+
+def measure_delta(
+    old: Path,
+    new: Path,
+    work: Path,
+    *,
+    keyring: Keyring | None,
+    level: int = DEFAULT_DELTA_LEVEL,
+    progress: StepProgress = _no_progress,
+) -> DeltaBundleResult:
+    """Build the delta bundle in `work`, signed by a throwaway key, only to measure it.
+
+    An Ed25519 signature has a fixed size, so the measured size is the size of the bundle
+    the release key would sign.
+    """
+    return create_delta_bundle(
+        old,
+        new,
+        work / "measured-delta.avb",
+        work,
+        private_key=ed25519.Ed25519PrivateKey.generate(),
+        keyring=keyring,
+        level=level,
+        progress=progress,
+    )
+
+
+def _copy_atomically(source: Path, output: Path) -> None:
+    temporary = output.parent / f".{output.name}.{secrets.token_hex(6)}.tmp"
+    try:
+        shutil.copyfile(source, temporary)
+        temporary.replace(output)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def apply_delta_bundle(
+    bundle: Path,
+    keyring: Keyring,
+    sources: Mapping[str, Path],
+    outputs: Mapping[str, Path],
+    *,
+    progress: StepProgress = _no_progress,
+) -> dict[str, ImageRef]:
+    """Rebuild the images named in `outputs` from their `sources`; return what was built.
+
+    Every image of the bundle is read and verified; those without an output are skipped.
+    """
+    with BundleReader.open(bundle) as reader:
+        reader.verify_signature(keyring)
+        manifest = reader.manifest
+        if manifest.type is not BundleType.DELTA:
+            raise BundleError(f"{bundle}: is a {manifest.type} bundle, not a delta bundle")
+        names = {image.name for image in manifest.images}
+        for option, given in (("--source", sources), ("--output", outputs)):
+            unknown = sorted(set(given) - names)
+            if unknown:
+                raise BundleError(
+                    f"{option} {unknown[0]}: the bundle has no image of that name "
+                    f"(images: {', '.join(sorted(names))})"
+                )
+        missing = sorted(set(outputs) - set(sources))
+        if missing:
+            raise BundleError(f"--output {missing[0]}: give its --source {missing[0]}=PATH too")
+        chunks = reader.iter_chunks()
+        built: dict[str, ImageRef] = {}
+        for image in manifest.images:
+            own = image_chunks(chunks, image)
+            if image.name not in outputs:
+                for _ in own:
+                    pass
+                continue
+            assert image.source is not None and image.target is not None
+
+            def report(done: int, total: int, name: str = image.name) -> None:
+                progress(f"applying {name}", done, total)
+
+            built[image.name] = apply_to_file(
+                ChunkStream(own),
+                f"{bundle}: image {image.name}",
+                sources[image.name],
+                outputs[image.name],
+                expected=(image.source, image.target),
+                progress=report,
+            )
+        # Drain anything left so the reader confirms the end of the payload.
+        for _ in chunks:
+            pass
+    return built
+
+
+def apply_options(values: list[str], option: str) -> dict[str, Path]:
+    """NAME=PATH options as a mapping (the CLI's parser, here so it is tested once)."""
+    parsed: dict[str, Path] = {}
+    for value in values:
+        name, separator, path = value.partition("=")
+        if not separator or not name or not path:
+            raise BundleError(f"{option} {value!r}: expected NAME=PATH, e.g. rootfs=rootfs.img")
+        if name in parsed:
+            raise BundleError(f"{option} {name}: given twice")
+        parsed[name] = Path(path)
+    return parsed

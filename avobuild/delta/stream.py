@@ -1,0 +1,174 @@
+"""The delta stream: the line grammar of docs/delta-format.md, section 2.
+
+A delta stream turns one source image into one target image. It is a header of three text
+lines, then operations in target order, each one text line (followed, for `data` and `patch`,
+by a binary payload whose size the line gives), then an `end` line. The operations tile the
+target exactly, so an applier writes the target front to back, once, and a POSIX shell can
+replay the stream with `read`, `dd` and `zstd -d [--patch-from=…]`.
+
+Everything an applier allocates is bounded by the line before it is read: an operation's
+payload and its dictionary are at most `MAX_EXTENT` bytes, a line at most `MAX_LINE` bytes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+from avobuild.bundle.manifest import ImageRef
+from avobuild.errors import BundleError
+
+STREAM_VERSION = 1
+BLOCK_SIZE = 4096
+# Largest target extent of a `data`/`patch` operation and largest `patch` dictionary: what
+# an applier must hold in memory for one operation (plus the payload, bounded below).
+MAX_EXTENT = 16 << 20
+MAX_LINE = 512
+
+_NUMBER = r"(0|[1-9][0-9]{0,18})"
+_SHA = r"([0-9a-f]{64})"
+_LINES = {
+    "copy": re.compile(rf"copy {_NUMBER} {_NUMBER} {_NUMBER} {_SHA}", re.ASCII),
+    "zero": re.compile(rf"zero {_NUMBER} {_NUMBER}", re.ASCII),
+    "data": re.compile(rf"data {_NUMBER} {_NUMBER} {_NUMBER} {_SHA}", re.ASCII),
+    "patch": re.compile(
+        rf"patch {_NUMBER} {_NUMBER} {_NUMBER} {_NUMBER} {_SHA} {_NUMBER} {_SHA}", re.ASCII
+    ),
+    "end": re.compile(rf"end {_NUMBER}", re.ASCII),
+}
+_MAGIC = re.compile(r"avobuild-delta ([0-9]+)", re.ASCII)
+_REF = re.compile(rf"(source|target) {_NUMBER} {_SHA}", re.ASCII)
+
+
+class OpKind(StrEnum):
+    COPY = "copy"
+    ZERO = "zero"
+    DATA = "data"
+    PATCH = "patch"
+
+
+@dataclass(frozen=True)
+class Op:
+    """One operation: the target range [offset, offset + length) and how to produce it.
+
+    `sha256` is the hash of the target range (empty for ZERO: zeros need no hash). COPY reads
+    source [source_offset, +length), which holds the same bytes, so the same hash checks it;
+    PATCH uses source [source_offset, +source_length) as the zstd dictionary, checked by
+    `source_sha256`. DATA and PATCH carry `payload_size` bytes of zstd frame.
+    """
+
+    kind: OpKind
+    offset: int
+    length: int
+    sha256: str = ""
+    source_offset: int = 0
+    source_length: int = 0
+    source_sha256: str = ""
+    payload_size: int = 0
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+def max_payload_size(length: int) -> int:
+    """The largest zstd frame an applier accepts for `length` target bytes."""
+    return length + length // 128 + 512
+
+
+def render_header(source: ImageRef, target: ImageRef) -> bytes:
+    return (
+        f"avobuild-delta {STREAM_VERSION}\n"
+        f"source {source.size} {source.sha256}\n"
+        f"target {target.size} {target.sha256}\n"
+    ).encode("ascii")
+
+
+def render_op(op: Op) -> bytes:
+    if op.kind is OpKind.COPY:
+        line = f"copy {op.offset} {op.length} {op.source_offset} {op.sha256}"
+    elif op.kind is OpKind.ZERO:
+        line = f"zero {op.offset} {op.length}"
+    elif op.kind is OpKind.DATA:
+        line = f"data {op.offset} {op.length} {op.payload_size} {op.sha256}"
+    else:
+        line = (
+            f"patch {op.offset} {op.length} {op.source_offset} {op.source_length} "
+            f"{op.source_sha256} {op.payload_size} {op.sha256}"
+        )
+    return line.encode("ascii") + b"\n"
+
+
+def render_end(op_count: int) -> bytes:
+    return b"end %d\n" % op_count
+
+
+def parse_magic(line: str) -> None:
+    match = _MAGIC.fullmatch(line)
+    if match is None:
+        raise BundleError(f"not a delta stream: it starts with {line[:40]!r}")
+    if int(match.group(1)) != STREAM_VERSION:
+        raise BundleError(
+            f"unsupported delta stream version {match.group(1)} (this avobuild reads "
+            f"version {STREAM_VERSION})"
+        )
+
+
+def parse_ref(line: str, keyword: str) -> ImageRef:
+    match = _REF.fullmatch(line)
+    if match is None or match.group(1) != keyword:
+        raise BundleError(f"expected a {keyword!r} line (size and sha256), got {line[:120]!r}")
+    return ImageRef(int(match.group(2)), match.group(3))
+
+
+def parse_op(line: str) -> Op | int:
+    """An operation, or the op count of the `end` line; BundleError for anything else.
+
+    Bounds that do not depend on the position in the stream are checked here; the reader
+    checks offsets against the target and source sizes.
+    """
+    keyword = line.partition(" ")[0]
+    pattern = _LINES.get(keyword)
+    match = pattern.fullmatch(line) if pattern is not None else None
+    if match is None:
+        raise BundleError(f"malformed delta operation {line[:120]!r}")
+    values = match.groups()
+    if keyword == "end":
+        return int(values[0])
+    kind = OpKind(keyword)
+    offset, length = int(values[0]), int(values[1])
+    if length == 0:
+        raise BundleError(f"delta operation {line[:120]!r} has length 0")
+    if kind is OpKind.COPY:
+        return Op(kind, offset, length, values[3], source_offset=int(values[2]))
+    if kind is OpKind.ZERO:
+        return Op(kind, offset, length)
+    if length > MAX_EXTENT:
+        raise BundleError(
+            f"delta operation {line[:120]!r}: {length} bytes, over the limit of {MAX_EXTENT}"
+        )
+    if kind is OpKind.DATA:
+        op = Op(kind, offset, length, values[3], payload_size=int(values[2]))
+    else:
+        op = Op(
+            kind,
+            offset,
+            length,
+            values[6],
+            source_offset=int(values[2]),
+            source_length=int(values[3]),
+            source_sha256=values[4],
+            payload_size=int(values[5]),
+        )
+        if not 0 < op.source_length <= MAX_EXTENT:
+            raise BundleError(
+                f"delta operation {line[:120]!r}: dictionary of {op.source_length} bytes, "
+                f"expected 1 to {MAX_EXTENT}"
+            )
+    if not 0 < op.payload_size <= max_payload_size(length):
+        raise BundleError(
+            f"delta operation {line[:120]!r}: payload of {op.payload_size} bytes, expected 1 "
+            f"to {max_payload_size(length)}"
+        )
+    return op

@@ -1,0 +1,219 @@
+"""Delta bundles end to end: `delta create/apply/stats` and `avobuild install` of a delta.
+
+Oracles: slot B after installing the v1->v2 delta holds exactly v2's rootfs image; a refused
+install leaves the disk byte-identical; `delta apply` output equals the new image.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import avobuild_cli, write_product
+
+from avobuild.bundle.format import BundleReader
+from avobuild.bundle.install import install_bundle, read_boot_state
+from avobuild.bundle.keys import load_keyring
+from avobuild.bundle.manifest import BundleType
+from avobuild.disk.image import build_factory_image, build_slot_images
+from avobuild.errors import BundleError
+from avobuild.layout import Role, Slot, plan_layout
+from avobuild.recipe import load_recipe
+
+
+def read_range(path: Path, offset: int, size: int) -> bytes:
+    with path.open("rb") as handle:
+        handle.seek(offset)
+        return handle.read(size)
+
+
+@pytest.fixture(scope="module")
+def releases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Factory image and full bundle of 1.0.0, full bundle and rootfs of 2.0.0, the delta."""
+    root = tmp_path_factory.mktemp("delta-install")
+    v1 = write_product(root / "product", version="1.0.0")
+    image = build_factory_image(load_recipe(v1.recipe), root / "out", root / "work1")
+    old = root / "v1.avb"
+    avobuild_cli("bundle", "create", v1.recipe, "-o", old)
+    rng = random.Random(41)
+    (v1.rootfs / "etc" / "motd").write_text("version 2\n")
+    (v1.rootfs / "new-file.bin").write_bytes(rng.randbytes(150_000))
+    v2 = write_product(root / "product", version="2.0.0")
+    new = root / "v2.avb"
+    avobuild_cli("bundle", "create", v2.recipe, "-o", new)
+    rootfs = build_slot_images(load_recipe(v2.recipe), root / "work2")["rootfs"]
+    delta = root / "v1-v2.avb"
+    avobuild_cli(
+        "delta", "create", "--from", old, "--to", new, "-o", delta, "--key", v2.private_key
+    )
+    return {
+        "disk": image.path,
+        "old": old,
+        "new": new,
+        "delta": delta,
+        "rootfs": rootfs,
+        "keyring": v2.public_key,
+        "key": v2.private_key,
+        "recipe": v2.recipe,
+        "root": root,
+    }
+
+
+def test_delta_bundle_is_signed_small_and_names_its_source(releases: dict[str, Path]) -> None:
+    with BundleReader.open(releases["delta"]) as reader:
+        reader.verify_signature(load_keyring(releases["keyring"]))
+        manifest = reader.manifest
+    with BundleReader.open(releases["old"]) as reader:
+        old_rootfs = reader.unverified_manifest().image("rootfs")
+    assert manifest.type is BundleType.DELTA
+    assert manifest.version == "2.0.0"
+    image = manifest.image("rootfs")
+    assert image is not None and image.source is not None and image.target is not None
+    assert old_rootfs is not None
+    assert (image.source.size, image.source.sha256) == (old_rootfs.size, old_rootfs.sha256)
+    assert image.target.size == releases["rootfs"].stat().st_size
+    assert releases["delta"].stat().st_size < releases["new"].stat().st_size / 5
+
+
+def test_install_delta_writes_slot_b(releases: dict[str, Path], tmp_path: Path) -> None:
+    disk = tmp_path / "disk.img"
+    shutil.copyfile(releases["disk"], disk)
+    plan = plan_layout(load_recipe(releases["recipe"]).layout)
+    system_a, system_b, data = (
+        plan.by_role(role) for role in (Role.SYSTEM_A, Role.SYSTEM_B, Role.DATA)
+    )
+    assert system_a is not None and system_b is not None and data is not None
+    before_a = read_range(disk, system_a.offset, system_a.size)
+    before_data = read_range(disk, data.offset, data.size)
+    avobuild_cli("install", releases["delta"], "--disk", disk, "--keyring", releases["keyring"])
+    expected = releases["rootfs"].read_bytes()
+    assert read_range(disk, system_b.offset, len(expected)) == expected
+    assert read_range(disk, system_a.offset, system_a.size) == before_a
+    assert read_range(disk, data.offset, data.size) == before_data
+    state = read_boot_state(disk)
+    assert state.primary is Slot.B
+    assert state.slots[Slot.B].version == "2.0.0"
+
+
+def test_install_delta_from_a_pipe(releases: dict[str, Path], tmp_path: Path) -> None:
+    disk = tmp_path / "disk.img"
+    shutil.copyfile(releases["disk"], disk)
+    with releases["delta"].open("rb") as stream:
+        result = install_bundle(
+            Path("<stdin>"),
+            disk,
+            releases["keyring"],
+            stream=stream,  # type: ignore[arg-type]
+        )
+    assert result.slot is Slot.B
+    plan = plan_layout(load_recipe(releases["recipe"]).layout)
+    system_b = plan.by_role(Role.SYSTEM_B)
+    assert system_b is not None
+    expected = releases["rootfs"].read_bytes()
+    assert read_range(disk, system_b.offset, len(expected)) == expected
+
+
+def test_install_delta_refuses_wrong_source(releases: dict[str, Path], tmp_path: Path) -> None:
+    disk = tmp_path / "disk.img"
+    shutil.copyfile(releases["disk"], disk)
+    plan = plan_layout(load_recipe(releases["recipe"]).layout)
+    system_a = plan.by_role(Role.SYSTEM_A)
+    assert system_a is not None
+    with disk.open("r+b") as handle:  # one flipped byte in the running rootfs
+        handle.seek(system_a.offset + 5000)
+        byte = handle.read(1)
+        handle.seek(system_a.offset + 5000)
+        handle.write(bytes([byte[0] ^ 1]))
+    before = disk.read_bytes()
+    result = avobuild_cli(
+        "install", releases["delta"], "--disk", disk, "--keyring", releases["keyring"], check=False
+    )
+    assert result.returncode == BundleError.exit_code
+    assert "not the source this delta was made from" in result.stderr
+    assert "nothing was written" in result.stderr
+    assert disk.read_bytes() == before
+
+
+def test_delta_apply_cli(releases: dict[str, Path], tmp_path: Path) -> None:
+    with BundleReader.open(releases["old"]) as reader:
+        reader.verify_signature(load_keyring(releases["keyring"]))
+        old_rootfs = tmp_path / "old-rootfs.img"
+        with old_rootfs.open("wb") as handle:
+            for _image, _chunk, data in reader.iter_chunks():
+                handle.write(data)
+    output = tmp_path / "new-rootfs.img"
+    result = avobuild_cli(
+        "delta", "apply", releases["delta"], "--keyring", releases["keyring"],
+        "--source", f"rootfs={old_rootfs}", "--output", f"rootfs={output}",
+    )  # fmt: skip
+    assert output.read_bytes() == releases["rootfs"].read_bytes()
+    assert "rootfs:" in result.stdout and "OK" in result.stdout
+    refused = avobuild_cli(
+        "delta", "apply", releases["delta"], "--keyring", releases["keyring"],
+        "--source", f"rootfs={output}", "--output", f"rootfs={tmp_path / 'other.img'}",
+        check=False,
+    )  # fmt: skip
+    assert refused.returncode == BundleError.exit_code
+    assert not (tmp_path / "other.img").exists()
+
+
+def test_delta_stats(releases: dict[str, Path]) -> None:
+    text = avobuild_cli("delta", "stats", "--from", releases["old"], "--to", releases["new"])
+    match = re.fullmatch(
+        r"Full size: ([0-9.]+)(MB|KB|B), Delta size: ([0-9.]+)(MB|KB|B) \(([0-9]+)% reduction\)\n",
+        text.stdout,
+    )
+    assert match is not None, text.stdout
+    report = json.loads(
+        avobuild_cli(
+            "delta", "stats", "--from", releases["old"], "--to", releases["new"], "--json"
+        ).stdout
+    )
+    assert report["full_size"] == releases["new"].stat().st_size
+    # The measured delta is signed by a throwaway key of the same kind: the same size.
+    assert report["delta_size"] == releases["delta"].stat().st_size
+    assert report["reduction"] == pytest.approx(
+        100 * (1 - report["delta_size"] / report["full_size"]), abs=0.01
+    )
+    assert int(match.group(5)) == int(report["reduction"])
+
+
+def test_full_if_larger(tmp_path: Path) -> None:
+    """Unrelated random images: the delta cannot win, so the full bundle is written."""
+    rng = random.Random(43)
+    key = Path(__file__).resolve().parent.parent / "keys-example" / "insecure-example.key.pem"
+    bundles = []
+    for version in ("1", "2"):
+        image = tmp_path / f"rootfs-{version}.img"
+        image.write_bytes(rng.randbytes(300_000))
+        bundle = tmp_path / f"v{version}.avb"
+        avobuild_cli(
+            "bundle", "create", "--image", f"rootfs={image}", "--name", "p",
+            "--version", version, "--compatible", "dev", "--key", key, "-o", bundle,
+        )  # fmt: skip
+        bundles.append(bundle)
+    output = tmp_path / "d.avb"
+    plain = avobuild_cli(
+        "delta", "create", "--from", bundles[0], "--to", bundles[1], "-o", output, "--key", key
+    )
+    assert "not smaller than the full bundle" in plain.stderr
+    assert output.read_bytes() != bundles[1].read_bytes()
+    fallback = avobuild_cli(
+        "delta", "create", "--from", bundles[0], "--to", bundles[1], "-o", output,
+        "--key", key, "--full-if-larger",
+    )  # fmt: skip
+    assert "wrote the full bundle" in fallback.stderr
+    assert output.read_bytes() == bundles[1].read_bytes()
+
+
+def test_delta_bundle_is_reproducible(releases: dict[str, Path], tmp_path: Path) -> None:
+    again = tmp_path / "again.avb"
+    avobuild_cli(
+        "delta", "create", "--from", releases["old"], "--to", releases["new"], "-o", again,
+        "--key", releases["key"],
+    )  # fmt: skip
+    assert again.read_bytes() == releases["delta"].read_bytes()
