@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from avobuild.applier.config import (
+    ApplierConfig,
+    RollbackConfig,
+    read_applier,
+    read_rollback,
+)
 from avobuild.fs import FsType
 from avobuild.layout import Layout, Role, load_layout
 from avobuild.tomlcheck import Table, load_toml
@@ -52,6 +58,30 @@ class Extension:
         return f"/usr/lib/extensions/{self.name}.raw"
 
 
+class ToolSet(enum.StrEnum):
+    """Groups of tools a recovery system can carry besides busybox."""
+
+    NETWORK = "network"
+    STORAGE = "storage"
+    DIAGNOSTICS = "diagnostics"
+
+
+@dataclass(frozen=True)
+class RecoveryConfig:
+    """The `[recovery]` table: how recovery systems and media are built for this product.
+
+    `kernel` None means the recipe's `[kernel] file`; `modules` None means the `modules`
+    directory beside that kernel file when there is one (scripts/fetch-kernel puts it there).
+    """
+
+    kernel: Path | None = None
+    modules: Path | None = None
+    tools: tuple[ToolSet, ...] = (ToolSet.STORAGE,)
+    console: str = "ttyS0,115200"
+    cmdline: str = "quiet"
+    firmware: Path | None = None
+
+
 @dataclass(frozen=True)
 class Recipe:
     path: Path
@@ -70,6 +100,9 @@ class Recipe:
     data_tree: Path | None
     signing_key: Path | None
     seed: str
+    recovery: RecoveryConfig = RecoveryConfig()
+    applier: ApplierConfig = field(default_factory=ApplierConfig)
+    rollback: RollbackConfig = field(default_factory=RollbackConfig)
 
 
 def load_recipe(path: Path) -> Recipe:
@@ -138,6 +171,10 @@ def load_recipe(path: Path) -> Recipe:
     if signing is not None:
         signing_key = signing.path_value("key")
         signing.check_unknown()
+    recovery_table = root.table("recovery")
+    recovery = _read_recovery(recovery_table) if recovery_table is not None else RecoveryConfig()
+    applier = read_applier(root.table("applier"))
+    rollback = read_rollback(root.table("rollback"))
     root.check_unknown()
     return Recipe(
         path=path,
@@ -156,6 +193,9 @@ def load_recipe(path: Path) -> Recipe:
         data_tree=data_tree,
         signing_key=signing_key,
         seed=seed,
+        recovery=recovery,
+        applier=applier,
+        rollback=rollback,
     )
 
 
@@ -194,3 +234,45 @@ def _read_extension(table: Table) -> Extension:
         table.fail("filesystem", '"squashfs" or "erofs"', fs_name)
     table.check_unknown()
     return Extension(name, tree, FsType(fs_name))
+
+
+_CONSOLE = re.compile(r"(ttyS|ttyAMA|ttyUSB|hvc|tty)[0-9]{1,2}(,[0-9]{4,7}(n8)?)?")
+_CMDLINE = re.compile(r"[A-Za-z0-9._,:=/@+-]+( [A-Za-z0-9._,:=/@+-]+)*|")
+
+
+def _read_recovery(table: Table) -> RecoveryConfig:
+    kernel = table.path_value("kernel", required=False)
+    if kernel is not None and not kernel.is_file():
+        table.fail("kernel", "an existing kernel image file", str(kernel))
+    modules = table.path_value("modules", required=False)
+    if modules is not None and not modules.is_dir():
+        table.fail("modules", "an existing directory of kernel modules", str(modules))
+    names = table.string_list("tools") if "tools" in table else ["storage"]
+    known = {tool.value for tool in ToolSet}
+    for name in names:
+        if name not in known:
+            table.fail("tools", "tool sets among " + ", ".join(sorted(known)), name)
+    console = table.string(
+        "console",
+        default="ttyS0,115200",
+        pattern=_CONSOLE,
+        what='a serial console like "ttyS0,115200"',
+    )
+    cmdline = table.string(
+        "cmdline",
+        default="quiet",
+        pattern=_CMDLINE,
+        what="kernel parameters separated by single spaces (no quotes)",
+    )
+    firmware = table.path_value("firmware", required=False)
+    if firmware is not None and not firmware.is_dir():
+        table.fail("firmware", "an existing directory of firmware files", str(firmware))
+    table.check_unknown()
+    return RecoveryConfig(
+        kernel=kernel,
+        modules=modules,
+        tools=tuple(ToolSet(name) for name in dict.fromkeys(names)),
+        console=console,
+        cmdline=cmdline,
+        firmware=firmware,
+    )

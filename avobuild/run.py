@@ -53,6 +53,19 @@ TOOLS: dict[str, Tool] = {
         Tool("busybox", "provide a userland for images and the applier", "busybox-static"),
         Tool("xorriso", "build and inspect ISO 9660 media", "xorriso"),
         Tool("env", "run mksquashfs and mkfs.erofs without SOURCE_DATE_EPOCH", "coreutils"),
+        Tool("resize2fs", "carry ext4 resizing into recovery systems", "e2fsprogs"),
+        Tool("tune2fs", "carry ext4 tuning into recovery systems", "e2fsprogs"),
+        Tool("blkid", "carry block device probing into recovery systems", "util-linux"),
+        Tool("smartctl", "carry disk health checks into recovery systems", "smartmontools"),
+        Tool("grub-mkimage", "build GRUB EFI images for USB and PXE recovery", "grub-common"),
+        Tool("cpio", "list initramfs archives independently (tests)", "cpio"),
+        Tool("qemu-system-x86_64", "boot recovery media in tests", "qemu-system-x86"),
+        Tool("mkimage", "compile the U-Boot boot script of the applier", "u-boot-tools"),
+        Tool("mkenvimage", "check U-Boot environment images (tests)", "u-boot-tools"),
+        Tool("grub-editenv", "check GRUB environment blocks (tests)", "grub-common"),
+        Tool("grub-script-check", "check the applier's grub.cfg syntax (tests)", "grub-common"),
+        Tool("fw_printenv", "read U-Boot environments like a device (tests)", "libubootenv-tool"),
+        Tool("fw_setenv", "write U-Boot environments like a device (tests)", "libubootenv-tool"),
     )
 }
 

@@ -48,3 +48,15 @@ def test_every_shipped_layout_and_recipe_loads() -> None:
         assert plan.disk_size > sum(p.size for p in plan.partitions)
     versions = {load_recipe(path).version for path in (REPO / "recipes").glob("*.toml")}
     assert {"1.0.0", "1.1.0"} <= versions
+
+
+def test_demo_v2_differs_from_demo_only_by_version_and_motd() -> None:
+    import tomllib
+
+    v1 = tomllib.loads((REPO / "recipes" / "demo.toml").read_text())
+    v2 = tomllib.loads((REPO / "recipes" / "demo-v2.toml").read_text())
+    assert (v1["product"].pop("version"), v2["product"].pop("version")) == ("1.0.0", "1.1.0")
+    added = [f for f in v2["rootfs"]["file"] if f not in v1["rootfs"]["file"]]
+    assert added == [{"source": "demo/v2/motd", "dest": "/etc/motd", "mode": "0644"}]
+    v2["rootfs"]["file"].remove(added[0])
+    assert v1 == v2

@@ -1,0 +1,1 @@
+"""The on-target applier: recipe configuration, rendering and its templates."""

@@ -1,0 +1,27 @@
+"""`avobuild applier render`: the on-target applier for one product."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from avobuild.cli.common import app, out
+
+applier_app = typer.Typer(help="Render the on-target update applier.", no_args_is_help=True)
+app.add_typer(applier_app, name="applier")
+
+
+@applier_app.command("render")
+def applier_render(
+    recipe: Annotated[Path, typer.Argument(help="Recipe TOML file.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Directory to render into.")],
+) -> None:
+    """Render avocado-update, rollback.yaml, keys, units and boot scripts into a directory."""
+    from avobuild.applier.render import render_applier
+    from avobuild.recipe import load_recipe
+
+    rendered = render_applier(load_recipe(recipe), output)
+    for path in rendered.files:
+        out.print(str(path.relative_to(rendered.root)))

@@ -1,0 +1,308 @@
+"""Boot the recovery media in QEMU (software emulation, no KVM) up to the recovery menu, read
+from the serial console, and drive the menu: restore a factory image from the USB stick onto
+a blank disk, repair the boot state from the recovery partition, run diagnostics over PXE.
+
+Firmware, boot loaders and the kernel all come from Debian packages (seabios, ovmf, ipxe-qemu,
+isolinux, pxelinux, grub-efi-amd64-bin, linux-image via scripts/fetch-kernel).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from conftest import REPO, Product, avobuild_cli, write_product
+
+from avobuild.boot.grubenv import parse_grubenv, render_grubenv
+from avobuild.disk.gpt import read_gpt
+from avobuild.fs import list_ext4_tree, read_vfat_file, write_vfat_file
+from avobuild.media.bootfiles import GRUB_COMMON_MODULES, GRUB_DISK_MODULES, build_grub_efi
+
+pytestmark = pytest.mark.slow
+
+DEBIAN = REPO / "build" / "debian"
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+MENU = b"Select option: "
+BOOT_TIMEOUT = 240
+
+if not (DEBIAN / "vmlinuz").exists() or not (DEBIAN / "modules" / ".complete").exists():
+    pytest.skip(
+        "build/debian/vmlinuz or modules missing: run scripts/fetch-kernel build/debian",
+        allow_module_level=True,
+    )
+
+
+class Qemu:
+    """A QEMU process whose serial console is its stdin/stdout, read by a thread."""
+
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.log = log
+        self.output = bytearray()
+        self.lock = threading.Lock()
+        self.process = subprocess.Popen(
+            [
+                shutil.which("qemu-system-x86_64") or "qemu-system-x86_64",
+                "-accel",
+                "tcg",
+                "-m",
+                "512",
+                "-display",
+                "none",
+                "-monitor",
+                "none",
+                "-serial",
+                "stdio",
+                "-no-reboot",
+                *args,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        self.position = 0
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        while chunk := self.process.stdout.read1(4096):
+            with self.lock:
+                self.output += chunk
+
+    def expect(self, pattern: bytes, timeout: float = BOOT_TIMEOUT) -> bytes:
+        """Wait until `pattern` appears after the previous match; return the text up to it."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                found = self.output.find(pattern, self.position)
+                if found >= 0:
+                    text = bytes(self.output[self.position : found + len(pattern)])
+                    self.position = found + len(pattern)
+                    return text
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.2)
+        self.log.write_bytes(bytes(self.output))
+        tail = bytes(self.output[-3000:]).decode(errors="replace")
+        raise AssertionError(f"{pattern!r} not seen within {timeout} s; console ends:\n{tail}")
+
+    def send(self, text: str) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(text.encode())
+        self.process.stdin.flush()
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        self.log.write_bytes(bytes(self.output))
+
+
+@contextmanager
+def qemu(args: list[str], log: Path) -> Iterator[Qemu]:
+    machine = Qemu(args, log)
+    try:
+        yield machine
+    finally:
+        machine.stop()
+
+
+def uefi_args(tmp_path: Path) -> list[str]:
+    variables = tmp_path / "OVMF_VARS.fd"
+    shutil.copyfile(OVMF_VARS, variables)
+    return [
+        "-drive",
+        f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
+        "-drive",
+        f"if=pflash,format=raw,file={variables}",
+    ]
+
+
+@pytest.fixture(scope="module")
+def device_product(tmp_path_factory: pytest.TempPathFactory) -> tuple[Product, Path]:
+    """A small product recovered with Debian's kernel; its factory image, built once."""
+    root = tmp_path_factory.mktemp("boot")
+    product = write_product(root / "product")
+    layout = product.layout.read_text()
+    recovery = layout.index("[partition.recovery]")
+    product.layout.write_text(
+        layout[:recovery] + layout[recovery:].replace('size = "8M"', 'size = "32M"')
+    )
+    product.recipe.write_text(
+        product.recipe.read_text()
+        + f'\n[recovery]\nkernel = "{DEBIAN / "vmlinuz"}"\nmodules = "{DEBIAN / "modules"}"\n'
+    )
+    avobuild_cli("image", product.recipe, "-o", root / "out")
+    return product, next((root / "out").glob("*.img"))
+
+
+def test_usb_stick_boots_on_bios_and_restores_the_factory_image(
+    device_product: tuple[Product, Path], tmp_path: Path
+) -> None:
+    product, factory = device_product
+    stick = tmp_path / "recovery.iso"
+    avobuild_cli("media", "usb", product.recipe, "-o", stick, "--factory-image", factory)
+    blank = tmp_path / "blank.img"
+    with blank.open("wb") as handle:
+        handle.truncate(factory.stat().st_size)
+    args = [
+        "-drive",
+        f"file={stick},format=raw,if=virtio,readonly=on",
+        "-drive",
+        f"file={blank},format=raw,if=virtio",
+    ]
+    with qemu(args, tmp_path / "console.log") as machine:
+        machine.expect(b"ISOLINUX")
+        boot = machine.expect(MENU)
+        assert b"recovery medium found on /dev/vda" in boot
+        for item in (
+            b"1. Restore factory image",
+            b"2. Repair boot partition",
+            b"3. Reset configuration",
+            b"4. Advanced diagnostics",
+        ):
+            assert item in boot
+        machine.send("1\n")
+        listing = machine.expect(b"Disk to write (e.g. /dev/sda): ")
+        assert b"/dev/vdb" in listing
+        machine.send("/dev/vdb\n")
+        machine.expect(b'Type "yes" to continue: ')
+        machine.send("yes\n")
+        machine.expect(b"factory image restored and verified", timeout=300)
+        machine.expect(MENU)
+    assert blank.read_bytes() == factory.read_bytes()
+
+
+def test_usb_stick_boots_on_uefi(device_product: tuple[Product, Path], tmp_path: Path) -> None:
+    product, factory = device_product
+    stick = tmp_path / "recovery.iso"
+    avobuild_cli("media", "usb", product.recipe, "-o", stick, "--factory-image", factory)
+    args = [
+        *uefi_args(tmp_path),
+        "-device",
+        "qemu-xhci",
+        "-drive",
+        f"if=none,id=stick,format=raw,readonly=on,file={stick}",
+        "-device",
+        "usb-storage,drive=stick",
+        "-net",
+        "none",
+    ]
+    with qemu(args, tmp_path / "console.log") as machine:
+        machine.expect(b"testprod 1.0.0 recovery")  # the GRUB menu on the serial console
+        boot = machine.expect(MENU)
+        assert b"recovery medium found on /dev/sd" in boot
+        assert b"Avocado OS Recovery - testprod 1.0.0 (usb)" in boot
+
+
+def test_recovery_partition_boots_and_repairs_the_boot_state(
+    device_product: tuple[Product, Path], tmp_path: Path
+) -> None:
+    product, factory = device_product
+    disk = tmp_path / "disk.img"
+    shutil.copyfile(factory, disk)
+    recovery = tmp_path / "recovery.img"
+    avobuild_cli("recovery", "build", product.recipe, "-o", recovery)
+    avobuild_cli("recovery", "install", recovery, "--disk", disk)
+
+    # The device's boot loader: GRUB on the ESP with the rendered recovery entry.
+    with disk.open("rb") as handle:
+        table = read_gpt(handle)
+    esp = table.find("boot")
+    assert esp is not None
+    esp_offset = table.offset(esp)
+    grub = tmp_path / "BOOTX64.EFI"
+    build_grub_efi(grub, "", "/EFI/BOOT", GRUB_COMMON_MODULES + GRUB_DISK_MODULES)
+    write_vfat_file(disk, esp_offset, "EFI/BOOT/BOOTX64.EFI", grub.read_bytes())
+    entry = subprocess.run(
+        ["debugfs", "-R", "cat /boot/grub/recovery.cfg", str(recovery)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    config = (
+        "serial --unit=0 --speed=115200\nterminal_input serial\nterminal_output serial\n"
+        "set timeout=0\nset default=avobuild-recovery\n" + entry
+    )
+    write_vfat_file(disk, esp_offset, "EFI/BOOT/grub.cfg", config.encode())
+
+    # A broken update: slot B primary, unconfirmed, no tries left; A still confirmed.
+    state = parse_grubenv(read_vfat_file(disk, esp_offset, "avobuild/grubenv"))
+    assert state["avo_primary"] == "A" and state["avo_A_ok"] == "1"
+    broken = {**state, "avo_primary": "B", "avo_B_ok": "0", "avo_B_tries": "0"}
+    write_vfat_file(disk, esp_offset, "avobuild/grubenv", render_grubenv(broken))
+
+    args = [*uefi_args(tmp_path), "-drive", f"file={disk},format=raw,if=virtio", "-net", "none"]
+    with qemu(args, tmp_path / "console.log") as machine:
+        boot = machine.expect(MENU)
+        assert b"Avocado OS Recovery - testprod 1.0.0 (partition)" in boot
+        machine.send("5\n")
+        repair = machine.expect(MENU, timeout=120)
+        assert b"making slot A primary" in repair, repair.decode(errors="replace")
+        machine.send("2\n")
+        repair_boot = machine.expect(MENU, timeout=120)
+        assert b"boot partition /dev/vda1 is consistent" in repair_boot
+        assert b"slot A primary (ok=1" in repair_boot  # the repaired state, read back
+        machine.send("3\n")
+        machine.expect(b'Type "yes" to continue: ')
+        machine.send("yes\n")
+        reset = machine.expect(MENU, timeout=120)
+        assert b"no factory image: formatting /dev/vda4 empty" in reset
+    repaired = parse_grubenv(read_vfat_file(disk, esp_offset, "avobuild/grubenv"))
+    assert repaired == {**broken, "avo_primary": "A"}
+    status = avobuild_cli("status", "--disk", disk).stdout
+    assert "* slot A" in status
+    # reset-config left an empty, clean ext4 data partition (the factory one held files)
+    data = table.find("data")
+    assert data is not None
+    data_image = tmp_path / "data.img"
+    with disk.open("rb") as handle:
+        handle.seek(table.offset(data))
+        data_image.write_bytes(handle.read(table.size(data)))
+    subprocess.run(["e2fsck", "-fn", str(data_image)], check=True, capture_output=True)
+    assert list_ext4_tree(data_image) == {}  # the listing leaves out lost+found
+    assert product.data.is_dir()
+
+
+@pytest.mark.parametrize("firmware", ["bios", "uefi"])
+def test_pxe_tree_boots_over_the_network(
+    device_product: tuple[Product, Path], tmp_path: Path, firmware: str
+) -> None:
+    """BIOS: iPXE ROM -> pxelinux.0 -> pxelinux.cfg/01-<mac>; UEFI: OVMF -> bootx64.efi
+    (GRUB) -> grub/grub.cfg-01-<mac>. Both per-MAC entries autorun diagnose."""
+    product, _ = device_product
+    tftp = tmp_path / "tftp"
+    avobuild_cli(
+        "media",
+        "pxe",
+        product.recipe,
+        "--server",
+        "10.0.2.2",
+        "--mac",
+        "52:54:00:12:34:56=diagnose",
+        "--tools",
+        "network",
+        "-o",
+        tftp,
+    )
+    bootfile = "pxelinux.0" if firmware == "bios" else "bootx64.efi"
+    args = [
+        *(uefi_args(tmp_path) if firmware == "uefi" else ["-boot", "n"]),
+        "-netdev",
+        f"user,id=n0,tftp={tftp},bootfile={bootfile}",
+        "-device",
+        "e1000,netdev=n0,mac=52:54:00:12:34:56",
+    ]
+    with qemu(args, tmp_path / "console.log") as machine:
+        machine.expect(b"PXELINUX" if firmware == "bios" else b"GNU GRUB")
+        diagnostics = machine.expect(b"== end of diagnostics ==")
+        assert b"network: eth0 10.0.2.15/24" in diagnostics  # DHCP from QEMU's user network
+        assert b"== testprod 1.0.0 recovery (net) ==" in diagnostics  # the per-MAC autorun
+        boot = machine.expect(MENU)
+        assert b"1. Restore factory image" in boot
