@@ -24,16 +24,38 @@ $(BIN)/avobuild: pyproject.toml
 
 venv: $(BIN)/avobuild
 
-build/debian/vmlinuz:
+# Debian's kernel and its modules, extracted from the linux-image package (no install).
+KERNEL := build/debian/modules/.complete
+$(KERNEL):
 	./scripts/fetch-kernel build/debian amd64
 
-setup: host-tools venv build/debian/vmlinuz
+setup: host-tools venv $(KERNEL)
 
+AVOBUILD := $(BIN)/avobuild
+DEMO_V2 := recipes/demo-v2.toml
+DEMO_KEY := keys-example/insecure-example.key.pem
+V1 := $(OUT)/avobuild-demo-1.0.0
+V2 := $(OUT)/avobuild-demo-1.1.0
+
+# The demo end to end: applier, recovery system, factory image (with the recovery partition),
+# full bundles of 1.0.0 and 1.1.0, the delta between them, USB recovery media, a PXE tree.
 demo: setup
-	$(BIN)/avobuild image $(DEMO_RECIPE) -o $(OUT)
-	$(BIN)/avobuild bundle create $(DEMO_RECIPE) -o $(OUT)/demo-full.avb
-	$(BIN)/avobuild bundle verify $(OUT)/demo-full.avb --keyring $(KEYRING)
-	$(BIN)/avobuild bundle info $(OUT)/demo-full.avb --keyring $(KEYRING)
+	$(AVOBUILD) applier render $(DEMO_RECIPE) -o $(OUT)/applier
+	$(AVOBUILD) recovery build $(DEMO_RECIPE) --applier $(OUT)/applier/usr/sbin/avocado-update \
+		-o $(OUT)/recovery.img
+	$(AVOBUILD) image $(DEMO_RECIPE) --recovery $(OUT)/recovery.img -o $(OUT)
+	$(AVOBUILD) bundle create $(DEMO_RECIPE) -o $(V1).avb
+	$(AVOBUILD) bundle create $(DEMO_V2) -o $(V2).avb
+	$(AVOBUILD) bundle verify $(V2).avb --keyring $(KEYRING)
+	$(AVOBUILD) delta create --from $(V1).avb --to $(V2).avb --key $(DEMO_KEY) \
+		--keyring $(KEYRING) -o $(OUT)/avobuild-demo-1.0.0-to-1.1.0.avb
+	$(AVOBUILD) delta stats --from $(V1).avb --to $(V2).avb
+	$(AVOBUILD) media usb $(DEMO_RECIPE) --factory-image $(V1).img \
+		--applier $(OUT)/applier/usr/sbin/avocado-update -o $(OUT)/avobuild-demo-recovery-usb.iso
+	# 10.0.2.2 is the host as QEMU's user-mode network shows it (the demo's PXE boot).
+	$(AVOBUILD) media pxe $(DEMO_RECIPE) --server 10.0.2.2 --factory-image $(V1).img \
+		--applier $(OUT)/applier/usr/sbin/avocado-update -o $(OUT)/pxe
+	@echo "demo outputs in $(OUT)/:"; ls -1 $(OUT)
 
 lint: venv
 	$(BIN)/ruff check avobuild tests
@@ -44,4 +66,4 @@ test: setup
 	$(BIN)/pytest -q
 
 clean:
-	rm -rf $(OUT) build .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(OUT) build/debian .pytest_cache .mypy_cache .ruff_cache

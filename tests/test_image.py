@@ -222,3 +222,28 @@ def test_demo_recipe_builds(tmp_path: Path) -> None:
     sh("debugfs", "-R", f"dump /boot/vmlinuz {kernel_out}", raw)
     assert kernel_out.read_bytes() == kernel.read_bytes()
     assert sh("debugfs", "-R", "stat /sbin/init", raw).count("Type: symlink") == 1
+
+
+def test_recovery_image_fills_the_recovery_partition(
+    built: tuple[Product, FactoryImage], tmp_path: Path
+) -> None:
+    product, _image = built
+    recipe = load_recipe(product.recipe)
+    recovery = plan_layout(recipe.layout).by_role(Role.RECOVERY)
+    assert recovery is not None
+    payload = tmp_path / "recovery.img"
+    payload.write_bytes(bytes(range(256)) * (recovery.size // 256 // 2))
+    result = build_factory_image(
+        recipe, tmp_path / "out", tmp_path / "work", recovery_image=payload
+    )
+    with result.path.open("rb") as handle:
+        handle.seek(recovery.offset)
+        assert handle.read(payload.stat().st_size) == payload.read_bytes()
+    # The bmap describes the final image, recovery partition included.
+    target = tmp_path / "flashed.img"
+    subprocess.run(
+        ["bmaptool", "copy", "--bmap", str(result.bmap), str(result.path), str(target)],
+        check=True,
+        capture_output=True,
+    )
+    assert _sha256(target) == _sha256(result.path)

@@ -14,6 +14,10 @@ from avobuild.cli.common import WorkdirOption, app, console, out, step, work_dir
 def image(
     recipe: Annotated[Path, typer.Argument(help="Recipe TOML file.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output directory.")],
+    recovery: Annotated[
+        Path | None,
+        typer.Option(help="Recovery partition image (avobuild recovery build) to include."),
+    ] = None,
     workdir: WorkdirOption = None,
 ) -> None:
     """Build the factory disk image (GPT, A/B slots, data, recovery) and its .bmap."""
@@ -22,7 +26,7 @@ def image(
 
     loaded = load_recipe(recipe)
     with work_directory(workdir) as work:
-        result = build_factory_image(loaded, output, work, step)
+        result = build_factory_image(loaded, output, work, step, recovery_image=recovery)
     out.print(f"{result.path}")
     out.print(f"{result.bmap}")
     for part in result.plan.partitions:

@@ -138,10 +138,21 @@ def _build_partition_fs(
 
 
 def build_factory_image(
-    recipe: Recipe, output_dir: Path, workdir: Path, progress: Progress = _no_progress
+    recipe: Recipe,
+    output_dir: Path,
+    workdir: Path,
+    progress: Progress = _no_progress,
+    *,
+    recovery_image: Path | None = None,
 ) -> FactoryImage:
-    """Build every partition and assemble the factory disk image with its `.bmap`."""
+    """Build every partition and assemble the factory disk image with its `.bmap`.
+
+    `recovery_image` (from `avobuild recovery build`) fills the recovery partition; without
+    it that partition is formatted empty.
+    """
     plan = plan_layout(recipe.layout)
+    if recovery_image is not None and plan.by_role(Role.RECOVERY) is None:
+        raise BuildError(f"{recipe.layout.path}: no partition has role 'recovery'")
     output_dir.mkdir(parents=True, exist_ok=True)
     slot_images = build_slot_images(recipe, workdir, progress)
     images: dict[str, Path] = {}
@@ -149,6 +160,8 @@ def build_factory_image(
         spec = part.spec
         if spec.role is Role.SYSTEM_A:
             images[spec.label] = slot_images["rootfs"]
+        elif spec.role is Role.RECOVERY and recovery_image is not None:
+            images[spec.label] = recovery_image
         elif spec.filesystem is not None:
             tree = {Role.BOOT: recipe.boot_tree, Role.DATA: recipe.data_tree}.get(spec.role)
             target = workdir / f"{spec.label}.img"
