@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import shutil
@@ -28,6 +29,15 @@ def avobuild_cli(*args: str | Path, check: bool = True) -> subprocess.CompletedP
             f"avobuild {' '.join(map(str, args))} exited {result.returncode}:\n{result.stderr}"
         )
     return result
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks (images are too big to read at once)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def make_tree(root: Path, seed: int, files: int = 40) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
@@ -10,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import REPO, Product, avobuild_cli, write_product
+from conftest import REPO, Product, avobuild_cli, file_sha256, write_product
 
 from avobuild.boot.grubenv import parse_grubenv
 from avobuild.disk.image import FactoryImage, build_factory_image
@@ -163,19 +162,11 @@ def test_bmap_flashes_the_same_bytes(built: tuple[Product, FactoryImage], tmp_pa
         check=True,
         capture_output=True,
     )
-    assert _sha256(target) == _sha256(image.path)
+    assert file_sha256(target) == file_sha256(image.path)
     text = image.bmap.read_text()
     mapped = int(text.split("<MappedBlocksCount>")[1].split("<")[0])
     total = int(text.split("<BlocksCount>")[1].split("<")[0])
     assert 0 < mapped < total  # the image is sparse and the map says so
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def test_reproducible(built: tuple[Product, FactoryImage], tmp_path: Path) -> None:
@@ -185,7 +176,7 @@ def test_reproducible(built: tuple[Product, FactoryImage], tmp_path: Path) -> No
         if not path.is_symlink():
             os.utime(path, (1_000_000_000, 1_000_000_000))
     again = build_factory_image(load_recipe(product.recipe), tmp_path / "out", tmp_path / "w")
-    assert _sha256(again.path) == _sha256(image.path)
+    assert file_sha256(again.path) == file_sha256(image.path)
     assert again.bmap.read_bytes() == image.bmap.read_bytes()
 
 
@@ -246,4 +237,4 @@ def test_recovery_image_fills_the_recovery_partition(
         check=True,
         capture_output=True,
     )
-    assert _sha256(target) == _sha256(result.path)
+    assert file_sha256(target) == file_sha256(result.path)

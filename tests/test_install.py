@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import random
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import avobuild_cli, write_product
+from conftest import avobuild_cli, file_sha256, write_product
 
 from avobuild.bundle.install import install_bundle, read_boot_state
 from avobuild.bundle.keys import generate_keypair
@@ -17,14 +16,6 @@ from avobuild.disk.image import build_factory_image, build_slot_images
 from avobuild.errors import BundleError, CompatibilityError, SignatureError
 from avobuild.layout import Role, Slot, plan_layout
 from avobuild.recipe import load_recipe
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_range(path: Path, offset: int, size: int) -> bytes:
@@ -111,10 +102,10 @@ def test_second_install_goes_back_to_a(setup: dict[str, Path], tmp_path: Path) -
 
 def _refused(setup: dict[str, Path], tmp_path: Path, bundle: Path, keyring: Path) -> Exception:
     disk = fresh_disk(setup, tmp_path)
-    before = sha256(disk)
+    before = file_sha256(disk)
     with pytest.raises(BundleError) as error:
         install_bundle(bundle, disk, keyring)
-    assert sha256(disk) == before, "a refused bundle changed the disk"
+    assert file_sha256(disk) == before, "a refused bundle changed the disk"
     return error.value
 
 

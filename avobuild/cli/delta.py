@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn
 
-from avobuild.cli.common import WorkdirOption, app, console, out, work_directory
+from avobuild.cli.common import WorkdirOption, app, console, out, step_progress, work_directory
 
 delta_app = typer.Typer(help="Create, apply and measure delta bundles.", no_args_is_help=True)
 app.add_typer(delta_app, name="delta")
@@ -62,7 +59,7 @@ def delta_create(
     from avobuild.delta.bundles import create_delta_bundle
 
     private_key = load_private_key(key)
-    with work_directory(workdir) as work, _step_progress() as update:
+    with work_directory(workdir) as work, step_progress() as update:
         if keyring is None:
             keyring = work / "signing-key.pub.pem"
             keyring.write_bytes(public_key_pem(private_key.public_key()))
@@ -107,7 +104,7 @@ def delta_apply(
     from avobuild.delta.bundles import apply_delta_bundle, apply_options
 
     trusted = load_keyring(keyring)
-    with _step_progress() as update:
+    with step_progress() as update:
         built = apply_delta_bundle(
             bundle,
             trusted,
@@ -135,7 +132,7 @@ def delta_stats(
     from avobuild.delta.bundles import measure_delta
 
     trusted = load_keyring(keyring) if keyring is not None else None
-    with work_directory(workdir) as work, _step_progress() as update:
+    with work_directory(workdir) as work, step_progress() as update:
         result = measure_delta(old, new, work, keyring=trusted, level=level, progress=update)
     if as_json:
         report = {
@@ -156,18 +153,3 @@ def delta_stats(
         out.print(json.dumps(report, indent=2, sort_keys=True))
         return
     out.print(stats_line(result.full_size, result.delta_size, result.reduction))
-
-
-@contextmanager
-def _step_progress() -> Iterator[Callable[[str, int, int], None]]:
-    """A (step, done, total) callback drawing one transient bar per step."""
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True))
-    with Progress(*columns, console=console, transient=True) as progress:
-        tasks: dict[str, TaskID] = {}
-
-        def update(step: str, done: int, total: int) -> None:
-            if step not in tasks:
-                tasks[step] = progress.add_task(step, total=total)
-            progress.update(tasks[step], completed=done, total=total)
-
-        yield update

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
-from avobuild.cli.common import app, console, out
+from avobuild.cli.common import app, out, step_progress
 
 
 @app.command()
@@ -43,15 +42,7 @@ def install(
 
     decryption = load_decryption_key(decryption_key) if decryption_key is not None else None
     loaded_layout = load_layout(layout) if layout is not None else None
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True))
-    with Progress(*columns, console=console, transient=True) as progress:
-        tasks: dict[str, Any] = {}
-
-        def update(step: str, done: int, total: int) -> None:
-            if step not in tasks:
-                tasks[step] = progress.add_task(step, total=total)
-            progress.update(tasks[step], completed=done, total=total)
-
+    with step_progress() as update:
         stream = sys.stdin.buffer if str(bundle) == "-" else None
         result = install_bundle(
             Path("<stdin>") if stream is not None else bundle,
