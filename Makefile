@@ -57,6 +57,20 @@ demo: setup
 		--applier $(OUT)/applier/usr/sbin/avocado-update -o $(OUT)/pxe
 	@echo "demo outputs in $(OUT)/:"; ls -1 $(OUT)
 
+# Boot the demo factory image in QEMU (UEFI firmware OVMF, software emulation) and stay at
+# the device's serial console. snapshot=on keeps a copy-on-write overlay: the image in
+# $(OUT) is never written. Leave QEMU with Ctrl-A X (docs/demo-device.md).
+.PHONY: demo-boot
+OVMF_CODE := /usr/share/OVMF/OVMF_CODE_4M.fd
+OVMF_VARS := /usr/share/OVMF/OVMF_VARS_4M.fd
+demo-boot:
+	@test -f $(V1).img || { echo "$(V1).img missing: run 'make demo' first"; exit 1; }
+	cp $(OVMF_VARS) $(OUT)/demo-boot-vars.fd
+	qemu-system-x86_64 -accel tcg -m 512 -nographic -serial mon:stdio -net none \
+		-drive if=pflash,format=raw,readonly=on,file=$(OVMF_CODE) \
+		-drive if=pflash,format=raw,file=$(OUT)/demo-boot-vars.fd \
+		-drive file=$(V1).img,format=raw,if=virtio,snapshot=on
+
 lint: venv
 	$(BIN)/ruff check avobuild tests
 	$(BIN)/ruff format --check avobuild tests

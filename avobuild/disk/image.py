@@ -17,6 +17,7 @@ from typing import BinaryIO
 
 from avobuild.boot.grubenv import render_grubenv
 from avobuild.boot.state import BOOT_STATE_PATH, factory_state
+from avobuild.device.boot import device_boot_enabled, install_esp_boot, install_slot_boot
 from avobuild.disk.bmap import render_bmap
 from avobuild.disk.gpt import GptPartition, derive_guid, write_gpt
 from avobuild.elf import check_binaries, check_kernel
@@ -79,6 +80,9 @@ def stage_rootfs(recipe: Recipe, workdir: Path, progress: Progress = _no_progres
     release = _inside(staging, "/" + RELEASE_PATH)
     release.parent.mkdir(parents=True, exist_ok=True)
     release.write_text(render_release(recipe))
+    if device_boot_enabled(recipe):
+        progress("adding the applier and the device initramfs (/boot/initrd.img)")
+        install_slot_boot(recipe, staging)
     progress(f"checking binaries are built for {recipe.architecture.value}")
     check_binaries([staging], recipe.architecture)
     return staging
@@ -176,6 +180,9 @@ def build_factory_image(
         write_vfat_file(
             images[boot.spec.label], 0, BOOT_STATE_PATH, render_grubenv(state.to_variables())
         )
+        if device_boot_enabled(recipe):
+            progress(f"installing GRUB and grub.cfg on {boot.spec.label}")
+            install_esp_boot(recipe, images[boot.spec.label])
     else:
         raise BuildError(
             f"{recipe.layout.path}: [partition.{boot.spec.label}] filesystem: expected "

@@ -1,0 +1,159 @@
+"""The demo factory image boots: OVMF -> GRUB (/EFI/BOOT/BOOTX64.EFI) with the applier's
+grub.cfg -> Debian's kernel with the slot's device initramfs -> busybox init, which prints
+the boot marker and offers a shell on the serial console. QEMU runs in software emulation.
+"""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, avobuild_cli
+from test_media_boot import qemu, uefi_args
+
+from avobuild.applier.render import render_applier
+from avobuild.device.boot import DEVICE_MODULES, build_device_initramfs
+from avobuild.disk.gpt import read_gpt
+from avobuild.fs import read_vfat_file
+from avobuild.media.initramfs import read_newc
+from avobuild.media.kmod import module_name
+from avobuild.recipe import load_recipe
+
+DEMO = REPO / "recipes" / "demo.toml"
+MARKER = b"AVOBUILD-BOOT-OK"
+
+
+@pytest.fixture(scope="module")
+def demo_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo-device")
+    avobuild_cli("image", DEMO, "-o", out)
+    return out / "avobuild-demo-1.0.0.img"
+
+
+def _partition(disk: Path, label: str) -> tuple[int, int]:
+    with disk.open("rb") as handle:
+        table = read_gpt(handle)
+    part = table.find(label)
+    assert part is not None
+    return table.offset(part), table.size(part)
+
+
+def _slot_file(disk: Path, label: str, path: str, tmp_path: Path) -> bytes:
+    offset, size = _partition(disk, label)
+    slot = tmp_path / f"{label}.img"
+    with disk.open("rb") as handle:
+        handle.seek(offset)
+        slot.write_bytes(handle.read(size))
+    dump = tmp_path / "dumped"
+    subprocess.run(
+        ["debugfs", "-R", f"dump {path} {dump}", str(slot)], check=True, capture_output=True
+    )
+    return dump.read_bytes()
+
+
+def test_device_initramfs_is_reproducible_and_carries_the_disk_modules(tmp_path: Path) -> None:
+    recipe = load_recipe(DEMO)
+    first, second = tmp_path / "one.img", tmp_path / "two.img"
+    count = build_device_initramfs(recipe, first)
+    build_device_initramfs(recipe, second)
+    assert first.read_bytes() == second.read_bytes()
+    members = {m.name: m for m in read_newc(gzip.decompress(first.read_bytes()))}
+    init = members["init"].data.decode()
+    assert "label=system-a" in init and "label=system-b" in init
+    order = members["lib/modules/load-order"].data.decode().split()
+    assert len(order) == count
+    loaded = {module_name(line) for line in order}
+    assert {module_name(name) for name in DEVICE_MODULES} <= loaded
+    # a module comes after the modules it depends on (ext4 needs jbd2 and mbcache)
+    names = [module_name(line) for line in order]
+    assert names.index("jbd2") < names.index("ext4")
+    assert names.index("mbcache") < names.index("ext4")
+
+
+def test_factory_image_carries_grub_and_the_slot_initramfs(
+    demo_image: Path, tmp_path: Path
+) -> None:
+    recipe = load_recipe(DEMO)
+    rendered = tmp_path / "applier"
+    render_applier(recipe, rendered)
+    esp_offset, _ = _partition(demo_image, "boot")
+    grub_cfg = read_vfat_file(demo_image, esp_offset, "EFI/BOOT/grub.cfg")
+    assert grub_cfg == (rendered / "boot/efi/EFI/BOOT/grub.cfg").read_bytes()
+    assert read_vfat_file(demo_image, esp_offset, "EFI/BOOT/BOOTX64.EFI")[:2] == b"MZ"
+    initrd = _slot_file(demo_image, "system-a", "/boot/initrd.img", tmp_path)
+    build_device_initramfs(recipe, tmp_path / "initrd.img")
+    assert initrd == (tmp_path / "initrd.img").read_bytes()
+    applier = _slot_file(demo_image, "system-a", "/usr/sbin/avocado-update", tmp_path)
+    assert applier == (rendered / "usr/sbin/avocado-update").read_bytes()
+
+
+@pytest.mark.slow
+def test_demo_image_boots_to_the_marker_and_a_shell(demo_image: Path, tmp_path: Path) -> None:
+    args = [
+        *uefi_args(tmp_path),
+        "-drive",
+        f"file={demo_image},format=raw,if=virtio,snapshot=on",
+        "-net",
+        "none",
+    ]
+    started = time.monotonic()
+    with qemu(args, tmp_path / "console.log") as machine:
+        machine.expect(b"Booting `avobuild-demo (slot A)'", timeout=180)
+        boot = machine.expect(MARKER + b" slot=A version=1.0.0\r\n", timeout=180)
+        elapsed = time.monotonic() - started
+        assert b"booted slot A (1.0.0)" in boot  # the applier's boot hook ran
+        machine.expect(b"# ", timeout=60)
+        machine.send("cat /usr/lib/avobuild/release; echo END-$((6 * 7))\n")
+        release = machine.expect(b"END-42", timeout=60)
+        assert b"AVOBUILD_VERSION=1.0.0" in release
+        machine.send("mount; echo END-$((6 * 8))\n")
+        mounts = machine.expect(b"END-48", timeout=60)
+        assert b" on /data type ext4 (rw" in mounts
+        assert b" on /boot/efi type vfat (rw" in mounts
+        assert b"/dev/vda2 on / type ext4 (ro" in mounts
+    assert machine.output.count(MARKER) == 1
+    print(f"boot to marker: {elapsed:.1f} s")
+
+
+@pytest.mark.slow
+def test_full_bundle_installs_on_the_device_and_boots_slot_b(
+    demo_image: Path, tmp_path: Path
+) -> None:
+    """The start of the lifecycle: boot A, install the 1.1.0 full bundle with the on-target
+    applier, commit, reboot into B, where the health check confirms the update."""
+    disk = tmp_path / "disk.img"
+    shutil.copyfile(demo_image, disk)
+    bundle = tmp_path / "v2.avb"
+    avobuild_cli("bundle", "create", REPO / "recipes" / "demo-v2.toml", "-o", bundle)
+    size = bundle.stat().st_size
+    firmware = uefi_args(tmp_path)  # one UEFI variable store across both boots
+    args = [*firmware, "-drive", f"file={disk},format=raw,if=virtio", "-net", "none"]
+    media = ["-drive", f"file={bundle},format=raw,if=virtio,readonly=on"]
+    with qemu([*args, *media], tmp_path / "console-a.log") as machine:
+        machine.expect(MARKER + b" slot=A version=1.0.0\r\n", timeout=180)
+        machine.expect(b"# ", timeout=60)
+        machine.send(f"head -c {size} /dev/vdb > /data/update.avb; echo COPIED-$((1 + 1))\n")
+        machine.expect(b"COPIED-2", timeout=120)
+        machine.send(
+            "avocado-update apply --target inactive --bundle /data/update.avb; echo APPLY-RC=$?\n"
+        )
+        applied = machine.expect(b"APPLY-RC=", timeout=600)
+        code = machine.expect(b"\n", timeout=10)
+        assert code.strip() == b"0", applied.decode(errors="replace")
+        machine.send("avocado-update commit; echo COMMIT-RC=$?\n")
+        machine.expect(b"COMMIT-RC=0", timeout=120)
+        machine.send("sync; reboot\n")
+        machine.process.wait(timeout=120)  # -no-reboot: QEMU exits when the guest reboots
+    with qemu(args, tmp_path / "console-b.log") as machine:
+        machine.expect(b"Booting `avobuild-demo (slot B)'", timeout=180)
+        boot = machine.expect(MARKER + b" slot=B version=1.1.0\r\n", timeout=180)
+        assert b"booted slot B (1.1.0), state Testing" in boot  # a trial boot
+        machine.expect(b"confirmed slot B (1.1.0)", timeout=120)  # the health check
+        machine.send("avocado-update status; echo STATUS-$((3 * 3))\n")
+        status = machine.expect(b"STATUS-9", timeout=60)
+        assert b"Current: 1.1.0 (Partition B)" in status, status.decode(errors="replace")
+        assert b"Slot B: confirmed" in status
