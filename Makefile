@@ -71,6 +71,13 @@ demo-boot:
 		-drive if=pflash,format=raw,file=$(OUT)/demo-boot-vars.fd \
 		-drive file=$(V1).img,format=raw,if=virtio,snapshot=on
 
+# The lifecycle test on its own (docs/demo-device.md): updates, rollbacks, a kernel panic and
+# USB recovery of the demo device in QEMU. Watch it with
+#   tail -f build/lifecycle/test_device_lifecycle0/console.log
+.PHONY: demo-lifecycle
+demo-lifecycle: setup
+	$(BIN)/pytest -s -p no:cacheprovider tests/test_device_lifecycle.py --basetemp build/lifecycle
+
 lint: venv
 	$(BIN)/ruff check avobuild tests
 	$(BIN)/ruff format --check avobuild tests

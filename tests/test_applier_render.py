@@ -67,6 +67,8 @@ def test_grub_cfg_passes_grub_script_check(product: Product, tmp_path: Path) -> 
         for tries in range(1, 10):
             assert f'"${{avo_{slot}_tries}}" = "{tries}" ]; then\n' in text
             assert f"set avo_{slot}_tries={tries - 1}\n" in text
+    # a panicking trial boot resets the board, so it uses up an attempt (default 10 s)
+    assert " panic=10 console=ttyS0,115200\n" in text
     broken = tmp_path / "broken.cfg"
     broken.write_text(text.replace("fi\n", "", 1))
     assert subprocess.run(["grub-script-check", str(broken)], capture_output=True).returncode
@@ -112,6 +114,8 @@ def test_target_without_required_tools_is_refused(product: Product, tmp_path: Pa
         ('[rollback.service_health]\ncritical_services = ["a b"]\n', "critical_services"),
         ('[rollback.boot_failure]\ntimeout = "2 minutes"\n', "timeout"),
         ("[rollback.boot_failure]\nmax_attempts = 12\n", "max_attempts"),
+        ("[applier]\npanic-reboot = 7200\n", "panic-reboot"),
+        ('[applier]\npanic-reboot = "5s"\n', "panic-reboot"),
         ("[rollback.boot_failure]\nretries = 2\n", "retries"),
         (
             '[[rollback.system_metrics.conditions]]\nmetric = "memory_usage"\nthreshold = "85C"\n',

@@ -6,7 +6,6 @@ the boot marker and offers a shell on the serial console. QEMU runs in software 
 from __future__ import annotations
 
 import gzip
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -34,7 +33,8 @@ def demo_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / "avobuild-demo-1.0.0.img"
 
 
-def _partition(disk: Path, label: str) -> tuple[int, int]:
+def partition_span(disk: Path, label: str) -> tuple[int, int]:
+    """Byte offset and size of the partition named `label` in a disk image."""
     with disk.open("rb") as handle:
         table = read_gpt(handle)
     part = table.find(label)
@@ -43,7 +43,7 @@ def _partition(disk: Path, label: str) -> tuple[int, int]:
 
 
 def _slot_file(disk: Path, label: str, path: str, tmp_path: Path) -> bytes:
-    offset, size = _partition(disk, label)
+    offset, size = partition_span(disk, label)
     slot = tmp_path / f"{label}.img"
     with disk.open("rb") as handle:
         handle.seek(offset)
@@ -64,6 +64,8 @@ def test_device_initramfs_is_reproducible_and_carries_the_disk_modules(tmp_path:
     members = {m.name: m for m in read_newc(gzip.decompress(first.read_bytes()))}
     init = members["init"].data.decode()
     assert "label=system-a" in init and "label=system-b" in init
+    # the slot is mounted without loading its journal: its block device stays bit-exact
+    assert 'mount -t ext4 -o ro,noload "$device" /newroot' in init
     order = members["lib/modules/load-order"].data.decode().split()
     assert len(order) == count
     loaded = {module_name(line) for line in order}
@@ -80,7 +82,7 @@ def test_factory_image_carries_grub_and_the_slot_initramfs(
     recipe = load_recipe(DEMO)
     rendered = tmp_path / "applier"
     render_applier(recipe, rendered)
-    esp_offset, _ = _partition(demo_image, "boot")
+    esp_offset, _ = partition_span(demo_image, "boot")
     grub_cfg = read_vfat_file(demo_image, esp_offset, "EFI/BOOT/grub.cfg")
     assert grub_cfg == (rendered / "boot/efi/EFI/BOOT/grub.cfg").read_bytes()
     assert read_vfat_file(demo_image, esp_offset, "EFI/BOOT/BOOTX64.EFI")[:2] == b"MZ"
@@ -117,43 +119,3 @@ def test_demo_image_boots_to_the_marker_and_a_shell(demo_image: Path, tmp_path: 
         assert b"/dev/vda2 on / type ext4 (ro" in mounts
     assert machine.output.count(MARKER) == 1
     print(f"boot to marker: {elapsed:.1f} s")
-
-
-@pytest.mark.slow
-def test_full_bundle_installs_on_the_device_and_boots_slot_b(
-    demo_image: Path, tmp_path: Path
-) -> None:
-    """The start of the lifecycle: boot A, install the 1.1.0 full bundle with the on-target
-    applier, commit, reboot into B, where the health check confirms the update."""
-    disk = tmp_path / "disk.img"
-    shutil.copyfile(demo_image, disk)
-    bundle = tmp_path / "v2.avb"
-    avobuild_cli("bundle", "create", REPO / "recipes" / "demo-v2.toml", "-o", bundle)
-    size = bundle.stat().st_size
-    firmware = uefi_args(tmp_path)  # one UEFI variable store across both boots
-    args = [*firmware, "-drive", f"file={disk},format=raw,if=virtio", "-net", "none"]
-    media = ["-drive", f"file={bundle},format=raw,if=virtio,readonly=on"]
-    with qemu([*args, *media], tmp_path / "console-a.log") as machine:
-        machine.expect(MARKER + b" slot=A version=1.0.0\r\n", timeout=180)
-        machine.expect(b"# ", timeout=60)
-        machine.send(f"head -c {size} /dev/vdb > /data/update.avb; echo COPIED-$((1 + 1))\n")
-        machine.expect(b"COPIED-2", timeout=120)
-        machine.send(
-            "avocado-update apply --target inactive --bundle /data/update.avb; echo APPLY-RC=$?\n"
-        )
-        applied = machine.expect(b"APPLY-RC=", timeout=600)
-        code = machine.expect(b"\n", timeout=10)
-        assert code.strip() == b"0", applied.decode(errors="replace")
-        machine.send("avocado-update commit; echo COMMIT-RC=$?\n")
-        machine.expect(b"COMMIT-RC=0", timeout=120)
-        machine.send("sync; reboot\n")
-        machine.process.wait(timeout=120)  # -no-reboot: QEMU exits when the guest reboots
-    with qemu(args, tmp_path / "console-b.log") as machine:
-        machine.expect(b"Booting `avobuild-demo (slot B)'", timeout=180)
-        boot = machine.expect(MARKER + b" slot=B version=1.1.0\r\n", timeout=180)
-        assert b"booted slot B (1.1.0), state Testing" in boot  # a trial boot
-        machine.expect(b"confirmed slot B (1.1.0)", timeout=120)  # the health check
-        machine.send("avocado-update status; echo STATUS-$((3 * 3))\n")
-        status = machine.expect(b"STATUS-9", timeout=60)
-        assert b"Current: 1.1.0 (Partition B)" in status, status.decode(errors="replace")
-        assert b"Slot B: confirmed" in status

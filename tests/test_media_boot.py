@@ -30,6 +30,7 @@ DEBIAN = REPO / "build" / "debian"
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 MENU = b"Select option: "
+POWER_OFF = b"reboot: Power down"
 BOOT_TIMEOUT = 240
 
 if not (DEBIAN / "vmlinuz").exists() or not (DEBIAN / "modules" / ".complete").exists():
@@ -40,13 +41,31 @@ if not (DEBIAN / "vmlinuz").exists() or not (DEBIAN / "modules" / ".complete").e
 
 
 class Qemu:
-    """A QEMU process whose serial console is its stdin/stdout, read by a thread."""
+    """A QEMU process whose serial console is its stdin/stdout, read by a thread.
 
-    def __init__(self, args: list[str], log: Path) -> None:
+    QEMU runs with -no-reboot: a guest reset ends the process. With `reboot`, the reader
+    starts QEMU again at once on the same drives and UEFI variables, so the console goes on
+    as on a machine that resets (a cold start: OVMF's warm reset under TCG sometimes stalls
+    for minutes); unless the guest powered off (Linux prints "reboot: Power down")."""
+
+    def __init__(self, args: list[str], log: Path, *, reboot: bool = False) -> None:
+        self.args = args
+        self.reboot = reboot
+        self.resets = 0
+        self.stopping = False
+        self.ended = threading.Event()
         self.log = log
+        # written as it arrives: `tail -f console.log` watches a running test
+        self.log_file = log.open("wb", buffering=0)
         self.output = bytearray()
         self.lock = threading.Lock()
-        self.process = subprocess.Popen(
+        self.process = self._start()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        self.position = 0
+
+    def _start(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
             [
                 shutil.which("qemu-system-x86_64") or "qemu-system-x86_64",
                 "-accel",
@@ -60,21 +79,30 @@ class Qemu:
                 "-serial",
                 "stdio",
                 "-no-reboot",
-                *args,
+                *self.args,
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-        self.position = 0
 
     def _read(self) -> None:
-        assert self.process.stdout is not None
-        while chunk := self.process.stdout.read1(4096):
+        while True:
+            process = self.process
+            started = len(self.output)
+            assert process.stdout is not None
+            while chunk := process.stdout.read1(4096):
+                with self.lock:
+                    self.output += chunk
+                self.log_file.write(chunk)
+            status = process.wait()
             with self.lock:
-                self.output += chunk
+                powered_off = POWER_OFF in self.output[started:]
+                if not self.reboot or self.stopping or status != 0 or powered_off:
+                    self.ended.set()
+                    return
+                self.resets += 1
+                self.process = self._start()
 
     def expect(self, pattern: bytes, timeout: float = BOOT_TIMEOUT) -> bytes:
         """Wait until `pattern` appears after the previous match; return the text up to it."""
@@ -86,10 +114,9 @@ class Qemu:
                     text = bytes(self.output[self.position : found + len(pattern)])
                     self.position = found + len(pattern)
                     return text
-            if self.process.poll() is not None:
+            if self.ended.is_set():
                 break
             time.sleep(0.2)
-        self.log.write_bytes(bytes(self.output))
         tail = bytes(self.output[-3000:]).decode(errors="replace")
         raise AssertionError(f"{pattern!r} not seen within {timeout} s; console ends:\n{tail}")
 
@@ -99,14 +126,19 @@ class Qemu:
         self.process.stdin.flush()
 
     def stop(self) -> None:
-        self.process.kill()
-        self.process.wait()
-        self.log.write_bytes(bytes(self.output))
+        with self.lock:
+            self.stopping = True
+            process = self.process
+        process.kill()
+        process.wait()
+        self.reader.join(timeout=10)
+        self.log_file.close()
 
 
 @contextmanager
-def qemu(args: list[str], log: Path) -> Iterator[Qemu]:
-    machine = Qemu(args, log)
+def qemu(args: list[str], log: Path, *, reboot: bool = False) -> Iterator[Qemu]:
+    """QEMU on the serial console; a guest reboot ends QEMU unless `reboot` is true."""
+    machine = Qemu(args, log, reboot=reboot)
     try:
         yield machine
     finally:

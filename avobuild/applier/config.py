@@ -106,6 +106,9 @@ class ApplierConfig:
     download_url: str | None = None
     min_free_space: int = 64 << 20
     min_battery: int = 20
+    # Seconds after a kernel panic before the kernel resets the board (panic=N), so that a
+    # panicking trial boot uses up one attempt and the bootloader falls back; 0 waits forever.
+    panic_reboot: int = 10
     keys: tuple[Path, ...] = field(default=())
 
     @property
@@ -165,6 +168,9 @@ def read_applier(table: Table | None) -> ApplierConfig:
     min_battery = table.integer("min-battery", default=defaults.min_battery)
     if min_battery > 100:
         table.fail("min-battery", "a percentage from 0 to 100", min_battery)
+    panic_reboot = table.integer("panic-reboot", default=defaults.panic_reboot)
+    if panic_reboot > 3600:
+        table.fail("panic-reboot", "seconds from 0 (never) to 3600", panic_reboot)
     keys = tuple(
         _key_path(table, value, index) for index, value in enumerate(table.string_list("keys"))
     )
@@ -183,6 +189,7 @@ def read_applier(table: Table | None) -> ApplierConfig:
         download_url=url,
         min_free_space=table.size("min-free-space", default=defaults.min_free_space),
         min_battery=min_battery,
+        panic_reboot=panic_reboot,
         keys=keys,
     )
     table.check_unknown()

@@ -81,7 +81,10 @@ until device=$(find_partition "$label"); do
     sleep 0.1
 done
 mkdir -p /newroot
-if ! mount -t ext4 -o ro "$device" /newroot; then
+# noload: the journal stays unloaded, so the slot's block device reads back exactly the
+# image that was written (jbd2 would change its superblock in memory): delta sources and
+# verify-partition hash it.
+if ! mount -t ext4 -o ro,noload "$device" /newroot; then
     echo "initramfs: cannot mount $device ($label); dropping to a shell"
     exec sh
 fi

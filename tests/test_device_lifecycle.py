@@ -1,0 +1,338 @@
+"""The demo device's whole life in QEMU (UEFI, software emulation), driven over its serial
+console, as mkosi and RAUC test themselves:
+
+  boot A 1.0.0, write a file to /data
+  -> full bundle 1.1.0 into B, reboot, trial boot, health check confirms B
+  -> delta bundle 1.1.0 -> 1.2.0 into A, reboot, health check confirms A
+  -> 1.3.0, whose application self-test fails: the health check rolls back to A by itself
+  -> 1.4.0, whose init crashes (kernel panic): every trial boot panics, GRUB falls back to A
+  -> the /data file is intact (read back on the host with debugfs)
+  -> the disk is broken; the USB recovery stick restores the factory image; A 1.0.0 boots.
+
+One QEMU process runs the updates: the guest reboots itself (commit, health check, panic=N)
+and the test only watches the console. The bundles reach the guest on a second virtio disk
+(an ext4 "update stick" made with mke2fs -d).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import shutil
+import subprocess
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomli_w
+from conftest import REPO, avobuild_cli
+from test_device_boot import partition_span
+from test_media_boot import MENU, POWER_OFF, Qemu, qemu, uefi_args
+
+pytestmark = pytest.mark.slow
+
+DEMO = REPO / "recipes" / "demo.toml"
+DEMO_V2 = REPO / "recipes" / "demo-v2.toml"
+KEY = REPO / "keys-example" / "insecure-example.key.pem"
+MARKER = b"AVOBUILD-BOOT-OK"
+DATA_FILE = "lifecycle/keep.bin"
+MEDIA = "/run/updates"
+
+
+def demo_variant(
+    tmp_path: Path,
+    version: str,
+    *,
+    files: dict[str, str] | None = None,
+    app_validation: bool = False,
+) -> Path:
+    """demo-v2.toml at another version, with extra rootfs files (dest -> text, mode 0755)
+    and optionally the application self-test enabled; written to tmp_path."""
+    recipe: dict[str, Any] = tomllib.loads(DEMO_V2.read_text())
+    base = DEMO_V2.parent
+
+    def absolute(value: str) -> str:
+        return str((base / value).resolve())
+
+    recipe["product"]["version"] = version
+    recipe["product"]["layout"] = absolute(recipe["product"]["layout"])
+    recipe["rootfs"]["tree"] = absolute(recipe["rootfs"]["tree"])
+    for entry in recipe["rootfs"]["file"]:
+        entry["source"] = absolute(entry["source"])
+    recipe["kernel"]["file"] = absolute(recipe["kernel"]["file"])
+    for extension in recipe["extension"]:
+        extension["tree"] = absolute(extension["tree"])
+    recipe["data"]["tree"] = absolute(recipe["data"]["tree"])
+    recipe["signing"]["key"] = absolute(recipe["signing"]["key"])
+    sources = tmp_path / f"files-{version}"
+    sources.mkdir()
+    motd = sources / "motd"
+    motd.write_text(f"avobuild demo {version}\n")
+    extra = {"/etc/motd": motd}
+    for index, (dest, text) in enumerate((files or {}).items()):
+        source = sources / f"file-{index}"
+        source.write_text(text)
+        extra[dest] = source
+    recipe["rootfs"]["file"] = [
+        entry for entry in recipe["rootfs"]["file"] if entry["dest"] not in extra
+    ] + [
+        {"source": str(source), "dest": dest, "mode": "0755" if dest != "/etc/motd" else "0644"}
+        for dest, source in extra.items()
+    ]
+    recipe["rollback"]["app_validation"]["enabled"] = app_validation
+    path = tmp_path / f"demo-{version}.toml"
+    path.write_text(tomli_w.dumps(recipe))
+    return path
+
+
+# 1.3.0: the application's self-test fails, so the post-boot health check must roll back.
+FAILING_SELF_TEST = """#!/bin/sh
+echo "demo-app 1.3.0: self-test failed: cannot open /data/config/app.db" >&2
+exit 1
+"""
+# 1.4.0: init exits at once; PID 1 exiting is a kernel panic ("Attempted to kill init!").
+CRASHING_INIT = """#!/bin/sh
+echo "demo 1.4.0: init cannot start"
+exit 1
+"""
+
+
+def build_updates(tmp_path: Path) -> tuple[dict[str, Path], bytes]:
+    """The bundles of the lifecycle and the seeded data file, on an ext4 'update stick'."""
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    full_v11 = stick / "demo-1.1.0.avb"
+    avobuild_cli("bundle", "create", DEMO_V2, "-o", full_v11)
+    full_v12 = tmp_path / "demo-1.2.0.avb"
+    avobuild_cli("bundle", "create", demo_variant(tmp_path, "1.2.0"), "-o", full_v12)
+    delta = stick / "demo-1.1.0-1.2.0.delta.avb"
+    avobuild_cli("delta", "create", "--from", full_v11, "--to", full_v12, "-o", delta, "--key", KEY)
+    bad_health = stick / "demo-1.3.0.avb"
+    recipe = demo_variant(
+        tmp_path,
+        "1.3.0",
+        files={"/usr/local/bin/validate-system": FAILING_SELF_TEST},
+        app_validation=True,
+    )
+    avobuild_cli("bundle", "create", recipe, "-o", bad_health)
+    panic = stick / "demo-1.4.0.avb"
+    recipe = demo_variant(tmp_path, "1.4.0", files={"/sbin/init": CRASHING_INIT})
+    avobuild_cli("bundle", "create", recipe, "-o", panic)
+    data = random.Random(20261127).randbytes(256 << 10)
+    (stick / "keep.bin").write_bytes(data)
+    image = tmp_path / "stick.img"
+    subprocess.run(
+        ["mke2fs", "-q", "-t", "ext4", "-E", "root_owner=0:0", "-d", str(stick), str(image), "96M"],
+        check=True,
+    )
+    bundles = {"full": full_v11, "delta": delta, "bad_health": bad_health, "panic": panic}
+    return {name: Path(MEDIA) / path.name for name, path in bundles.items()}, data
+
+
+class Device:
+    """The guest's serial console, with a shell once the boot marker showed."""
+
+    def __init__(self, machine: Qemu) -> None:
+        self.machine = machine
+        self.serial = 0
+
+    def booted(self, slot: str, version: str, timeout: float = 300) -> bytes:
+        line = MARKER + f" slot={slot} version={version}\r\n".encode()
+        return self.machine.expect(line, timeout=timeout)
+
+    def run(self, command: str, timeout: float = 120) -> tuple[int, str]:
+        """Run a shell command; its exit status and output."""
+        self.serial += 1
+        # The end line is computed by the shell, so the console's echo of the command
+        # line never matches it.
+        end = f"END-{self.serial}-RC="
+        tail = '-RC=$rc"'
+        self.machine.send(f'{command}; rc=$?; echo "END-$(({self.serial} * 1)){tail}\n')
+        text = self.machine.expect(end.encode(), timeout=timeout)
+        code = self.machine.expect(b"\n", timeout=10)
+        output = text.decode(errors="replace").rsplit(tail, 1)[-1].rsplit(end, 1)[0]
+        return int(code.strip()), output
+
+    def check(self, command: str, timeout: float = 120) -> str:
+        code, output = self.run(command, timeout)
+        assert code == 0, f"{command!r} failed ({code}):\n{output}"
+        return output
+
+    def mount_media(self) -> None:
+        self.check(f"mkdir -p {MEDIA} && mount -t ext4 -o ro /dev/vdb {MEDIA}")
+
+    def install(self, bundle: Path) -> str:
+        output = self.check(f"avocado-update apply --target inactive --bundle {bundle}", 900)
+        self.check("avocado-update commit")
+        self.machine.send("reboot\n")
+        return output
+
+
+def boot_disk(disk: Path) -> list[str]:
+    """The device's disk, first in the firmware's boot order (QEMU passes bootindex to OVMF:
+    the variable store of a machine that booted other media lists those first)."""
+    return [
+        "-drive",
+        f"file={disk},format=raw,if=none,id=disk",
+        "-device",
+        "virtio-blk-pci,drive=disk,bootindex=1",
+    ]
+
+
+def restore_with_usb_stick(tmp_path: Path, firmware: list[str], disk: Path, factory: Path) -> None:
+    """Boot the USB recovery stick (chosen in the boot menu: bootindex 0) and restore the
+    factory image onto the device's disk from its menu."""
+    stick = tmp_path / "recovery.iso"
+    avobuild_cli("applier", "render", DEMO, "-o", tmp_path / "applier")
+    applier = tmp_path / "applier" / "usr/sbin/avocado-update"
+    avobuild_cli(
+        "media", "usb", DEMO, "--factory-image", factory, "--applier", applier, "-o", stick
+    )
+    usb = [
+        "-device",
+        "qemu-xhci",
+        "-drive",
+        f"if=none,id=stick,format=raw,readonly=on,file={stick}",
+        "-device",
+        "usb-storage,drive=stick,bootindex=0",
+    ]
+    with qemu([*firmware, *boot_disk(disk), *usb, "-net", "none"], tmp_path / "usb.log") as machine:
+        boot = machine.expect(MENU, timeout=300)
+        assert b"1. Restore factory image" in boot
+        machine.send("1\n")
+        listing = machine.expect(b"Disk to write (e.g. /dev/sda): ")
+        assert b"/dev/vda" in listing
+        machine.send("/dev/vda\n")
+        machine.expect(b'Type "yes" to continue: ')
+        machine.send("yes\n")
+        machine.expect(b"factory image restored and verified", timeout=600)
+        machine.expect(MENU)
+    for label in ("boot", "system-a", "system-b"):
+        assert partition_bytes(disk, label) == partition_bytes(factory, label), label
+
+
+def partition_bytes(disk: Path, label: str) -> bytes:
+    offset, size = partition_span(disk, label)
+    with disk.open("rb") as handle:
+        handle.seek(offset)
+        return handle.read(size)
+
+
+def test_device_lifecycle(tmp_path: Path) -> None:
+    started = time.monotonic()
+    phases: list[tuple[str, float]] = []
+
+    def phase(name: str) -> None:
+        phases.append((name, time.monotonic() - started))
+
+    out = tmp_path / "out"
+    avobuild_cli("image", DEMO, "-o", out)
+    factory = out / "avobuild-demo-1.0.0.img"
+    bundles, data = build_updates(tmp_path)
+    disk = tmp_path / "disk.img"
+    shutil.copyfile(factory, disk)
+    phase("host: factory image and bundles built")
+
+    firmware = uefi_args(tmp_path)  # one UEFI variable store for the device's whole life
+    args = [
+        *firmware,
+        "-drive",
+        f"file={disk},format=raw,if=virtio",
+        "-drive",
+        f"file={tmp_path / 'stick.img'},format=raw,if=virtio,readonly=on",
+        "-net",
+        "none",
+    ]
+    with qemu(args, tmp_path / "console.log", reboot=True) as machine:
+        device = Device(machine)
+        device.booted("A", "1.0.0")
+        machine.expect(b"# ", timeout=60)
+        device.mount_media()
+        device.check(f"mkdir -p /data/lifecycle && cp {MEDIA}/keep.bin /data/{DATA_FILE} && sync")
+        phase("booted A 1.0.0, data file written")
+
+        # 1. a full bundle into B, a trial boot, the health check confirms it
+        device.install(bundles["full"])
+        boot = device.booted("B", "1.1.0")
+        assert b"Booting `avobuild-demo (slot B)'" in boot
+        assert b"booted slot B (1.1.0), state Testing" in boot
+        machine.expect(b"confirmed slot B (1.1.0)", timeout=180)
+        status = device.check("avocado-update status")
+        assert "Current: 1.1.0 (Partition B)" in status and "Slot B: confirmed" in status
+        phase("full bundle 1.1.0 installed, B confirmed")
+
+        # 2. a delta bundle from the running 1.1.0 into A
+        device.mount_media()
+        applied = device.install(bundles["delta"])
+        assert "applied 1.2.0 to slot A" in applied, applied
+        boot = device.booted("A", "1.2.0")
+        assert b"booted slot A (1.2.0), state Testing" in boot
+        machine.expect(b"confirmed slot A (1.2.0)", timeout=180)
+        assert "avobuild demo 1.2.0" in device.check("cat /etc/motd")
+        phase("delta bundle 1.1.0 -> 1.2.0 installed, A confirmed")
+
+        # 3. the health check fails on 1.3.0; the device rolls back to A by itself
+        device.mount_media()
+        device.install(bundles["bad_health"])
+        boot = device.booted("B", "1.3.0")
+        assert b"booted slot B (1.3.0), state Testing" in boot
+        failed = machine.expect(b"rolled back: app_validation", timeout=240)
+        assert b"health check failed" in failed
+        boot = device.booted("A", "1.2.0")
+        assert b"Booting `avobuild-demo (slot A)'" in boot
+        status = device.check("avocado-update status")
+        assert "Current: 1.2.0 (Partition A)" in status, status
+        assert "Slot A: confirmed" in status and "Next boot: slot A" in status
+        history = device.check("avocado-update history")
+        assert "app_validation" in history and "from=B" in history, history
+        phase("1.3.0 failed its health check, rolled back to A")
+
+        # 4. 1.4.0 panics the kernel on every trial boot; GRUB falls back after max_attempts
+        device.mount_media()
+        device.install(bundles["panic"])
+        for _ in range(3):  # [rollback.boot_failure] max_attempts = 3
+            machine.expect(b"Booting `avobuild-demo (slot B)'", timeout=240)
+            machine.expect(b"Kernel panic - not syncing", timeout=240)
+        boot = device.booted("A", "1.2.0")
+        assert b"Booting `avobuild-demo (slot A)'" in boot
+        assert b"Booting `avobuild-demo (slot B)'" not in boot  # no fourth trial boot
+        status = device.check("avocado-update status")
+        assert "Current: 1.2.0 (Partition A)" in status and "Next boot: slot A" in status
+        history = device.check("avocado-update history")
+        assert "boot_failure" in history and "from=B" in history, history
+        report = device.check("avocado-update report --format json")
+        assert '"B":{"version":"1.4.0","ok":false,"tries":0}' in report, report
+        digest = device.check(f"sha256sum /data/{DATA_FILE}").split()[0]
+        assert digest == hashlib.sha256(data).hexdigest()
+        machine.send("sync; poweroff -f\n")
+        machine.expect(POWER_OFF, timeout=120)
+        assert machine.ended.wait(timeout=60)
+        assert machine.resets == 8, "a reset per reboot: 4 installs, 1 rollback, 3 panics"
+        phase("1.4.0 panicked 3 times, fell back to A")
+
+    # The data file, read back from the data partition on the host.
+    data_image = tmp_path / "data.img"
+    data_image.write_bytes(partition_bytes(disk, "data"))
+    subprocess.run(["e2fsck", "-fn", str(data_image)], check=True, capture_output=True)
+    dumped = tmp_path / "keep.bin"
+    subprocess.run(
+        ["debugfs", "-R", f"dump /{DATA_FILE} {dumped}", str(data_image)],
+        check=True,
+        capture_output=True,
+    )
+    assert dumped.read_bytes() == data
+
+    # 5. a broken disk: the USB recovery stick restores the factory image
+    with disk.open("r+b") as handle:
+        handle.write(bytes(64 << 20))  # partition table, ESP and the start of slot A
+    restore_with_usb_stick(tmp_path, firmware, disk, factory)
+    phase("USB recovery restored the factory image")
+    with qemu([*firmware, *boot_disk(disk), "-net", "none"], tmp_path / "restored.log") as machine:
+        Device(machine).booted("A", "1.0.0")
+    phase("restored disk boots A 1.0.0")
+
+    for name, at in phases:
+        print(f"{at:7.1f} s  {name}")
+    assert phases[-1][1] < 20 * 60
