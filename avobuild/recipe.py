@@ -17,6 +17,7 @@ from avobuild.applier.config import (
     read_applier,
     read_rollback,
 )
+from avobuild.errors import RecipeError
 from avobuild.fs import FsType
 from avobuild.layout import Layout, Role, load_layout
 from avobuild.tomlcheck import Table, load_toml
@@ -83,6 +84,20 @@ class RecoveryConfig:
 
 
 @dataclass(frozen=True)
+class SigningConfig:
+    """The `[signing]` table: the keys `bundle create RECIPE` signs with, one signature each.
+
+    `keys` are PEM private key files (`key` is the first of them); `pkcs11` are `pkcs11:` URIs
+    of token keys, opened with `pkcs11_module` (or the URI's module-path, or
+    $AVOBUILD_PKCS11_MODULE); `certificates` are carried in the bundle (signer first)."""
+
+    keys: tuple[Path, ...] = ()
+    pkcs11: tuple[str, ...] = ()
+    pkcs11_module: Path | None = None
+    certificates: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True)
 class Recipe:
     path: Path
     name: str
@@ -98,11 +113,16 @@ class Recipe:
     extensions: tuple[Extension, ...]
     boot_tree: Path | None
     data_tree: Path | None
-    signing_key: Path | None
     seed: str
+    signing: SigningConfig = SigningConfig()
     recovery: RecoveryConfig = RecoveryConfig()
     applier: ApplierConfig = field(default_factory=ApplierConfig)
     rollback: RollbackConfig = field(default_factory=RollbackConfig)
+
+    @property
+    def signing_key(self) -> Path | None:
+        """The first `[signing]` key file (its *.pub.pem is the applier's default trust)."""
+        return self.signing.keys[0] if self.signing.keys else None
 
 
 def load_recipe(path: Path) -> Recipe:
@@ -166,11 +186,8 @@ def load_recipe(path: Path) -> Recipe:
     if data is not None:
         data.check_unknown()
 
-    signing = root.table("signing")
-    signing_key = None
-    if signing is not None:
-        signing_key = signing.path_value("key")
-        signing.check_unknown()
+    signing_table = root.table("signing")
+    signing = _read_signing(signing_table) if signing_table is not None else SigningConfig()
     recovery_table = root.table("recovery")
     recovery = _read_recovery(recovery_table) if recovery_table is not None else RecoveryConfig()
     applier = read_applier(root.table("applier"))
@@ -191,7 +208,7 @@ def load_recipe(path: Path) -> Recipe:
         extensions=extensions,
         boot_tree=boot_tree,
         data_tree=data_tree,
-        signing_key=signing_key,
+        signing=signing,
         seed=seed,
         recovery=recovery,
         applier=applier,
@@ -237,6 +254,44 @@ def _read_extension(table: Table) -> Extension:
 
 
 _CONSOLE = re.compile(r"(ttyS|ttyAMA|ttyUSB|hvc|tty)[0-9]{1,2}(,[0-9]{4,7}(n8)?)?")
+
+
+def _read_signing(table: Table) -> SigningConfig:
+    keys = []
+    single = table.path_value("key", required=False)
+    if single is not None:
+        keys.append(single)
+    for index, value in enumerate(table.string_list("keys")):
+        keys.append(_existing_file(table, f"keys[{index}]", value, "a private key file (PEM)"))
+    uris = table.string_list("pkcs11")
+    for index, uri in enumerate(uris):
+        if not uri.startswith("pkcs11:"):
+            table.fail(f"pkcs11[{index}]", 'a PKCS#11 URI ("pkcs11:token=…;object=…")', uri)
+    module = table.path_value("pkcs11-module", required=False)
+    if module is not None and not module.is_file():
+        table.fail("pkcs11-module", "an existing PKCS#11 module (.so)", str(module))
+    certificates = tuple(
+        _existing_file(table, f"certificates[{index}]", value, "a certificate file (PEM)")
+        for index, value in enumerate(table.string_list("certificates"))
+    )
+    table.check_unknown()
+    if not keys and not uris:
+        raise RecipeError(
+            f"{table.path}: [signing] key: missing (give key, keys or pkcs11, "
+            "or leave out the [signing] table)"
+        )
+    if len(set(keys)) != len(keys):
+        table.fail("keys", "each key once", [str(key) for key in keys])
+    return SigningConfig(tuple(keys), tuple(uris), module, certificates)
+
+
+def _existing_file(table: Table, key: str, value: str, what: str) -> Path:
+    path = (table.path.parent / value).resolve() if value else table.path.parent
+    if not value or not path.is_file():
+        table.fail(key, what, value)
+    return path
+
+
 _CMDLINE = re.compile(r"[A-Za-z0-9._,:=/@+-]+( [A-Za-z0-9._,:=/@+-]+)*|")
 
 

@@ -29,7 +29,7 @@ import pytest
 import tomli_w
 from conftest import REPO, avobuild_cli
 from test_device_boot import partition_span
-from test_media_boot import MENU, POWER_OFF, Qemu, qemu, uefi_args
+from test_media_boot import MENU, POWER_OFF, Qemu, qemu, restore_factory_image, uefi_args
 
 pytestmark = pytest.mark.slow
 
@@ -201,14 +201,7 @@ def restore_with_usb_stick(tmp_path: Path, firmware: list[str], disk: Path, fact
     with qemu([*firmware, *boot_disk(disk), *usb, "-net", "none"], tmp_path / "usb.log") as machine:
         boot = machine.expect(MENU, timeout=300)
         assert b"1. Restore factory image" in boot
-        machine.send("1\n")
-        listing = machine.expect(b"Disk to write (e.g. /dev/sda): ")
-        assert b"/dev/vda" in listing
-        machine.send("/dev/vda\n")
-        machine.expect(b'Type "yes" to continue: ')
-        machine.send("yes\n")
-        machine.expect(b"factory image restored and verified", timeout=600)
-        machine.expect(MENU)
+        restore_factory_image(machine, "/dev/vda")
     for label in ("boot", "system-a", "system-b"):
         assert partition_bytes(disk, label) == partition_bytes(factory, label), label
 

@@ -145,6 +145,18 @@ def qemu(args: list[str], log: Path, *, reboot: bool = False) -> Iterator[Qemu]:
         machine.stop()
 
 
+def restore_factory_image(machine: Qemu, disk: str, timeout: float = 600) -> None:
+    """At the recovery menu: "1. Restore factory image" onto `disk`, confirmed."""
+    machine.send("1\n")
+    listing = machine.expect(b"Disk to write (e.g. /dev/sda): ")
+    assert disk.encode() in listing
+    machine.send(f"{disk}\n")
+    machine.expect(b'Type "yes" to continue: ')
+    machine.send("yes\n")
+    machine.expect(b"factory image restored and verified", timeout=timeout)
+    machine.expect(MENU)
+
+
 def uefi_args(tmp_path: Path) -> list[str]:
     variables = tmp_path / "OVMF_VARS.fd"
     shutil.copyfile(OVMF_VARS, variables)
@@ -200,14 +212,7 @@ def test_usb_stick_boots_on_bios_and_restores_the_factory_image(
             b"4. Advanced diagnostics",
         ):
             assert item in boot
-        machine.send("1\n")
-        listing = machine.expect(b"Disk to write (e.g. /dev/sda): ")
-        assert b"/dev/vdb" in listing
-        machine.send("/dev/vdb\n")
-        machine.expect(b'Type "yes" to continue: ')
-        machine.send("yes\n")
-        machine.expect(b"factory image restored and verified", timeout=300)
-        machine.expect(MENU)
+        restore_factory_image(machine, "/dev/vdb")
     assert blank.read_bytes() == factory.read_bytes()
 
 

@@ -119,7 +119,9 @@ def test_grow_takes_the_rest_of_the_disk(product: Product) -> None:
         ('tree = "rootfs"', 'tree = "nowhere"', "[rootfs] tree: expected an existing directory"),
         ('mode = "0755"', 'mode = "rwx"', "[rootfs.file#1] mode: expected an octal file mode"),
         ('dest = "/bin/busybox"', 'dest = "/../etc/x"', "[rootfs.file#1] dest"),
-        ('[signing]\nkey = "', '[signing]\nkye = "', "[signing] key: missing"),
+        ('[signing]\nkey = "', '[signing]\nkye = "', "[signing] kye: unknown key"),
+        ('[signing]\nkey = "', '[signing]\nkeys = ["nope.pem"]\nx = "', "[signing] keys[0]"),
+        ('[signing]\nkey = "', '[signing]\npkcs11 = ["token=a"]\nx = "', "[signing] pkcs11[0]"),
         ('name = "tools"', 'name = "Tools!"', "[extension#1] name: expected an extension name"),
     ],
 )

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import avobuild_cli
+from conftest import avobuild_cli, write_product
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
@@ -707,6 +707,36 @@ def test_pkcs11_signing_with_softhsm(
         check=False,
     )
     assert "no private and public key pair" in missing.stderr
+
+
+def test_recipe_signing_table_signs_with_every_key_and_token_key(
+    tmp_path: Path, softhsm: Token
+) -> None:
+    """[signing] keys = [...] and pkcs11 = [...]: `bundle create RECIPE` signs once with each,
+    and a keyring that needs all three signatures accepts the bundle."""
+    product = write_product(tmp_path / "product")
+    second, second_public = generate_keypair(tmp_path / "keys", "second", KeyAlgorithm.ECDSA_P256)
+    text = product.recipe.read_text()
+    old = '[signing]\nkey = "keys/bundle-signing.key.pem"\n'
+    assert old in text
+    product.recipe.write_text(
+        text.replace(
+            old,
+            f'[signing]\nkey = "keys/bundle-signing.key.pem"\nkeys = ["{second}"]\n'
+            'pkcs11 = ["pkcs11:token=release;object=p256?pin-value=1234"]\n'
+            f'pkcs11-module = "{softhsm.module}"\n',
+        )
+    )
+    bundle = tmp_path / "signed.avb"
+    avobuild_cli("bundle", "create", product.recipe, "-o", bundle)
+    ring = write_toml_keyring(
+        tmp_path / "all.toml", [product.public_key, second_public, softhsm.public_keys["p256"]], 3
+    )
+    assert len(verify(bundle, ring).signers) == 3
+    # the command line still wins over the recipe
+    avobuild_cli("bundle", "create", product.recipe, "-o", tmp_path / "one.avb", "--key", second)
+    _, block, _ = split(tmp_path / "one.avb")
+    assert len(parse_signature_block(block).signatures) == 1
 
 
 def test_pkcs11_uri_parsing() -> None:

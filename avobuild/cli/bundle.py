@@ -141,12 +141,17 @@ def bundle_create(
             images = list(build_slot_images(loaded, work, step).items())
             name, version, compatible = loaded.name, loaded.version, loaded.compatible
             if not key and not pkcs11 and not unsigned:
-                if loaded.signing_key is None:
+                # the recipe's [signing] table: every key and token key signs
+                signing = loaded.signing
+                if not signing.keys and not signing.pkcs11:
                     raise RecipeError(
                         f"{recipe}: [signing] key: missing, and no --key, --pkcs11 or "
                         "--unsigned was given"
                     )
-                key = [loaded.signing_key]
+                key = list(signing.keys)
+                pkcs11 = list(signing.pkcs11)
+                pkcs11_module = pkcs11_module or signing.pkcs11_module
+                certificate = certificate or list(signing.certificates)
         else:
             if not image:
                 raise RecipeError(
