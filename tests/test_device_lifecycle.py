@@ -9,9 +9,10 @@ console, as mkosi and RAUC test themselves:
   -> the /data file is intact (read back on the host with debugfs)
   -> the disk is broken; the USB recovery stick restores the factory image; A 1.0.0 boots.
 
-One QEMU process runs the updates: the guest reboots itself (commit, health check, panic=N)
-and the test only watches the console. The bundles reach the guest on a second virtio disk
-(an ext4 "update stick" made with mke2fs -d).
+One QEMU machine runs the updates: the guest reboots itself (commit, health check, panic=N),
+the test's QEMU helper powers it on again at each reset (same disk and UEFI variables) and
+otherwise only watches the console. The bundles reach the guest on a second virtio disk (an
+ext4 "update stick" made with mke2fs -d).
 """
 
 from __future__ import annotations
