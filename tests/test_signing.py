@@ -525,6 +525,34 @@ def test_raw_ecdsa_signatures_are_converted_to_der(
     verify(tmp_path / "s.avb", pair.public_path)
 
 
+@pytest.mark.parametrize(
+    "algorithm", [SignatureAlgorithm.ECDSA_P256_SHA256, SignatureAlgorithm.ECDSA_P384_SHA384]
+)
+def test_raw_ecdsa_starting_like_der_is_still_converted(algorithm: SignatureAlgorithm) -> None:
+    """One raw r||s in 256 begins with 0x30, the DER SEQUENCE tag (a token signature once
+    failed that way); DER input of the raw length is kept as it is."""
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+    from avobuild.bundle.sign import raw_ecdsa_to_der, to_der_signature
+
+    half = 32 if algorithm is SignatureAlgorithm.ECDSA_P256_SHA256 else 48
+    rng = random.Random(20261127)
+    for _ in range(50):
+        r = int.from_bytes(b"\x30" + rng.randbytes(half - 1), "big")
+        s = int.from_bytes(rng.randbytes(half), "big") or 1
+        raw = r.to_bytes(half, "big") + s.to_bytes(half, "big")
+        assert to_der_signature(algorithm, raw) == encode_dss_signature(r, s)
+        assert raw_ecdsa_to_der(algorithm, raw) == encode_dss_signature(r, s)
+    # a canonical DER signature exactly 2 * half bytes long (two (half - 3)-byte INTEGERs and
+    # six bytes of tags and lengths) stays DER
+    value = int.from_bytes(b"\x01" * (half - 3), "big")
+    der = encode_dss_signature(value, value)
+    assert len(der) == 2 * half
+    assert to_der_signature(algorithm, der) == der
+    with pytest.raises(SignatureError, match="r\\|\\|s"):
+        raw_ecdsa_to_der(algorithm, b"\x01" * (2 * half - 1))
+
+
 def test_unsigned_needs_to_be_asked_for(tmp_path: Path, images: list[ImageSource]) -> None:
     with pytest.raises(BundleError, match="no signing key given"):
         make_bundle(tmp_path / "x.avb", images)

@@ -25,7 +25,7 @@ from urllib.parse import unquote, unquote_to_bytes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from avobuild.bundle.keys import PublicKey, check_public_key, key_id
-from avobuild.bundle.sign import SignatureAlgorithm, signature_algorithm, to_der_signature
+from avobuild.bundle.sign import SignatureAlgorithm, raw_ecdsa_to_der, signature_algorithm
 from avobuild.errors import KeyError_
 
 URI_SCHEME = "pkcs11:"
@@ -211,7 +211,7 @@ class Pkcs11Signer:
             raise KeyError_(
                 f"{self.uri}: the token refused to sign ({type(error).__name__}: {error})"
             ) from None
-        return to_der_signature(self._algorithm, raw)
+        return raw_ecdsa_to_der(self._algorithm, raw)
 
     def close(self) -> None:
         self._session.close()

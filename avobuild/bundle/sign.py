@@ -391,15 +391,38 @@ def _parse_certificate(fields: list[str]) -> CertificateEntry:
     return CertificateEntry(identifier, der)
 
 
+_ECDSA_RAW_HALF = {
+    SignatureAlgorithm.ECDSA_P256_SHA256: 32,
+    SignatureAlgorithm.ECDSA_P384_SHA384: 48,
+}
+
+
+def raw_ecdsa_to_der(algorithm: SignatureAlgorithm, signature: bytes) -> bytes:
+    """A raw r||s ECDSA signature (what PKCS#11 CKM_ECDSA returns) as DER."""
+    size = _ECDSA_RAW_HALF[algorithm]
+    if len(signature) != 2 * size:
+        raise SignatureError(
+            f"a raw {algorithm} signature is {2 * size} bytes (r||s), got {len(signature)}"
+        )
+    return encode_dss_signature(
+        int.from_bytes(signature[:size], "big"), int.from_bytes(signature[size:], "big")
+    )
+
+
 def to_der_signature(algorithm: SignatureAlgorithm, signature: bytes) -> bytes:
-    """ECDSA signatures made elsewhere may be raw r||s (PKCS#11, JOSE): convert them to DER."""
-    sizes = {SignatureAlgorithm.ECDSA_P256_SHA256: 32, SignatureAlgorithm.ECDSA_P384_SHA384: 48}
-    size = sizes.get(algorithm)
-    if size is not None and len(signature) == 2 * size and signature[0] != 0x30:
-        r = int.from_bytes(signature[:size], "big")
-        s = int.from_bytes(signature[size:], "big")
-        return encode_dss_signature(r, s)
-    return signature
+    """ECDSA signatures made elsewhere may be raw r||s (JOSE, some HSM tools) or DER: a
+    signature of the raw length that is not canonical DER is converted. (A raw r||s may well
+    begin with 0x30, the DER SEQUENCE tag, so the first byte alone decides nothing.)"""
+    size = _ECDSA_RAW_HALF.get(algorithm)
+    if size is None or len(signature) != 2 * size:
+        return signature
+    try:
+        r, s = decode_dss_signature(signature)
+        if encode_dss_signature(r, s) == signature:
+            return signature
+    except ValueError:
+        pass
+    return raw_ecdsa_to_der(algorithm, signature)
 
 
 # Looks up the manifest's build-date once the manifest bytes are authenticated by a signer;
