@@ -17,7 +17,6 @@ from avobuild.applier.config import (
     read_applier,
     read_rollback,
 )
-from avobuild.errors import RecipeError
 from avobuild.fs import FsType
 from avobuild.layout import Layout, Role, load_layout
 from avobuild.tomlcheck import Table, load_toml
@@ -257,12 +256,10 @@ _CONSOLE = re.compile(r"(ttyS|ttyAMA|ttyUSB|hvc|tty)[0-9]{1,2}(,[0-9]{4,7}(n8)?)
 
 
 def _read_signing(table: Table) -> SigningConfig:
-    keys = []
     single = table.path_value("key", required=False)
-    if single is not None:
-        keys.append(single)
-    for index, value in enumerate(table.string_list("keys")):
-        keys.append(_existing_file(table, f"keys[{index}]", value, "a private key file (PEM)"))
+    keys = ([single] if single is not None else []) + table.file_list(
+        "keys", "a private key file (PEM)"
+    )
     uris = table.string_list("pkcs11")
     for index, uri in enumerate(uris):
         if not uri.startswith("pkcs11:"):
@@ -270,26 +267,13 @@ def _read_signing(table: Table) -> SigningConfig:
     module = table.path_value("pkcs11-module", required=False)
     if module is not None and not module.is_file():
         table.fail("pkcs11-module", "an existing PKCS#11 module (.so)", str(module))
-    certificates = tuple(
-        _existing_file(table, f"certificates[{index}]", value, "a certificate file (PEM)")
-        for index, value in enumerate(table.string_list("certificates"))
-    )
+    certificates = table.file_list("certificates", "a certificate file (PEM)")
     table.check_unknown()
     if not keys and not uris:
-        raise RecipeError(
-            f"{table.path}: [signing] key: missing (give key, keys or pkcs11, "
-            "or leave out the [signing] table)"
-        )
+        table.fail("key", "key, keys or pkcs11 (or no [signing] table at all)")
     if len(set(keys)) != len(keys):
         table.fail("keys", "each key once", [str(key) for key in keys])
-    return SigningConfig(tuple(keys), tuple(uris), module, certificates)
-
-
-def _existing_file(table: Table, key: str, value: str, what: str) -> Path:
-    path = (table.path.parent / value).resolve() if value else table.path.parent
-    if not value or not path.is_file():
-        table.fail(key, what, value)
-    return path
+    return SigningConfig(tuple(keys), tuple(uris), module, tuple(certificates))
 
 
 _CMDLINE = re.compile(r"[A-Za-z0-9._,:=/@+-]+( [A-Za-z0-9._,:=/@+-]+)*|")

@@ -150,6 +150,17 @@ class Table:
             self.fail(key, "a path", value)
         return (self.path.parent / value).resolve()
 
+    def file_list(self, key: str, what: str) -> list[Path]:
+        """A list of existing files, each relative to the directory of this file; an error
+        names the entry as key[index]."""
+        files = []
+        for index, value in enumerate(self.string_list(key)):
+            path = (self.path.parent / value).resolve()
+            if not value or not path.is_file():
+                self.fail(f"{key}[{index}]", what, value)
+            files.append(path)
+        return files
+
     def string_list(self, key: str) -> list[str]:
         value = self._get(key, required=False)
         if value is None:

@@ -42,17 +42,27 @@ def partition_span(disk: Path, label: str) -> tuple[int, int]:
     return table.offset(part), table.size(part)
 
 
-def _slot_file(disk: Path, label: str, path: str, tmp_path: Path) -> bytes:
+def partition_bytes(disk: Path, label: str) -> bytes:
+    """The whole partition named `label` of a disk image."""
     offset, size = partition_span(disk, label)
-    slot = tmp_path / f"{label}.img"
     with disk.open("rb") as handle:
         handle.seek(offset)
-        slot.write_bytes(handle.read(size))
+        return handle.read(size)
+
+
+def ext4_dump(image: Path, path: str, tmp_path: Path) -> bytes:
+    """A file read out of an ext4 filesystem image by debugfs."""
     dump = tmp_path / "dumped"
     subprocess.run(
-        ["debugfs", "-R", f"dump {path} {dump}", str(slot)], check=True, capture_output=True
+        ["debugfs", "-R", f"dump {path} {dump}", str(image)], check=True, capture_output=True
     )
     return dump.read_bytes()
+
+
+def _slot_file(disk: Path, label: str, path: str, tmp_path: Path) -> bytes:
+    slot = tmp_path / f"{label}.img"
+    slot.write_bytes(partition_bytes(disk, label))
+    return ext4_dump(slot, path, tmp_path)
 
 
 def test_device_initramfs_is_reproducible_and_carries_the_disk_modules(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 import tomli_w
 from conftest import REPO, avobuild_cli
-from test_device_boot import partition_span
+from test_device_boot import ext4_dump, partition_bytes
 from test_media_boot import MENU, POWER_OFF, Qemu, qemu, restore_factory_image, uefi_args
 
 pytestmark = pytest.mark.slow
@@ -207,13 +207,6 @@ def restore_with_usb_stick(tmp_path: Path, firmware: list[str], disk: Path, fact
         assert partition_bytes(disk, label) == partition_bytes(factory, label), label
 
 
-def partition_bytes(disk: Path, label: str) -> bytes:
-    offset, size = partition_span(disk, label)
-    with disk.open("rb") as handle:
-        handle.seek(offset)
-        return handle.read(size)
-
-
 def test_device_lifecycle(tmp_path: Path) -> None:
     started = time.monotonic()
     phases: list[tuple[str, float]] = []
@@ -310,13 +303,7 @@ def test_device_lifecycle(tmp_path: Path) -> None:
     data_image = tmp_path / "data.img"
     data_image.write_bytes(partition_bytes(disk, "data"))
     subprocess.run(["e2fsck", "-fn", str(data_image)], check=True, capture_output=True)
-    dumped = tmp_path / "keep.bin"
-    subprocess.run(
-        ["debugfs", "-R", f"dump /{DATA_FILE} {dumped}", str(data_image)],
-        check=True,
-        capture_output=True,
-    )
-    assert dumped.read_bytes() == data
+    assert ext4_dump(data_image, f"/{DATA_FILE}", tmp_path) == data
 
     # 5. a broken disk: the USB recovery stick restores the factory image
     with disk.open("r+b") as handle:

@@ -171,9 +171,7 @@ def read_applier(table: Table | None) -> ApplierConfig:
     panic_reboot = table.integer("panic-reboot", default=defaults.panic_reboot)
     if panic_reboot > 3600:
         table.fail("panic-reboot", "seconds from 0 (never) to 3600", panic_reboot)
-    keys = tuple(
-        _key_path(table, value, index) for index, value in enumerate(table.string_list("keys"))
-    )
+    keys = tuple(table.file_list("keys", "an existing public key file (PEM)"))
     config = ApplierConfig(
         bootloader=Bootloader(bootloader),
         init=InitSystem(init),
@@ -194,13 +192,6 @@ def read_applier(table: Table | None) -> ApplierConfig:
     )
     table.check_unknown()
     return config
-
-
-def _key_path(table: Table, value: str, index: int) -> Path:
-    path = (table.path.parent / value).resolve()
-    if not path.is_file():
-        table.fail(f"keys[{index}]", "an existing public key file (PEM)", value)
-    return path
 
 
 def read_rollback(table: Table | None) -> RollbackConfig:

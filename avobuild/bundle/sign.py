@@ -362,14 +362,18 @@ def _parse_signature(fields: list[str]) -> SignatureEntry:
     return SignatureEntry(algorithm=algorithm, key_id=identifier, signature=raw)
 
 
+def _is_canonical_der(signature: bytes) -> bool:
+    """True when `signature` is an ECDSA-Sig-Value in DER, encoded the one canonical way."""
+    try:
+        r, s = decode_dss_signature(signature)
+    except ValueError:
+        return False
+    return encode_dss_signature(r, s) == signature
+
+
 def _check_ecdsa_der(algorithm: str, raw: bytes) -> None:
     """An ECDSA signature must be canonical DER, so no byte of it can change unnoticed."""
-    try:
-        r, s = decode_dss_signature(raw)
-        canonical = encode_dss_signature(r, s) == raw
-    except ValueError:
-        canonical = False
-    if not canonical or len(raw) > _ECDSA_MAX_DER[SignatureAlgorithm(algorithm)]:
+    if not _is_canonical_der(raw) or len(raw) > _ECDSA_MAX_DER[SignatureAlgorithm(algorithm)]:
         raise SignatureError(
             f"signature: an {algorithm} signature must be a DER ECDSA-Sig-Value "
             "(SEQUENCE of two INTEGERs, as 'openssl dgst -sign' writes it)"
@@ -414,14 +418,8 @@ def to_der_signature(algorithm: SignatureAlgorithm, signature: bytes) -> bytes:
     signature of the raw length that is not canonical DER is converted. (A raw r||s may well
     begin with 0x30, the DER SEQUENCE tag, so the first byte alone decides nothing.)"""
     size = _ECDSA_RAW_HALF.get(algorithm)
-    if size is None or len(signature) != 2 * size:
+    if size is None or len(signature) != 2 * size or _is_canonical_der(signature):
         return signature
-    try:
-        r, s = decode_dss_signature(signature)
-        if encode_dss_signature(r, s) == signature:
-            return signature
-    except ValueError:
-        pass
     return raw_ecdsa_to_der(algorithm, signature)
 
 
