@@ -24,12 +24,13 @@ from avobuild.applier.render import render_applier
 from avobuild.boot.grubenv import parse_grubenv, render_grubenv
 from avobuild.boot.state import BOOT_STATE_PATH, BootState
 from avobuild.boot.trial import trial_boot
-from avobuild.bundle.install import install_bundle
 from avobuild.bundle.keys import generate_keypair
-from avobuild.disk.image import build_factory_image, build_slot_images
+from avobuild.disk.plan import DiskPlan, plan_layout
 from avobuild.fs import read_vfat_file
-from avobuild.layout import DiskPlan, Role, Slot, plan_layout
-from avobuild.recipe import load_recipe
+from avobuild.image.factory import build_factory_image, build_slot_images
+from avobuild.model.layout import Role, Slot
+from avobuild.model.recipe import load_recipe
+from avobuild.update.install import install_bundle
 
 ROLLBACK = """
 [applier]

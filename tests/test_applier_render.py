@@ -20,8 +20,8 @@ from avobuild.boot.uboot import (
     render_uboot_env,
 )
 from avobuild.errors import RecipeError
-from avobuild.layout import Slot
-from avobuild.recipe import load_recipe
+from avobuild.model.layout import Slot
+from avobuild.model.recipe import load_recipe
 
 
 def with_tables(product: Product, text: str) -> Path:

@@ -16,13 +16,14 @@ import pytest
 from conftest import avobuild_cli, write_product
 
 from avobuild.bundle.format import BundleReader
-from avobuild.bundle.install import install_bundle, read_boot_state
 from avobuild.bundle.keys import load_keyring
 from avobuild.bundle.manifest import BundleType
-from avobuild.disk.image import build_factory_image, build_slot_images
+from avobuild.disk.plan import plan_layout
 from avobuild.errors import BundleError
-from avobuild.layout import Role, Slot, plan_layout
-from avobuild.recipe import load_recipe
+from avobuild.image.factory import build_factory_image, build_slot_images
+from avobuild.model.layout import Role, Slot
+from avobuild.model.recipe import load_recipe
+from avobuild.update.install import install_bundle, read_boot_state
 
 
 def read_range(path: Path, offset: int, size: int) -> bytes:

@@ -15,12 +15,12 @@ from conftest import REPO, avobuild_cli
 from test_media_boot import qemu, uefi_args
 
 from avobuild.applier.render import render_applier
+from avobuild.binaries.kmod import module_name
 from avobuild.device.boot import DEVICE_MODULES, build_device_initramfs
 from avobuild.disk.gpt import read_gpt
 from avobuild.fs import read_vfat_file
-from avobuild.media.initramfs import read_newc
-from avobuild.media.kmod import module_name
-from avobuild.recipe import load_recipe
+from avobuild.fs.cpio import read_newc
+from avobuild.model.recipe import load_recipe
 
 DEMO = REPO / "recipes" / "demo.toml"
 MARKER = b"AVOBUILD-BOOT-OK"

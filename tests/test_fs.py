@@ -25,7 +25,6 @@ from avobuild.errors import BuildError, ToolFailed
 from avobuild.fs import (
     EntryKind,
     FsEntry,
-    FsType,
     build_filesystem,
     deterministic_uuid,
     list_erofs_tree,
@@ -41,6 +40,7 @@ from avobuild.fs import (
     write_vfat_file,
 )
 from avobuild.fs.erofs import extract_erofs
+from avobuild.model.layout import FsType
 from avobuild.run import run, run_text, source_date_epoch
 
 MiB = 1 << 20

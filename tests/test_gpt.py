@@ -26,8 +26,8 @@ from avobuild.disk.gpt import (
     read_gpt,
     write_gpt,
 )
-from avobuild.disk.guids import GPT_TYPES, MBR_TYPES, resolve_type_guid, type_name
 from avobuild.errors import BuildError, InstallError
+from avobuild.model.guids import GPT_TYPES, MBR_TYPES, resolve_type_guid, type_name
 
 MIB = 1024 * 1024
 DISK_GUID = uuid.UUID("6f1b5a0e-8d2c-4b7a-9e3f-0a1b2c3d4e5f")

@@ -12,9 +12,10 @@ import pytest
 from conftest import REPO, Product, avobuild_cli, file_sha256, write_product
 
 from avobuild.boot.grubenv import parse_grubenv
-from avobuild.disk.image import FactoryImage, build_factory_image
-from avobuild.layout import Role, plan_layout
-from avobuild.recipe import load_recipe
+from avobuild.disk.plan import plan_layout
+from avobuild.image.factory import FactoryImage, build_factory_image
+from avobuild.model.layout import Role
+from avobuild.model.recipe import load_recipe
 
 
 def sh(*args: str | Path) -> str:

@@ -268,8 +268,8 @@ def test_pxe_validates_its_input(product: Product, tmp_path: Path) -> None:
 
 
 def test_missing_boot_loader_files_name_their_package() -> None:
+    from avobuild.boot.bootfiles import host_file
     from avobuild.errors import ToolMissing
-    from avobuild.media.bootfiles import host_file
 
     with pytest.raises(ToolMissing, match=r"apt-get install isolinux"):
         host_file(("/nonexistent/isolinux.bin", "isolinux"), "boot USB media on BIOS")

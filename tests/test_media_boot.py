@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 from conftest import REPO, Product, avobuild_cli, write_product
 
+from avobuild.boot.bootfiles import GRUB_COMMON_MODULES, GRUB_DISK_MODULES, build_grub_efi
 from avobuild.boot.grubenv import parse_grubenv, render_grubenv
 from avobuild.disk.gpt import read_gpt
 from avobuild.fs import list_ext4_tree, read_vfat_file, write_vfat_file
-from avobuild.media.bootfiles import GRUB_COMMON_MODULES, GRUB_DISK_MODULES, build_grub_efi
 
 pytestmark = pytest.mark.slow
 

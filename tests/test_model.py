@@ -6,9 +6,10 @@ import json
 
 from conftest import REPO, Product, avobuild_cli
 
-from avobuild.layout import DiskPlan, Layout, load_layout, plan_layout
-from avobuild.recipe import Recipe, load_recipe
-from avobuild.serialize import from_jsonable, to_jsonable
+from avobuild.disk.plan import DiskPlan, plan_layout
+from avobuild.model.layout import Layout, load_layout
+from avobuild.model.recipe import Recipe, load_recipe
+from avobuild.model.serialize import from_jsonable, to_jsonable
 
 
 def test_recipe_round_trip(product: Product) -> None:

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 from conftest import REPO, Product, write_product
 
-from avobuild.elf import check_binaries, check_kernel, find_foreign_binaries
+from avobuild.binaries.elf import check_binaries, check_kernel, find_foreign_binaries
+from avobuild.disk.plan import plan_layout
 from avobuild.errors import BuildError, RecipeError
-from avobuild.layout import Role, Slot, load_layout, plan_layout
-from avobuild.recipe import Architecture, load_recipe
+from avobuild.model.layout import Role, Slot, load_layout
+from avobuild.model.recipe import Architecture, load_recipe
 
 
 def test_product_recipe_loads(product: Product) -> None:
@@ -169,7 +170,7 @@ def test_foreign_binary_refused(tmp_path: Path) -> None:
 
 
 def test_build_refuses_foreign_rootfs(tmp_path: Path) -> None:
-    from avobuild.disk.image import stage_rootfs
+    from avobuild.image.factory import stage_rootfs
 
     product = write_product(tmp_path / "p")
     _edit(product.recipe, 'architecture = "x86_64"', 'architecture = "aarch64"')

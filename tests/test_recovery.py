@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from conftest import REPO, Product, avobuild_cli, write_product
 
+from avobuild.binaries.elfdeps import shared_libraries
+from avobuild.binaries.kmod import kernel_release, open_module_tree, resolve_modules
 from avobuild.disk.gpt import read_gpt
 from avobuild.errors import BuildError, InstallError, RecipeError
 from avobuild.fs import list_ext4_tree, read_ext4_file
-from avobuild.media.elfdeps import shared_libraries
-from avobuild.media.initramfs import Initramfs, read_newc
-from avobuild.media.kmod import kernel_release, open_module_tree, resolve_modules
+from avobuild.fs.cpio import Initramfs, read_newc
 from avobuild.media.recovery import (
     Mode,
     build_initramfs,
@@ -26,7 +26,7 @@ from avobuild.media.recovery import (
     install_recovery,
     render_recovery_conf,
 )
-from avobuild.recipe import ToolSet, load_recipe
+from avobuild.model.recipe import ToolSet, load_recipe
 
 DEBIAN = REPO / "build" / "debian"
 KERNEL = DEBIAN / "vmlinuz"
@@ -261,7 +261,8 @@ def test_recovery_install_refuses_what_does_not_fit(product: Product, tmp_path: 
     disk = next(out.glob("*.img"))
     before = hashlib.sha256(disk.read_bytes()).hexdigest()
     big = tmp_path / "big.img"
-    from avobuild.fs import FsType, build_filesystem
+    from avobuild.fs import build_filesystem
+    from avobuild.model.layout import FsType
 
     build_filesystem(FsType.EXT4, None, big, 16 << 20, label="recovery", seed="x")
     with pytest.raises(InstallError, match="does not fit partition recovery"):

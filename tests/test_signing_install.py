@@ -22,14 +22,14 @@ import pytest
 from conftest import REPO, avobuild_cli, write_product
 
 from avobuild.bundle.format import BundleReader, ImageSource, write_bundle
-from avobuild.bundle.install import install_bundle, read_boot_state
 from avobuild.bundle.keys import load_keyring, load_private_key
 from avobuild.bundle.manifest import Compression, Policy
 from avobuild.disk.gpt import read_gpt
-from avobuild.disk.image import build_factory_image, build_slot_images
 from avobuild.errors import BundleError, CompatibilityError
-from avobuild.layout import Slot
-from avobuild.recipe import load_recipe
+from avobuild.image.factory import build_factory_image, build_slot_images
+from avobuild.model.layout import Slot
+from avobuild.model.recipe import load_recipe
+from avobuild.update.install import install_bundle, read_boot_state
 
 CHUNK = 64 << 10
 

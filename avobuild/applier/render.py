@@ -16,15 +16,16 @@ from pathlib import Path
 import jinja2
 
 from avobuild import __version__
-from avobuild.applier.config import ApplierConfig, Bootloader, InitSystem
 from avobuild.boot.state import factory_state
 from avobuild.boot.uboot import render_uboot_env
 from avobuild.bundle.keys import load_keyring, public_key_pem
 from avobuild.bundle.sign import signature_algorithm
 from avobuild.disk.gpt import derive_guid
+from avobuild.disk.plan import plan_layout
 from avobuild.errors import RecipeError
-from avobuild.layout import IMAGE_SLOT_CLASS, Role, Slot, plan_layout
-from avobuild.recipe import Recipe
+from avobuild.model.applier import ApplierConfig, Bootloader, InitSystem
+from avobuild.model.layout import IMAGE_SLOT_CLASS, Role, Slot
+from avobuild.model.recipe import Recipe
 from avobuild.run import run
 
 _SH_SAFE = re.compile(r"[A-Za-z0-9._+~:@/,{}?=&%-]*")

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from avobuild.errors import InstallError
-from avobuild.layout import Slot
+from avobuild.model.layout import Slot
 
 DEFAULT_MAX_ATTEMPTS = 3
 

@@ -13,7 +13,7 @@ docs/applier.md explains the mapping line by line.
 
 from __future__ import annotations
 
-from avobuild.layout import Slot
+from avobuild.model.layout import Slot
 
 
 def trial_boot(variables: dict[str, str]) -> tuple[Slot, dict[str, str]]:

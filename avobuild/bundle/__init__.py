@@ -2,7 +2,7 @@
 
 The byte layout is specified in docs/bundle-format.md; `format` reads and writes it,
 `manifest` and `sign` encode its two text regions, `keys` loads signing keys and keyrings,
-`x509` checks signer certificates, `pkcs11` signs with HSM keys, `resign` signs existing
-bundles (offline signing, re-signing), `policy` checks the signed installation policy and
-`crypt` encrypts payloads. docs/signing.md is the operator's guide to all of it.
+`x509` checks signer certificates, `verify` checks a signature block against a keyring,
+`pkcs11` signs with HSM keys, `resign` signs existing bundles (offline signing, re-signing)
+and `crypt` encrypts payloads. docs/signing.md is the operator's guide to all of it.
 """

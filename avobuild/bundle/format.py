@@ -64,8 +64,8 @@ from avobuild.bundle.sign import (
     parse_signature_block,
     render_signature_block,
     sign_manifest_with,
-    verify_all_signatures,
 )
+from avobuild.bundle.verify import verify_all_signatures
 from avobuild.errors import BundleError
 
 MAGIC = b"AVOBUNDLE"

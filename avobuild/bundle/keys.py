@@ -324,7 +324,7 @@ def _keyring_of(
 
 
 def _load_toml_keyring(path: Path) -> Keyring:
-    from avobuild.tomlcheck import load_toml
+    from avobuild.model.tomlcheck import load_toml
 
     try:
         table = load_toml(path)

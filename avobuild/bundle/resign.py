@@ -38,9 +38,9 @@ from avobuild.bundle.sign import (
     render_signature_block,
     signature_algorithm,
     to_der_signature,
-    verify_all_signatures,
     verify_data,
 )
+from avobuild.bundle.verify import verify_all_signatures
 from avobuild.errors import BundleError, KeyError_, SignatureError
 
 _COPY_BLOCK = 1 << 20

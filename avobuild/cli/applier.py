@@ -20,7 +20,7 @@ def applier_render(
 ) -> None:
     """Render avocado-update, rollback.yaml, keys, units and boot scripts into a directory."""
     from avobuild.applier.render import render_applier
-    from avobuild.recipe import load_recipe
+    from avobuild.model.recipe import load_recipe
 
     rendered = render_applier(load_recipe(recipe), output)
     for path in rendered.files:

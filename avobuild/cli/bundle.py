@@ -124,10 +124,10 @@ def bundle_create(
     from avobuild.bundle.format import ImageSource, write_bundle
     from avobuild.bundle.manifest import COMPATIBLE_PATTERN, Policy
     from avobuild.bundle.resign import load_signer_identity
-    from avobuild.disk.image import build_slot_images
-    from avobuild.recipe import NAME_PATTERN, load_recipe
+    from avobuild.image.factory import build_slot_images
+    from avobuild.model.recipe import NAME_PATTERN, load_recipe
+    from avobuild.model.tomlcheck import parse_size
     from avobuild.run import source_date_epoch
-    from avobuild.tomlcheck import parse_size
 
     try:
         chunk_bytes = parse_size(chunk_size)

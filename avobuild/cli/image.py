@@ -21,8 +21,8 @@ def image(
     workdir: WorkdirOption = None,
 ) -> None:
     """Build the factory disk image (GPT, A/B slots, data, recovery) and its .bmap."""
-    from avobuild.disk.image import build_factory_image
-    from avobuild.recipe import load_recipe
+    from avobuild.image.factory import build_factory_image
+    from avobuild.model.recipe import load_recipe
 
     loaded = load_recipe(recipe)
     with work_directory(workdir) as work:

@@ -37,8 +37,8 @@ def install(
     arrives; the slots switch only after the whole bundle verified.
     """
     from avobuild.bundle.crypt import load_decryption_key
-    from avobuild.bundle.install import install_bundle
-    from avobuild.layout import load_layout
+    from avobuild.model.layout import load_layout
+    from avobuild.update.install import install_bundle
 
     decryption = load_decryption_key(decryption_key) if decryption_key is not None else None
     loaded_layout = load_layout(layout) if layout is not None else None
@@ -68,8 +68,8 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show which slot boots next, what each slot holds and whether it is confirmed."""
-    from avobuild.bundle.install import read_boot_state
-    from avobuild.layout import load_layout
+    from avobuild.model.layout import load_layout
+    from avobuild.update.install import read_boot_state
 
     state = read_boot_state(disk, load_layout(layout) if layout is not None else None)
     report = {

@@ -54,7 +54,7 @@ def usb(
     """Build a hybrid ISO (BIOS + UEFI, CD or USB stick) with the recovery system, the factory
     image and the menu; optionally write it to a stick."""
     from avobuild.media.usb import build_usb_media, check_target_device, write_to_device
-    from avobuild.recipe import load_recipe
+    from avobuild.model.recipe import load_recipe
 
     loaded = load_recipe(recipe)
     # Refuse a wrong --device before spending minutes on the build.
@@ -118,7 +118,7 @@ def pxe(
     from dataclasses import replace
 
     from avobuild.media.pxe import build_pxe_tree, default_settings, parse_device, parse_server
-    from avobuild.recipe import ToolSet, load_recipe
+    from avobuild.model.recipe import ToolSet, load_recipe
 
     address = parse_server(server)
     devices = [parse_device(value) for value in mac or []]

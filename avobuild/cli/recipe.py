@@ -19,9 +19,9 @@ def recipe_show(
     recipe: Annotated[Path, typer.Argument(help="Recipe TOML file.")],
 ) -> None:
     """Print the validated recipe, its layout and the planned partition offsets as JSON."""
-    from avobuild.layout import plan_layout
-    from avobuild.recipe import load_recipe
-    from avobuild.serialize import to_jsonable
+    from avobuild.disk.plan import plan_layout
+    from avobuild.model.recipe import load_recipe
+    from avobuild.model.serialize import to_jsonable
 
     loaded = load_recipe(recipe)
     plan = plan_layout(loaded.layout)

@@ -34,7 +34,7 @@ def parse_tools(value: str | None) -> list[str] | None:
     """ "network,storage" -> ["network", "storage"]; None keeps the recipe's choice."""
     if value is None:
         return None
-    from avobuild.recipe import ToolSet
+    from avobuild.model.recipe import ToolSet
 
     names = [name.strip() for name in value.split(",") if name.strip()]
     known = [tool.value for tool in ToolSet]
@@ -58,7 +58,7 @@ def build(
     """Build recovery.img: kernel + initramfs (busybox, tool sets, menu) on ext4, sized to
     the layout's recovery partition."""
     from avobuild.media.recovery import build_recovery_image
-    from avobuild.recipe import ToolSet, load_recipe
+    from avobuild.model.recipe import ToolSet, load_recipe
 
     loaded = load_recipe(recipe)
     names = parse_tools(tools)
@@ -93,8 +93,8 @@ def install(
     ] = None,
 ) -> None:
     """Write recovery.img into the recovery partition of a disk image and verify it."""
-    from avobuild.layout import load_layout
     from avobuild.media.recovery import install_recovery
+    from avobuild.model.layout import load_layout
 
     loaded = load_layout(layout) if layout is not None else None
     result = install_recovery(image, disk, layout=loaded)

@@ -12,15 +12,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from avobuild.applier.config import Bootloader
 from avobuild.applier.render import render_applier
+from avobuild.binaries.elfdeps import shared_libraries
+from avobuild.binaries.kmod import kernel_release, open_module_tree, resolve_modules
+from avobuild.boot.bootfiles import GRUB_COMMON_MODULES, GRUB_DISK_MODULES, build_grub_efi
 from avobuild.fs import write_vfat_file
-from avobuild.layout import Role
-from avobuild.media.bootfiles import GRUB_COMMON_MODULES, GRUB_DISK_MODULES, build_grub_efi
-from avobuild.media.elfdeps import shared_libraries
-from avobuild.media.initramfs import Initramfs
-from avobuild.media.kmod import kernel_release, open_module_tree, resolve_modules
-from avobuild.recipe import Recipe
+from avobuild.fs.cpio import Initramfs
+from avobuild.model.applier import Bootloader
+from avobuild.model.layout import Role
+from avobuild.model.recipe import Recipe
 from avobuild.run import which
 
 INITRD_PATH = "boot/initrd.img"

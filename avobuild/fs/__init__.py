@@ -13,7 +13,6 @@ stage trees in a 0755 directory. Nothing needs root: no mounts, no loop devices.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable
 from pathlib import Path
 from typing import assert_never
@@ -36,6 +35,7 @@ from avobuild.fs.vfat import (
     read_vfat_file,
     write_vfat_file,
 )
+from avobuild.model.layout import FsType
 
 __all__ = [
     "EntryKind",
@@ -55,13 +55,6 @@ __all__ = [
     "validate_label",
     "write_vfat_file",
 ]
-
-
-class FsType(enum.StrEnum):
-    EXT4 = "ext4"
-    VFAT = "vfat"
-    SQUASHFS = "squashfs"
-    EROFS = "erofs"
 
 
 # Read-only formats size themselves; writable ones are formatted to fill their partition.

@@ -31,8 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from avobuild.errors import BuildError
-from avobuild.media.bootfiles import (
+from avobuild.boot.bootfiles import (
     GRUB_COMMON_MODULES,
     GRUB_NET_MODULES,
     LDLINUX_C32,
@@ -40,6 +39,7 @@ from avobuild.media.bootfiles import (
     build_grub_efi,
     copy_host_file,
 )
+from avobuild.errors import BuildError
 from avobuild.media.recovery import (
     INITRD_NAME,
     KERNEL_NAME,
@@ -50,7 +50,7 @@ from avobuild.media.recovery import (
     render_template,
 )
 from avobuild.media.usb import FACTORY_NAME, boot_parameters, compress_factory_image
-from avobuild.recipe import Recipe, ToolSet
+from avobuild.model.recipe import Recipe, ToolSet
 from avobuild.run import source_date_epoch
 
 Progress = Callable[[str], None]

@@ -26,17 +26,18 @@ from typing import Any
 
 import jinja2
 
+from avobuild.binaries.elf import check_kernel
+from avobuild.binaries.elfdeps import shared_libraries
+from avobuild.binaries.kmod import open_module_tree, resolve_modules
 from avobuild.disk.gpt import read_gpt
-from avobuild.elf import check_kernel
+from avobuild.disk.plan import plan_layout
 from avobuild.errors import BuildError, InstallError
-from avobuild.fs import FsType, build_filesystem, deterministic_uuid
-from avobuild.layout import Layout, Role, plan_layout
-from avobuild.media.elfdeps import shared_libraries
-from avobuild.media.initramfs import Initramfs
-from avobuild.media.kmod import open_module_tree, resolve_modules
-from avobuild.recipe import Recipe, ToolSet
+from avobuild.fs import build_filesystem, deterministic_uuid
+from avobuild.fs.cpio import Initramfs
+from avobuild.model.layout import FsType, Layout, Role
+from avobuild.model.recipe import Recipe, ToolSet
+from avobuild.model.tomlcheck import format_size
 from avobuild.run import run_text, source_date_epoch, which
-from avobuild.tomlcheck import format_size
 
 Progress = Callable[[str], None]
 TEMPLATES = Path(__file__).parent / "templates"

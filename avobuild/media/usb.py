@@ -28,10 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from avobuild.disk.image import build_factory_image
-from avobuild.errors import InstallError
-from avobuild.fs import FsType, build_filesystem
-from avobuild.media.bootfiles import (
+from avobuild.boot.bootfiles import (
     GRUB_COMMON_MODULES,
     GRUB_DISK_MODULES,
     ISOHYBRID_MBR,
@@ -41,6 +38,9 @@ from avobuild.media.bootfiles import (
     copy_host_file,
     host_file,
 )
+from avobuild.errors import InstallError
+from avobuild.fs import build_filesystem
+from avobuild.image.factory import build_factory_image
 from avobuild.media.recovery import (
     INITRD_NAME,
     KERNEL_NAME,
@@ -50,7 +50,8 @@ from avobuild.media.recovery import (
     medium_id,
     render_template,
 )
-from avobuild.recipe import Recipe, ToolSet
+from avobuild.model.layout import FsType
+from avobuild.model.recipe import Recipe, ToolSet
 from avobuild.run import run, source_date_epoch
 
 Progress = Callable[[str], None]

@@ -16,7 +16,8 @@ import sys
 import zipfile
 from pathlib import Path
 
-from avobuild.fs import FsType, build_filesystem
+from avobuild.fs import build_filesystem
+from avobuild.model.layout import FsType
 
 RELEASES = {
     "old": [

@@ -21,12 +21,14 @@ from avobuild.boot.state import BOOT_STATE_PATH, DEFAULT_MAX_ATTEMPTS, BootState
 from avobuild.bundle.format import BundleReader
 from avobuild.bundle.keys import Keyring, PrivateKey, load_keyring
 from avobuild.bundle.manifest import BundleType, Manifest
-from avobuild.bundle.policy import check_install_policy
 from avobuild.disk.gpt import GptPartition, GptTable, read_gpt
 from avobuild.errors import CompatibilityError, InstallError, ToolFailed
 from avobuild.fs import read_vfat_file, write_vfat_file
-from avobuild.layout import IMAGE_SLOT_CLASS, Layout, Role, Slot
-from avobuild.tomlcheck import format_size
+from avobuild.model.layout import IMAGE_SLOT_CLASS, Layout, Role, Slot
+from avobuild.model.tomlcheck import format_size
+from avobuild.update.delta import install_delta
+from avobuild.update.policy import check_install_policy
+from avobuild.update.target import role_label
 
 InstallProgress = Callable[[str, int, int], None]
 # A recipient's private key, or the 32-byte content key itself.
@@ -44,16 +46,6 @@ class InstallResult:
 
 def _no_progress(_step: str, _done: int, _total: int) -> None:
     pass
-
-
-def role_label(layout: Layout | None, role: Role) -> str:
-    """The partition label of `role`: from the layout, or by convention the role's name."""
-    if layout is not None:
-        spec = layout.by_role(role)
-        if spec is None:
-            raise InstallError(f"{layout.path}: no partition has role {role.value!r}")
-        return spec.label
-    return role.value
 
 
 def _find(table: GptTable, disk: Path, label: str) -> GptPartition:
@@ -123,8 +115,6 @@ def install_bundle(
         targets = {} if delta else _plan_targets(manifest, table, disk, layout, target)
         total = sum(image.size for image in manifest.images)
         if delta:
-            from avobuild.delta.install import install_delta
-
             written = install_delta(
                 reader,
                 manifest,

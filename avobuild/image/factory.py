@@ -15,17 +15,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from avobuild.binaries.elf import check_binaries, check_kernel
 from avobuild.boot.grubenv import render_grubenv
 from avobuild.boot.state import BOOT_STATE_PATH, factory_state
 from avobuild.device.boot import device_boot_enabled, install_esp_boot, install_slot_boot
 from avobuild.disk.bmap import render_bmap
 from avobuild.disk.gpt import GptPartition, derive_guid, write_gpt
-from avobuild.elf import check_binaries, check_kernel
+from avobuild.disk.plan import DiskPlan, PlacedPartition, plan_layout
 from avobuild.errors import BuildError
-from avobuild.fs import FsType, build_filesystem, write_vfat_file
-from avobuild.layout import DiskPlan, PartitionSpec, PlacedPartition, Role, plan_layout
-from avobuild.recipe import Recipe
-from avobuild.tomlcheck import format_size
+from avobuild.fs import build_filesystem, write_vfat_file
+from avobuild.model.layout import FsType, PartitionSpec, Role
+from avobuild.model.recipe import Recipe
+from avobuild.model.tomlcheck import format_size
 
 Progress = Callable[[str], None]
 RELEASE_PATH = "usr/lib/avobuild/release"

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from avobuild.tomlcheck import Table
+from avobuild.model.tomlcheck import Table
 
 SAFE_PATH = re.compile(r"/[A-Za-z0-9._+@/-]*")
 SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9@._:-]{0,127}")

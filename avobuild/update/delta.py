@@ -1,4 +1,4 @@
-"""Installing a delta bundle into a disk image (called by avobuild.bundle.install).
+"""Installing a delta bundle into a disk image (called by avobuild.update.install).
 
 Each image's delta is applied with the ACTIVE slot's partition as the source and the inactive
 slot's partition as the target. Before anything is written, the first `source.size` bytes of
@@ -21,8 +21,9 @@ from avobuild.bundle.manifest import ImageEntry, ImageRef, Manifest
 from avobuild.delta.apply import ChunkStream, Region, apply_delta, check_source, image_chunks
 from avobuild.disk.gpt import GptTable
 from avobuild.errors import CompatibilityError, InstallError
-from avobuild.layout import IMAGE_SLOT_CLASS, Layout, Role, Slot
-from avobuild.tomlcheck import format_size
+from avobuild.model.layout import IMAGE_SLOT_CLASS, Layout, Role, Slot
+from avobuild.model.tomlcheck import format_size
+from avobuild.update.target import role_label
 
 InstallProgress = Callable[[str, int, int], None]
 
@@ -30,8 +31,6 @@ InstallProgress = Callable[[str, int, int], None]
 def _partition(
     table: GptTable, disk: Path, layout: Layout | None, image: str, slot: Slot
 ) -> tuple[int, int, str]:
-    from avobuild.bundle.install import role_label
-
     slot_class = IMAGE_SLOT_CLASS.get(image)
     if slot_class is None:
         raise CompatibilityError(f"bundle image {image!r} has no slot on a device")

@@ -11,15 +11,14 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from avobuild.applier.config import (
+from avobuild.model.applier import (
     ApplierConfig,
     RollbackConfig,
     read_applier,
     read_rollback,
 )
-from avobuild.fs import FsType
-from avobuild.layout import Layout, Role, load_layout
-from avobuild.tomlcheck import Table, load_toml
+from avobuild.model.layout import FsType, Layout, Role, load_layout
+from avobuild.model.tomlcheck import Table, load_toml
 
 # Shared with the bundle manifest grammar: these strings travel into the signed manifest and
 # into the on-target applier, so they are restricted to characters that need no quoting.

@@ -17,7 +17,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from avobuild.errors import BuildError
-from avobuild.recipe import Architecture
+from avobuild.model.recipe import Architecture
 
 # ELF e_machine names (as pyelftools spells them) and class accepted per architecture.
 _ELF_MACHINE = {
