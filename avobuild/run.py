@@ -7,14 +7,18 @@ failure raises `ToolFailed` carrying a command line the user can paste and rerun
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
 import shutil
 import subprocess
-from collections.abc import Mapping, Sequence
+import tempfile
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from avobuild.errors import ToolFailed, ToolMissing
 
@@ -135,6 +139,59 @@ def run(
     )
     if completed.returncode not in ok_codes:
         raise ToolFailed(command, completed.returncode, completed.stderr.decode(errors="replace"))
+    return completed
+
+
+def run_feeding(
+    argv: Sequence[str | Path],
+    feed: Callable[[IO[bytes]], None],
+    *,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run a tool whose standard input `feed` writes from a thread, as a stream.
+
+    An exception in `feed` (a hostile input it refused half way) stops the tool and is
+    raised in preference to the tool's own complaint about its truncated input.
+    """
+    args = [str(part) for part in argv]
+    executable = which(args[0])
+    command = shlex.join(args)
+    log.debug("+ %s", command)
+    problems: list[BaseException] = []
+    with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
+        process = subprocess.Popen(  # noqa: S603 - argv list, resolved executable, no shell
+            [executable, *args[1:]],
+            stdin=subprocess.PIPE,
+            stdout=stdout,
+            stderr=stderr,
+            env=tool_environment(env),
+        )
+        assert process.stdin is not None
+        pipe = process.stdin
+
+        def pump() -> None:
+            try:
+                feed(pipe)
+            except BrokenPipeError:
+                pass
+            except BaseException as error:
+                problems.append(error)
+                process.kill()
+            finally:
+                with contextlib.suppress(BrokenPipeError):
+                    pipe.close()
+
+        feeder = threading.Thread(target=pump, name=f"feed {args[0]}")
+        feeder.start()
+        returncode = process.wait()
+        feeder.join()
+        stdout.seek(0)
+        stderr.seek(0)
+        completed = subprocess.CompletedProcess(args, returncode, stdout.read(), stderr.read())
+    if problems:
+        raise problems[0]
+    if returncode != 0:
+        raise ToolFailed(command, returncode, completed.stderr.decode(errors="replace"))
     return completed
 
 

@@ -149,6 +149,7 @@ layout = "layout.toml"
 
 [rootfs]
 tree = "rootfs"
+ownership = "root"
 directories = ["proc", "sys", "data"]
 
 [[rootfs.file]]
@@ -162,6 +163,7 @@ file = "vmlinuz"
 [[extension]]
 name = "tools"
 tree = "ext"
+ownership = "root"
 
 [data]
 tree = "data"

@@ -140,8 +140,11 @@ class Device:
         self.serial = 0
 
     def booted(self, slot: str, version: str, timeout: float = 300) -> bytes:
+        """The boot up to the marker (the applier's boot hook prints it), then the shell."""
         line = MARKER + f" slot={slot} version={version}\r\n".encode()
-        return self.machine.expect(line, timeout=timeout)
+        boot = self.machine.expect(line, timeout=timeout)
+        self.machine.expect(b"# ", timeout=120)
+        return boot
 
     def run(self, command: str, timeout: float = 120) -> tuple[int, str]:
         """Run a shell command; its exit status and output."""
@@ -235,7 +238,6 @@ def test_device_lifecycle(tmp_path: Path) -> None:
     with qemu(args, tmp_path / "console.log", reboot=True) as machine:
         device = Device(machine)
         device.booted("A", "1.0.0")
-        machine.expect(b"# ", timeout=60)
         device.mount_media()
         device.check(f"mkdir -p /data/lifecycle && cp {MEDIA}/keep.bin /data/{DATA_FILE} && sync")
         phase("booted A 1.0.0, data file written")

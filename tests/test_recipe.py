@@ -24,7 +24,7 @@ def test_product_recipe_loads(product: Product) -> None:
         "testprod-x86_64",
     )
     assert recipe.architecture is Architecture.X86_64
-    assert recipe.rootfs_tree == product.rootfs.resolve()
+    assert recipe.rootfs.path == product.rootfs.resolve()
     assert recipe.kernel == product.kernel.resolve()
     assert [ext.name for ext in recipe.extensions] == ["tools"]
     assert recipe.rootfs_files[0].mode == 0o755
@@ -170,13 +170,13 @@ def test_foreign_binary_refused(tmp_path: Path) -> None:
 
 
 def test_build_refuses_foreign_rootfs(tmp_path: Path) -> None:
-    from avobuild.image.factory import stage_rootfs
+    from avobuild.image.rootfs import build_rootfs_image
 
     product = write_product(tmp_path / "p")
     _edit(product.recipe, 'architecture = "x86_64"', 'architecture = "aarch64"')
     recipe = load_recipe(product.recipe)
-    with pytest.raises(BuildError):  # the kernel is checked first: an x86 bzImage
-        stage_rootfs(recipe, tmp_path / "work")
+    with pytest.raises(BuildError):  # the tree's busybox is refused first: x86-64
+        build_rootfs_image(recipe, tmp_path / "work")
 
 
 def test_kernel_formats(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
+from elftools.elf.enums import ENUM_E_MACHINE
 
 from avobuild.errors import BuildError
 from avobuild.model.recipe import Architecture
@@ -73,13 +74,41 @@ def find_foreign_binaries(paths: Iterable[Path], architecture: Architecture) -> 
 
 def check_binaries(paths: Iterable[Path], architecture: Architecture) -> None:
     """Raise `BuildError` listing binaries built for another architecture."""
-    mismatches = find_foreign_binaries(paths, architecture)
+    _raise_mismatches(find_foreign_binaries(paths, architecture), architecture)
+
+
+def _raise_mismatches(mismatches: list[ElfMismatch], architecture: Architecture) -> None:
     if mismatches:
         shown = "\n".join(f"  {m.path}: {m.machine} ({m.elfclass}-bit)" for m in mismatches[:10])
         more = f"\n  ... and {len(mismatches) - 10} more" if len(mismatches) > 10 else ""
         raise BuildError(
             f"{len(mismatches)} binaries are not built for {architecture.value}:\n{shown}{more}"
         )
+
+
+def check_elf_heads(
+    heads: Iterable[tuple[str, bytes]], architecture: Architecture, where: str
+) -> None:
+    """Like `check_binaries` for files known only by their first bytes (at least 20).
+
+    The trees and archives of a recipe are read once; each regular file's head comes from
+    that pass, and only the ELF identification and e_machine are needed to judge it.
+    """
+    want_machine, want_class = _ELF_MACHINE[architecture]
+    want_number = ENUM_E_MACHINE[want_machine]
+    names = {number: name for name, number in ENUM_E_MACHINE.items()}
+    mismatches = []
+    for path, head in heads:
+        if head[:4] != _ELF_MAGIC:
+            continue
+        if len(head) < 20 or head[4] not in (1, 2) or head[5] not in (1, 2):
+            raise BuildError(f"{where}/{path}: looks like ELF but cannot be read (bad header)")
+        elfclass = 32 if head[4] == 1 else 64
+        machine = int.from_bytes(head[18:20], "little" if head[5] == 1 else "big")
+        if machine != want_number or elfclass != want_class:
+            label = names.get(machine, f"machine {machine}")
+            mismatches.append(ElfMismatch(Path(where) / path, str(label), elfclass))
+    _raise_mismatches(mismatches, architecture)
 
 
 def check_kernel(path: Path, architecture: Architecture) -> None:

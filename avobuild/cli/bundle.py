@@ -124,7 +124,7 @@ def bundle_create(
     from avobuild.bundle.format import ImageSource, write_bundle
     from avobuild.bundle.manifest import COMPATIBLE_PATTERN, Policy
     from avobuild.bundle.resign import load_signer_identity
-    from avobuild.image.factory import build_slot_images
+    from avobuild.image.rootfs import build_slot_images
     from avobuild.model.recipe import NAME_PATTERN, load_recipe
     from avobuild.model.tomlcheck import parse_size
     from avobuild.run import source_date_epoch

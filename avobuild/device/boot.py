@@ -2,28 +2,35 @@
 
 Enabled for recipes whose applier boots with GRUB and whose kernel has a Debian module tree
 beside it (scripts/fetch-kernel writes build/debian/modules next to build/debian/vmlinuz).
-`install_slot_boot` adds the rendered applier and /boot/initrd.img to a staged rootfs;
+`install_slot_boot` adds the rendered applier (its systemd units enabled) and
+/boot/initrd.img to the additions of a rootfs (`fs.overlay`);
 `install_esp_boot` puts /EFI/BOOT/BOOTX64.EFI and the applier's grub.cfg on the ESP image.
 """
 
 from __future__ import annotations
 
-import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
-from avobuild.applier.render import render_applier
+import jinja2
+
+from avobuild.applier.render import render_applier, sh_quote
 from avobuild.binaries.elfdeps import shared_libraries
 from avobuild.binaries.kmod import kernel_release, open_module_tree, resolve_modules
 from avobuild.boot.bootfiles import GRUB_COMMON_MODULES, GRUB_DISK_MODULES, build_grub_efi
+from avobuild.errors import RecipeError
 from avobuild.fs import write_vfat_file
+from avobuild.fs.common import EntryKind, FsEntry
 from avobuild.fs.cpio import Initramfs
-from avobuild.model.applier import Bootloader
+from avobuild.fs.overlay import Overlay, resolve_in_image
+from avobuild.model.applier import Bootloader, InitSystem
 from avobuild.model.layout import Role
 from avobuild.model.recipe import Recipe
 from avobuild.run import which
 
 INITRD_PATH = "boot/initrd.img"
+SYSTEMD_UNIT_DIR = "usr/lib/systemd/system"
 GRUB_CFG_ESP_PATH = "EFI/BOOT/grub.cfg"
 GRUB_EFI_ESP_PATH = "EFI/BOOT/BOOTX64.EFI"
 GRUB_DEVICE_MODULES = ("regexp", "loadenv")
@@ -44,54 +51,21 @@ DEVICE_MODULES = (
     "nls_ascii",
 )
 TOOL_DIRECTORIES = ("bin", "sbin", "usr/bin", "usr/sbin")
-INIT_APPLETS = ("sh", "mount", "umount", "insmod", "sleep", "cat", "mkdir", "switch_root")
-
-_INIT = """#!/bin/sh
-# Device initramfs of {name}: load the disk and filesystem modules, mount the slot the
-# kernel command line names (avo.slot=A|B, found by GPT partition name), switch_root to it.
-export PATH=/bin
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-while read -r module; do
-    insmod "/lib/modules/$module" 2>/dev/null
-done < /lib/modules/load-order
-slot=A
-for word in $(cat /proc/cmdline); do
-    case "$word" in avo.slot=*) slot="${{word#avo.slot=}}" ;; esac
-done
-case "$slot" in B) label={label_b} ;; *) label={label_a} ;; esac
-find_partition() {{
-    for uevent in /sys/class/block/*/uevent; do
-        name= dev=
-        while IFS== read -r key value; do
-            case "$key" in PARTNAME) name="$value" ;; DEVNAME) dev="$value" ;; esac
-        done < "$uevent"
-        if [ "$name" = "$1" ]; then echo "/dev/$dev"; return 0; fi
-    done
-    return 1
-}}
-tries=0
-until device=$(find_partition "$label"); do
-    tries=$((tries + 1))
-    if [ "$tries" -gt 100 ]; then
-        echo "initramfs: no partition named $label; dropping to a shell"
-        exec sh
-    fi
-    sleep 0.1
-done
-mkdir -p /newroot
-# noload: the journal stays unloaded, so the slot's block device reads back exactly the
-# image that was written (jbd2 would change its superblock in memory): delta sources and
-# verify-partition hash it.
-if ! mount -t ext4 -o ro,noload "$device" /newroot; then
-    echo "initramfs: cannot mount $device ($label); dropping to a shell"
-    exec sh
-fi
-umount /proc /sys
-mount --move /dev /newroot/dev 2>/dev/null || umount /dev
-exec switch_root /newroot /sbin/init
-"""
+INIT_APPLETS = (
+    "sh",
+    "mount",
+    "umount",
+    "insmod",
+    "sleep",
+    "cat",
+    "mkdir",
+    "switch_root",
+    "cp",
+    "mv",
+    "rm",
+    "dirname",
+)
+PERSIST_DIR = "persist"  # below the data mount: [persist] paths (docs/recipes.md)
 
 
 def modules_beside_kernel(recipe: Recipe) -> Path | None:
@@ -112,15 +86,66 @@ def device_boot_enabled(recipe: Recipe) -> bool:
     )
 
 
+def render_device_init(recipe: Recipe) -> str:
+    """The slot initramfs's /init (templates/init.sh.j2) for the recipe's layout."""
+    labels = {part.role: part.label for part in recipe.layout.partitions}
+    system = recipe.layout.by_role(Role.SYSTEM_A)
+    assert system is not None and system.filesystem is not None
+    data_label = labels.get(Role.DATA, "")
+    if recipe.persist.enabled and not data_label:
+        raise RecipeError(f"{recipe.path}: [persist] needs a partition with role 'data'")
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("avobuild.device", "templates"),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        keep_trailing_newline=True,
+    )
+    env.filters["sh"] = sh_quote
+    config = recipe.applier
+    persist_dir = f"{config.data_mount.rstrip('/')}/{PERSIST_DIR}"
+    return env.get_template("init.sh.j2").render(
+        name=recipe.name,
+        label_a=labels[Role.SYSTEM_A],
+        label_b=labels[Role.SYSTEM_B],
+        rootfs_type=system.filesystem.value,
+        data_label=data_label,
+        boot_label=labels.get(Role.BOOT, ""),
+        data_mount=config.data_mount.rstrip("/"),
+        esp_mount=config.esp_mount.rstrip("/"),
+        persist=recipe.persist,
+        persist_dir=persist_dir if recipe.persist.enabled else "",
+        init="/sbin/init",
+    )
+
+
+def check_mount_points(recipe: Recipe, overlay: Overlay, tree: Mapping[str, FsEntry]) -> None:
+    """Every [persist] path and the data and boot mount points must be in the image, as
+    the right kind (a mount on a read-only root needs its mount point to exist)."""
+    for directory in (recipe.applier.data_mount, recipe.applier.esp_mount):
+        if directory.strip("/") not in tree:
+            overlay.add_directory(directory)
+    present = overlay.entries()
+    persist = recipe.persist
+    directories_only = (
+        set(persist.overlay) | set(persist.tmpfs) | ({"/var"} if persist.var else set())
+    )
+    for path in persist.all_paths():
+        relative = path.strip("/")
+        entry = tree.get(relative) or present.get(relative)
+        if entry is None or entry.kind not in (EntryKind.DIRECTORY, EntryKind.FILE):
+            found = entry.kind.value if entry is not None else "missing"
+            raise RecipeError(
+                f"{recipe.path}: [persist] {path}: the mount point must be a directory or a "
+                f"file of the rootfs, it is {found}"
+            )
+        if path in directories_only and entry.kind is not EntryKind.DIRECTORY:
+            raise RecipeError(f"{recipe.path}: [persist] {path}: expected a directory")
+
+
 def build_device_initramfs(recipe: Recipe, output: Path) -> int:
     """Write the slot's gzip initramfs to `output`; returns the number of modules in it."""
     modules = modules_beside_kernel(recipe)
     assert recipe.kernel is not None and modules is not None
-    slots = {
-        part.role: part.label
-        for part in recipe.layout.partitions
-        if part.role in (Role.SYSTEM_A, Role.SYSTEM_B)
-    }
     archive = Initramfs()
     for directory in ("proc", "sys", "dev", "newroot"):
         archive.directory(directory)
@@ -129,13 +154,12 @@ def build_device_initramfs(recipe: Recipe, output: Path) -> int:
     archive.copy("bin/busybox", Path(which("busybox")), 0o755)
     for applet in INIT_APPLETS:
         archive.symlink(f"bin/{applet}", "busybox")
-    init = _INIT.format(
-        name=recipe.name, label_a=slots[Role.SYSTEM_A], label_b=slots[Role.SYSTEM_B]
-    )
+    init = render_device_init(recipe)
     archive.file("init", init.encode(), 0o755)
     tree = open_module_tree(modules, recipe.kernel)
     order = []
-    for path in resolve_modules(tree, list(DEVICE_MODULES)):
+    wanted = list(DEVICE_MODULES) + (["overlay"] if recipe.persist.overlay else [])
+    for path in resolve_modules(tree, wanted):
         relative = path.relative_to(tree.root).as_posix()
         archive.copy(f"lib/modules/{relative}", path, 0o644)
         order.append(relative)
@@ -144,37 +168,64 @@ def build_device_initramfs(recipe: Recipe, output: Path) -> int:
     return len(order)
 
 
-def install_target_tools(recipe: Recipe, staging: Path) -> list[str]:
-    """Copy the applier's `[applier] target-tools` the rootfs lacks from this (Debian) host
-    into /usr/bin, with the shared libraries they need; returns the tools copied."""
-    copied = []
+def install_target_tools(
+    recipe: Recipe, overlay: Overlay, tree: Mapping[str, FsEntry]
+) -> list[str]:
+    """Add the applier's `[applier] target-tools` the rootfs lacks, from this (Debian) host,
+    with the shared libraries they need the rootfs does not have; returns the tools added.
+
+    Paths are resolved inside the image (`resolve_in_image`), so on a merged-/usr tree a
+    library for /lib/x86_64-linux-gnu lands in /usr/lib/x86_64-linux-gnu, as the device's
+    dynamic loader will look it up.
+    """
+    present = overlay.entries()
+
+    def exists(path: str) -> bool:
+        resolved = resolve_in_image(tree, path)
+        return resolved in tree or resolve_in_image(present, resolved) in present
+
+    added = []
     for tool in recipe.applier.target_tools:
-        if any((staging / directory / tool).exists() for directory in TOOL_DIRECTORIES):
+        if any(exists(f"{directory}/{tool}") for directory in TOOL_DIRECTORIES):
             continue
         binary = Path(which(tool))
-        target = staging / "usr/bin" / tool
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(binary, target)
-        target.chmod(0o755)
+        overlay.copy_file(resolve_in_image(tree, f"usr/bin/{tool}"), binary, 0o755)
         for library, source in shared_libraries(binary).items():
-            placed = staging / library.lstrip("/")
-            if not placed.exists():
-                placed.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(source, placed)
-                placed.chmod(0o755)
-        copied.append(tool)
-    return copied
+            if not exists(library):
+                overlay.copy_file(resolve_in_image(tree, library), source, 0o755)
+        added.append(tool)
+        present = overlay.entries()
+    return added
 
 
-def install_slot_boot(recipe: Recipe, staging: Path) -> None:
-    """Add the rendered applier, its target tools and the device initramfs to a staged
-    rootfs."""
-    render_applier(recipe, staging)
-    install_target_tools(recipe, staging)
-    initrd = staging / INITRD_PATH
-    initrd.parent.mkdir(parents=True, exist_ok=True)
-    build_device_initramfs(recipe, initrd)
-    initrd.chmod(0o644)
+def enable_systemd_units(overlay: Overlay) -> list[str]:
+    """Enable the rendered units the way `systemctl enable` would: a symlink in
+    /etc/systemd/system/TARGET.wants for each `WantedBy=` of their [Install] section."""
+    enabled = []
+    units = overlay.root / SYSTEMD_UNIT_DIR
+    for unit in sorted(units.glob("*.service")) if units.is_dir() else []:
+        section = ""
+        for line in unit.read_text().splitlines():
+            if line.startswith("["):
+                section = line.strip()
+            elif section == "[Install]" and line.startswith("WantedBy="):
+                for target in line.removeprefix("WantedBy=").split():
+                    link = f"etc/systemd/system/{target}.wants/{unit.name}"
+                    overlay.add_symlink(link, f"/{SYSTEMD_UNIT_DIR}/{unit.name}")
+                    enabled.append(link)
+    return enabled
+
+
+def install_slot_boot(recipe: Recipe, overlay: Overlay, tree: Mapping[str, FsEntry]) -> None:
+    """Add the rendered applier (its units enabled), its target tools and the device
+    initramfs to the additions of a rootfs."""
+    render_applier(recipe, overlay.root)
+    check_mount_points(recipe, overlay, tree)
+    if recipe.applier.init is InitSystem.SYSTEMD:
+        enable_systemd_units(overlay)
+    install_target_tools(recipe, overlay, tree)
+    build_device_initramfs(recipe, overlay.path(INITRD_PATH))
+    overlay.path(INITRD_PATH).chmod(0o644)
 
 
 def install_esp_boot(recipe: Recipe, esp_image: Path, offset: int = 0) -> None:

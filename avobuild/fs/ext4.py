@@ -9,11 +9,19 @@ not depend on the host kernel's lazy-init support. mke2fs populates each directo
 order (scandir + alphasort since e2fsprogs 1.43) and, with no_copy_xattrs, ignores host
 xattrs such as SELinux labels.
 
-What `mke2fs -d` still copies from the source tree (owner, atime/mtime/ctime) is overwritten
-afterwards with debugfs, addressing inodes by number: every inode becomes root:root with all
-four timestamps at the build epoch, and the root directory takes the source directory's
-mode. e2fsprogs reads a fake time of 0 as "use the clock", so the epoch is
-SOURCE_DATE_EPOCH but at least 1.
+What `mke2fs -d` copies from a source directory is what the image keeps: modes with
+setuid/setgid/sticky, owners, hard links, symlinks (never followed), device nodes, FIFOs and
+sockets (made in the image, never opened), extended attributes (security.capability, POSIX
+ACLs) and holes. The timestamps are then overwritten with debugfs, addressing inodes by
+number: all four carry the build epoch, and with `ownership = "root"` every inode becomes
+0:0; the root directory takes the source's mode. e2fsprogs reads a fake time of 0 as "use
+the clock", so the epoch is SOURCE_DATE_EPOCH but at least 1.
+
+A tar archive is unpacked (files, directories, symlinks, hard links; `fs.archive`) into a
+temporary directory and built the same way; what an unprivileged unpack cannot make on the
+host (owners, device nodes, FIFOs, extended attributes) is set in the image with debugfs.
+avobuild's additions (`fs.overlay`) are written in with debugfs `mkdir`, `write`,
+`symlink` and `rm`, so neither the user's tree nor a copy of it is ever changed.
 
 Images are read back with debugfs, which opens a filesystem at a byte offset inside a disk
 image through the unix I/O manager's `image?offset=N` syntax.
@@ -27,10 +35,14 @@ import posixpath
 import re
 import stat
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from avobuild.errors import BuildError, ToolFailed
+from avobuild.fs.archive import ArchiveIndex, extract_archive
 from avobuild.fs.common import (
+    SPECIAL_KINDS,
+    TYPE_BITS,
     EntryKind,
     FsEntry,
     create_sparse_file,
@@ -39,6 +51,8 @@ from avobuild.fs.common import (
     scan_source_tree,
     tree_bytes,
 )
+from avobuild.fs.overlay import check_overlay, check_safe_path
+from avobuild.model.tree import Ownership, TreeKind, TreeSource
 from avobuild.run import run, source_date_epoch
 
 MAX_LABEL_BYTES = 16
@@ -72,6 +86,7 @@ _PROFILE = """\
 _DEBUGFS_BANNER = re.compile(rb"^debugfs \S+ \(.*\)$")
 _ECHO = b"debugfs: "
 _FAST_LINK = b'Fast link dest: "'
+_DEVICE_NUMBER = re.compile(rb"Device major/minor number: (\d+):(\d+)")
 _OUT_OF_SPACE = ("Could not allocate block", "Could not allocate inode", "No free space")
 
 
@@ -90,74 +105,256 @@ def ext4_epoch() -> int:
     return max(source_date_epoch(), 1)
 
 
-def build_ext4(source: Path | None, output: Path, size: int, *, label: str, seed: str) -> None:
-    """Build a reproducible ext4 filesystem of `size` bytes in `output` holding `source`."""
+def build_ext4(
+    source: TreeSource | None,
+    output: Path,
+    size: int,
+    *,
+    label: str,
+    seed: str,
+    overlay: Path | None = None,
+    known: Mapping[str, FsEntry] | None = None,
+) -> None:
+    """Build a reproducible ext4 filesystem of `size` bytes in `output` holding `source`.
+
+    A directory is read by `mke2fs -d` itself; an archive is unpacked into a temporary
+    directory beside `output` first, and its owners, modes, device nodes, FIFOs and extended
+    attributes are stored with debugfs. `overlay` (avobuild's additions, checked against the
+    tree by `fs.overlay.check_overlay`) is layered in with debugfs afterwards.
+    """
     check_ext4_label(label)
     _check_device_path(output)
-    entries = scan_source_tree(source) if source is not None else {}
-    for path in entries:
-        if "\n" in path or "\r" in path:
-            # debugfs lists one name per line; such a name could not be read back.
-            raise BuildError(f"{source}/{path}: ext4 images cannot hold names with line breaks")
-    epoch = ext4_epoch()
     create_sparse_file(output, size)
-    extended = ",".join(
-        [
-            "root_owner=0:0",
-            f"hash_seed={deterministic_uuid(seed, 'ext4-hash-seed')}",
-            "lazy_itable_init=0",
-            "lazy_journal_init=0",
-            "nodiscard",
-            "no_copy_xattrs",
-        ]
-    )
-    with tempfile.TemporaryDirectory(prefix="avobuild-ext4-") as workdir:
-        profile = Path(workdir) / "mke2fs.conf"
-        profile.write_text(_PROFILE)
-        argv: list[str | Path] = [
-            "mke2fs",
-            "-q",
-            "-t",
-            "ext4",
-            "-T",
-            "avobuild",
-            "-b",
-            str(BLOCK_SIZE),
-            "-I",
-            str(INODE_SIZE),
-            "-U",
-            str(deterministic_uuid(seed, "ext4-uuid")),
-            "-E",
-            extended,
-        ]
-        if label:
-            argv += ["-L", label]
-        if source is not None:
-            argv += ["-d", source]
-        argv.append(output)
-        env = {"MKE2FS_CONFIG": str(profile), "E2FSPROGS_FAKE_TIME": str(epoch)}
-        try:
-            run(argv, env=env, input_bytes=b"")
-        except ToolFailed as failure:
-            if any(marker in failure.stderr for marker in _OUT_OF_SPACE):
-                reason = failure.stderr.strip().splitlines()[-1]
-                raise BuildError(
-                    f"{source}: the tree ({tree_bytes(entries)} bytes of files in "
-                    f"{len(entries)} entries) does not fit in a {size}-byte ext4 filesystem "
-                    f"({reason}); make the partition bigger"
-                ) from None
-            raise
-    if source is not None:
-        root_mode = stat.S_IMODE(source.stat().st_mode)
+    with tempfile.TemporaryDirectory(prefix="avobuild-ext4-", dir=output.parent) as workdir:
+        scratch = Path(workdir)
+        index: ArchiveIndex | None = None
+        tree: Path | None = None
+        entries: dict[str, FsEntry] = {}
+        if source is not None and source.kind is TreeKind.ARCHIVE:
+            tree = scratch / "tree"
+            tree.mkdir(mode=0o755)
+            index = extract_archive(source.path, tree, ownership=source.ownership)
+            entries = index.entries()
+        elif source is not None:
+            tree = source.path
+            entries = dict(known) if known is not None else scan_source_tree(tree, source.ownership)
+        for path in entries:
+            if "\n" in path or "\r" in path:
+                # debugfs lists one name per line; such a name could not be read back.
+                raise BuildError(f"{source}/{path}: ext4 images cannot hold names with line breaks")
+        if overlay is not None:
+            check_overlay(entries, scan_source_tree(overlay), str(source or "the empty image"))
+        copy_xattrs = source is not None and source.kind is TreeKind.DIRECTORY and source.xattrs
+        _mke2fs(scratch, tree, output, size, label, seed, copy_xattrs, source, entries)
+        if source is None and overlay is None:
+            return
         device = str(output)
-        inodes = sorted({inode for inode, _ in _list_inodes(device).values()})
-        _debugfs(device, _normalise_commands(root_mode, inodes, epoch), write=True)
+        listed = _list_inodes(device)
+        commands: list[bytes] = []
+        if source is not None:
+            commands += _root_commands(source, index)
+        if index is not None:
+            assert source is not None
+            commands += _archive_commands(index, listed, scratch, xattrs=source.xattrs)
+        if overlay is not None:
+            commands += _overlay_commands(overlay, listed)
+        # One session: inodes that existed are normalised by number; what the commands
+        # above create stamps itself (by path), so the tree is listed only once.
+        owners_to_root = source is None or source.ownership is Ownership.ROOT
+        inodes = sorted({inode for inode, _ in listed.values()})
+        commands += _normalise_commands(inodes, ext4_epoch(), owners_to_root)
+        _debugfs_checked(device, commands, source, size)
 
 
-def _normalise_commands(root_mode: int, inodes: list[int], epoch: int) -> list[bytes]:
-    commands = [b"sif <%d> mode 0%o" % (_ROOT_INODE, stat.S_IFDIR | root_mode)]
+def _mke2fs(
+    scratch: Path,
+    tree: Path | None,
+    output: Path,
+    size: int,
+    label: str,
+    seed: str,
+    copy_xattrs: bool,
+    source: TreeSource | None,
+    entries: dict[str, FsEntry],
+) -> None:
+    extended = [
+        "root_owner=0:0",
+        f"hash_seed={deterministic_uuid(seed, 'ext4-hash-seed')}",
+        "lazy_itable_init=0",
+        "lazy_journal_init=0",
+        "nodiscard",
+    ]
+    if not copy_xattrs:
+        extended.append("no_copy_xattrs")
+    profile = scratch / "mke2fs.conf"
+    profile.write_text(_PROFILE)
+    argv: list[str | Path] = [
+        "mke2fs",
+        "-q",
+        "-t",
+        "ext4",
+        "-T",
+        "avobuild",
+        "-b",
+        str(BLOCK_SIZE),
+        "-I",
+        str(INODE_SIZE),
+        "-U",
+        str(deterministic_uuid(seed, "ext4-uuid")),
+        "-E",
+        ",".join(extended),
+    ]
+    if label:
+        argv += ["-L", label]
+    if tree is not None:
+        argv += ["-d", tree]
+    argv.append(output)
+    env = {"MKE2FS_CONFIG": str(profile), "E2FSPROGS_FAKE_TIME": str(ext4_epoch())}
+    try:
+        run(argv, env=env, input_bytes=b"")
+    except ToolFailed as failure:
+        if any(marker in failure.stderr for marker in _OUT_OF_SPACE):
+            raise _does_not_fit(source, entries, size, failure.stderr) from None
+        raise
+
+
+def _does_not_fit(
+    source: TreeSource | None, entries: dict[str, FsEntry] | None, size: int, reason: str
+) -> BuildError:
+    last = reason.strip().splitlines()[-1] if reason.strip() else "no space left"
+    what = (
+        "avobuild's additions to the tree"
+        if entries is None
+        else f"the tree ({tree_bytes(entries)} bytes of files in {len(entries)} entries)"
+    )
+    return BuildError(
+        f"{source}: {what} does not fit in a {size}-byte ext4 filesystem ({last}); make the "
+        "partition bigger"
+    )
+
+
+def _debugfs_checked(
+    device: str, commands: list[bytes], source: TreeSource | None, size: int
+) -> None:
+    try:
+        _debugfs(device, commands, write=True)
+    except BuildError as error:
+        if any(marker in str(error) for marker in _OUT_OF_SPACE):
+            raise _does_not_fit(source, None, size, str(error)) from None
+        raise
+
+
+def _root_commands(source: TreeSource, index: ArchiveIndex | None) -> list[bytes]:
+    """The image root takes the mode (and, when kept, the owner) of the tree's root."""
+    if index is not None:
+        root = index.root.entry if index.root else FsEntry(EntryKind.DIRECTORY, 0o755, 0)
+        mode, uid, gid = root.mode, root.uid, root.gid
+    else:
+        info = source.path.stat()
+        mode, uid, gid = stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid
+    commands = [b"sif <%d> mode 0%o" % (_ROOT_INODE, stat.S_IFDIR | mode)]
+    if source.ownership is Ownership.PRESERVE:
+        commands += [b"sif <%d> uid %d" % (_ROOT_INODE, uid)]
+        commands += [b"sif <%d> gid %d" % (_ROOT_INODE, gid)]
+    return commands
+
+
+_XATTR_NAME = re.compile(r"(security|trusted|user|system)\.[A-Za-z0-9._@+-]{1,200}")
+
+
+def _archive_commands(
+    index: ArchiveIndex, listed: dict[str, tuple[int, FsEntry]], scratch: Path, *, xattrs: bool
+) -> list[bytes]:
+    """Owners, modes, special files and extended attributes of an unpacked archive.
+
+    Entries are addressed by inode number; special files, which the unpacked tree leaves
+    out, are made with `mknod` from inside their parent directory (debugfs's mknod takes a
+    name, not a path).
+    """
+    commands: list[bytes] = []
+    values = scratch / "xattr-values"
+    values.mkdir()
+    for number, member in enumerate(index.members):
+        entry = member.entry
+        if entry.kind in SPECIAL_KINDS:
+            parent, name = posixpath.split(member.path)
+            parent_inode = listed[parent][0] if parent else _ROOT_INODE
+            spec = b"p"
+            if entry.device is not None:
+                letter = b"c" if entry.kind is EntryKind.CHAR_DEVICE else b"b"
+                spec = letter + b" %d %d" % entry.device
+            target = _quote(name)
+            commands += [b"cd <%d>" % parent_inode, b"mknod " + target + b" " + spec]
+            commands += _stamp(target)
+        else:
+            target = b"<%d>" % listed[member.path][0]
+        if entry.kind is not EntryKind.SYMLINK:
+            commands.append(b"sif " + target + b" mode 0%o" % (TYPE_BITS[entry.kind] | entry.mode))
+        commands.append(b"sif " + target + b" uid %d" % entry.uid)
+        commands.append(b"sif " + target + b" gid %d" % entry.gid)
+        for xattr_number, (name, value) in enumerate(member.xattrs if xattrs else ()):
+            if not _XATTR_NAME.fullmatch(name):
+                raise BuildError(
+                    f"/{member.path}: extended attribute name {name!r} is not one ext4 stores"
+                )
+            holder = values / f"{number}.{xattr_number}"
+            holder.write_bytes(value)
+            commands.append(
+                b"ea_set -f " + _quote(str(holder)) + b" " + target + b" " + name.encode()
+            )
+        if entry.kind in SPECIAL_KINDS:
+            commands.append(b"cd <%d>" % _ROOT_INODE)
+    return commands
+
+
+def _overlay_commands(overlay: Path, listed: dict[str, tuple[int, FsEntry]]) -> list[bytes]:
+    """debugfs commands that layer avobuild's additions (plain names, see fs.overlay) in.
+
+    A directory the tree already has keeps its own mode and owner; a file or symlink the
+    tree has is replaced (`check_overlay` has refused everything else).
+    """
+    commands: list[bytes] = []
+    for path, entry in scan_source_tree(overlay).items():
+        existing = listed.get(path)
+        image_path = b"/" + check_safe_path(path).encode()
+        if entry.kind is EntryKind.DIRECTORY:
+            if existing is not None:
+                continue
+            commands.append(b"mkdir " + image_path)
+        else:
+            if existing is not None:
+                commands.append(b"rm " + image_path)
+            if entry.kind is EntryKind.SYMLINK:
+                assert entry.target is not None
+                commands.append(b"symlink " + image_path + b" " + _quote(entry.target))
+                commands += [b"sif " + image_path + b" uid 0", b"sif " + image_path + b" gid 0"]
+                commands += _stamp(image_path)
+                continue
+            commands.append(b"write " + _quote(str(overlay / path)) + b" " + image_path)
+        commands += [
+            b"sif " + image_path + b" mode 0%o" % (TYPE_BITS[entry.kind] | entry.mode),
+            b"sif " + image_path + b" uid 0",
+            b"sif " + image_path + b" gid 0",
+            *_stamp(image_path),
+        ]
+    return commands
+
+
+def _stamp(target: bytes) -> list[bytes]:
+    """Set all four timestamps of `target` (a path or <inode>) to the build epoch."""
+    commands = []
+    for field in (b"atime", b"mtime", b"ctime", b"crtime"):
+        # The _extra word holds nanoseconds and the epoch bits above 32; clear it first.
+        commands.append(b"sif " + target + b" " + field + b"_extra 0")
+        commands.append(b"sif " + target + b" " + field + b" @%d" % ext4_epoch())
+    return commands
+
+
+def _normalise_commands(inodes: list[int], epoch: int, owners_to_root: bool) -> list[bytes]:
+    commands: list[bytes] = [b"cd <%d>" % _ROOT_INODE]
     for inode in [_ROOT_INODE, *inodes]:
-        commands += [b"sif <%d> uid 0" % inode, b"sif <%d> gid 0" % inode]
+        if owners_to_root:
+            commands += [b"sif <%d> uid 0" % inode, b"sif <%d> gid 0" % inode]
         for field in (b"atime", b"mtime", b"ctime", b"crtime"):
             # The _extra word holds nanoseconds and the epoch bits above 32; clear it first.
             commands.append(b"sif <%d> %s_extra 0" % (inode, field))
@@ -189,6 +386,21 @@ def list_ext4_tree(image: Path, offset: int = 0) -> dict[str, FsEntry]:
     }
     for path, target in _read_symlinks(device, symlinks).items():
         entries[path] = dataclasses.replace(entries[path], target=os.fsdecode(target))
+    devices = {
+        path: inode
+        for path, (inode, entry) in listed.items()
+        if entry.kind in (EntryKind.CHAR_DEVICE, EntryKind.BLOCK_DEVICE)
+    }
+    if devices:
+        reports = _split_echoed(
+            _debugfs(device, [b"stat <%d>" % inode for inode in devices.values()]), len(devices)
+        )
+        for path, report in zip(devices, reports, strict=True):
+            found = _DEVICE_NUMBER.search(report)
+            if found is None:
+                raise BuildError(f"{device}: /{path}: debugfs printed no device number")
+            numbers = (int(found.group(1)), int(found.group(2)))
+            entries[path] = dataclasses.replace(entries[path], device=numbers)
     return dict(sorted(entries.items()))
 
 

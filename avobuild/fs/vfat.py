@@ -23,6 +23,7 @@ from pathlib import Path
 
 from avobuild.errors import BuildError, ToolFailed
 from avobuild.fs.common import (
+    SPECIAL_KINDS,
     EntryKind,
     FsEntry,
     create_sparse_file,
@@ -112,6 +113,8 @@ def _check_fat_tree(source: Path, entries: dict[str, FsEntry]) -> None:
         name = posixpath.basename(path)
         if entry.kind is EntryKind.SYMLINK:
             raise BuildError(f"{where}: FAT cannot hold symlinks; copy the target instead")
+        if entry.kind in SPECIAL_KINDS:
+            raise BuildError(f"{where}: is a {entry.kind.value}; FAT cannot hold special files")
         if entry.size > MAX_FILE_SIZE:
             raise BuildError(f"{where}: {entry.size} bytes; FAT files hold at most 4 GiB - 1")
         too_long = len(name.encode("utf-16-le", "replace")) > 2 * 255

@@ -19,6 +19,7 @@ from avobuild.model.applier import (
 )
 from avobuild.model.layout import FsType, Layout, Role, load_layout
 from avobuild.model.tomlcheck import Table, load_toml
+from avobuild.model.tree import ARCHIVE_SUFFIXES, Ownership, TreeKind, TreeSource
 
 # Shared with the bundle manifest grammar: these strings travel into the signed manifest and
 # into the on-target applier, so they are restricted to characters that need no quoting.
@@ -46,10 +47,10 @@ class FileEntry:
 
 @dataclass(frozen=True)
 class Extension:
-    """A sysext-style image built from a tree, placed in the rootfs at `dest`."""
+    """A sysext-style image built from a tree or an archive, placed in the rootfs at `dest`."""
 
     name: str
-    tree: Path
+    source: TreeSource
     filesystem: FsType
 
     @property
@@ -96,6 +97,34 @@ class SigningConfig:
 
 
 @dataclass(frozen=True)
+class PersistConfig:
+    """The `[persist]` table: what of a read-only root lives on the data partition.
+
+    The slot's initramfs sets it up before the distribution's init starts: `var` puts
+    /var on the data partition; each `bind` path (a file or a directory of the image) is
+    bind-mounted from it; each `overlay` directory gets an overlayfs upper layer on it
+    (changes persist, untouched files come from the running slot); each `tmpfs` directory
+    gets an empty tmpfs. The first boot seeds every path from the slot.
+    """
+
+    var: bool = False
+    bind: tuple[str, ...] = ()
+    overlay: tuple[str, ...] = ()
+    tmpfs: tuple[str, ...] = ()
+
+    @property
+    def bind_paths(self) -> tuple[str, ...]:
+        return (("/var",) if self.var else ()) + self.bind
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.bind_paths or self.overlay or self.tmpfs)
+
+    def all_paths(self) -> tuple[str, ...]:
+        return self.bind_paths + self.overlay + self.tmpfs
+
+
+@dataclass(frozen=True)
 class Recipe:
     path: Path
     name: str
@@ -103,7 +132,7 @@ class Recipe:
     compatible: str
     architecture: Architecture
     layout: Layout
-    rootfs_tree: Path
+    rootfs: TreeSource
     rootfs_files: tuple[FileEntry, ...]
     rootfs_directories: tuple[str, ...]
     kernel: Path | None
@@ -116,6 +145,7 @@ class Recipe:
     recovery: RecoveryConfig = RecoveryConfig()
     applier: ApplierConfig = field(default_factory=ApplierConfig)
     rollback: RollbackConfig = field(default_factory=RollbackConfig)
+    persist: PersistConfig = PersistConfig()
 
     @property
     def signing_key(self) -> Path | None:
@@ -146,7 +176,7 @@ def load_recipe(path: Path) -> Recipe:
 
     rootfs = root.table("rootfs", required=True)
     assert rootfs is not None
-    rootfs_tree = _existing_dir(rootfs, "tree")
+    rootfs_source = _read_tree_source(rootfs)
     files = tuple(_read_file_entry(entry) for entry in rootfs.array_of_tables("file"))
     directories = tuple(rootfs.string_list("directories"))
     for directory in directories:
@@ -156,7 +186,10 @@ def load_recipe(path: Path) -> Recipe:
     system = layout.by_role(Role.SYSTEM_A)
     assert system is not None
     if system.filesystem is None:
-        rootfs.fail("tree", f"a layout whose {system.label} partition has a filesystem")
+        rootfs.fail(
+            rootfs_source.kind.value if rootfs_source.kind is TreeKind.ARCHIVE else "tree",
+            f"a layout whose {system.label} partition has a filesystem",
+        )
 
     kernel_table = root.table("kernel")
     kernel: Path | None = None
@@ -190,6 +223,8 @@ def load_recipe(path: Path) -> Recipe:
     recovery = _read_recovery(recovery_table) if recovery_table is not None else RecoveryConfig()
     applier = read_applier(root.table("applier"))
     rollback = read_rollback(root.table("rollback"))
+    persist_table = root.table("persist")
+    persist = _read_persist(persist_table, applier) if persist_table else PersistConfig()
     root.check_unknown()
     return Recipe(
         path=path,
@@ -198,7 +233,7 @@ def load_recipe(path: Path) -> Recipe:
         compatible=compatible,
         architecture=Architecture(arch_name),
         layout=layout,
-        rootfs_tree=rootfs_tree,
+        rootfs=rootfs_source,
         rootfs_files=files,
         rootfs_directories=directories,
         kernel=kernel,
@@ -211,6 +246,7 @@ def load_recipe(path: Path) -> Recipe:
         recovery=recovery,
         applier=applier,
         rollback=rollback,
+        persist=persist,
     )
 
 
@@ -224,6 +260,34 @@ def _existing_dir(table: Table, key: str) -> Path:
     if not path.is_dir():
         table.fail(key, "an existing directory", str(path))
     return path
+
+
+def _read_tree_source(table: Table) -> TreeSource:
+    """`tree = DIR` or `archive = FILE.tar[.gz|.zst|.xz]`, with `ownership` and `xattrs`."""
+    has_tree, has_archive = "tree" in table, "archive" in table
+    if has_tree == has_archive:
+        table.fail(
+            "tree",
+            'either tree = "DIRECTORY" or archive = "FILE.tar[.gz|.zst|.xz]" (exactly one)',
+        )
+    if has_tree:
+        path = _existing_dir(table, "tree")
+        kind = TreeKind.DIRECTORY
+    else:
+        archive = table.path_value("archive")
+        assert archive is not None
+        if not archive.name.endswith(ARCHIVE_SUFFIXES):
+            table.fail(
+                "archive", "a tar archive named " + ", ".join(ARCHIVE_SUFFIXES), archive.name
+            )
+        if not archive.is_file():
+            table.fail("archive", "an existing tar archive file", str(archive))
+        path, kind = archive, TreeKind.ARCHIVE
+    ownership_name = table.string("ownership", default=Ownership.PRESERVE.value)
+    if ownership_name not in {choice.value for choice in Ownership}:
+        table.fail("ownership", '"preserve" or "root"', ownership_name)
+    xattrs = table.boolean("xattrs", default=True)
+    return TreeSource(path, kind, Ownership(ownership_name), xattrs)
 
 
 def _read_file_entry(table: Table) -> FileEntry:
@@ -243,12 +307,12 @@ def _read_file_entry(table: Table) -> FileEntry:
 
 def _read_extension(table: Table) -> Extension:
     name = table.string("name", pattern=EXTENSION_NAME, what="an extension name (a-z, 0-9, _.-)")
-    tree = _existing_dir(table, "tree")
+    source = _read_tree_source(table)
     fs_name = table.string("filesystem", default="squashfs")
     if fs_name not in (FsType.SQUASHFS.value, FsType.EROFS.value):
         table.fail("filesystem", '"squashfs" or "erofs"', fs_name)
     table.check_unknown()
-    return Extension(name, tree, FsType(fs_name))
+    return Extension(name, source, FsType(fs_name))
 
 
 _CONSOLE = re.compile(r"(ttyS|ttyAMA|ttyUSB|hvc|tty)[0-9]{1,2}(,[0-9]{4,7}(n8)?)?")
@@ -273,6 +337,31 @@ def _read_signing(table: Table) -> SigningConfig:
     if len(set(keys)) != len(keys):
         table.fail("keys", "each key once", [str(key) for key in keys])
     return SigningConfig(tuple(keys), tuple(uris), module, tuple(certificates))
+
+
+def _read_persist(table: Table, applier: ApplierConfig) -> PersistConfig:
+    var = table.boolean("var", default=False)
+    lists: dict[str, tuple[str, ...]] = {}
+    for key in ("bind", "overlay", "tmpfs"):
+        paths = []
+        for path in table.string_list(key):
+            cleaned = "/" + path.strip("/")
+            if not _DEST_PATH.fullmatch(cleaned) or ".." in cleaned.split("/") or cleaned == "/":
+                table.fail(key, "absolute paths inside the rootfs (not / itself, no '..')", path)
+            paths.append(cleaned)
+        lists[key] = tuple(paths)
+    table.check_unknown()
+    persist = PersistConfig(var, lists["bind"], lists["overlay"], lists["tmpfs"])
+    chosen = persist.all_paths()
+    for index, path in enumerate(chosen):
+        for other in chosen[index + 1 :]:
+            if path == other or other.startswith(path + "/") or path.startswith(other + "/"):
+                table.fail("bind", f"paths that do not contain each other ({path}, {other})")
+        data = applier.data_mount.rstrip("/")
+        for mounted in (data, applier.esp_mount.rstrip("/")):
+            if path == mounted or path.startswith(mounted + "/") or mounted.startswith(path + "/"):
+                table.fail("bind", f"paths apart from the {mounted} mount point", path)
+    return persist
 
 
 _CMDLINE = re.compile(r"[A-Za-z0-9._,:=/@+-]+( [A-Za-z0-9._,:=/@+-]+)*|")
