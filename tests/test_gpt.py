@@ -27,7 +27,16 @@ from avobuild.disk.gpt import (
     write_gpt,
 )
 from avobuild.errors import BuildError, InstallError
-from avobuild.model.guids import GPT_TYPES, MBR_TYPES, resolve_type_guid, type_name
+from avobuild.model.guids import (
+    GPT_ATTRIBUTES,
+    GPT_TYPES,
+    MBR_EXTENDED,
+    MBR_TYPES,
+    resolve_attribute,
+    resolve_mbr_type,
+    resolve_type_guid,
+    type_name,
+)
 
 MIB = 1024 * 1024
 DISK_GUID = uuid.UUID("6f1b5a0e-8d2c-4b7a-9e3f-0a1b2c3d4e5f")
@@ -650,12 +659,25 @@ def test_type_guids_match_sfdisk() -> None:
 
 def test_mbr_types_match_sfdisk() -> None:
     expected = {
-        "esp": "EFI (FAT-12/16/32)",
+        "fat12": "FAT12",
+        "fat16-small": "FAT16 <32M",
+        "fat16-chs": "FAT16",
+        "ntfs": "HPFS/NTFS/exFAT",
+        "fat32-chs": "W95 FAT32",
+        "fat32": "W95 FAT32 (LBA)",
+        "fat32-lba": "W95 FAT32 (LBA)",
+        "fat16": "W95 FAT16 (LBA)",
+        "fat16-lba": "W95 FAT16 (LBA)",
+        "linux-swap": "Linux swap / Solaris",
+        "linux": "Linux",
+        "linux-lvm": "Linux LVM",
+        "non-fs-data": "Non-FS data",
         "xbootldr": "Linux extended boot",
+        "esp": "EFI (FAT-12/16/32)",
+        "ebbr-protective": "EBBR protective",
+        "linux-raid": "Linux raid autodetect",
         "linux-generic": "Linux",
         "swap": "Linux swap / Solaris",
-        "linux-lvm": "Linux LVM",
-        "linux-raid": "Linux raid autodetect",
         "basic-data": "W95 FAT32 (LBA)",
     }
     sfdisk_ids = {
@@ -664,7 +686,49 @@ def test_mbr_types_match_sfdisk() -> None:
     assert set(MBR_TYPES) == set(expected)
     for name, type_id in MBR_TYPES.items():
         assert sfdisk_ids[expected[name]] == type_id, name
-        assert name in GPT_TYPES
+        assert resolve_mbr_type(name.upper()) == type_id
+    # The GPT spellings that MBR_TYPES accepts mean the same thing in both tables.
+    shared = set(MBR_TYPES) & set(GPT_TYPES)
+    assert shared == {
+        "esp",
+        "xbootldr",
+        "linux-generic",
+        "swap",
+        "linux-lvm",
+        "linux-raid",
+        "basic-data",
+    }
+    assert sfdisk_ids["W95 Ext'd (LBA)"] == MBR_EXTENDED
+
+
+def test_resolve_mbr_literals_and_refusals() -> None:
+    assert resolve_mbr_type("0x83") == 0x83
+    assert resolve_mbr_type("0xDA") == 0xDA
+    assert resolve_mbr_type("0x7") == 0x07
+    for reserved in ("0x00", "0x05", "0x0f", "0x85", "0xee"):
+        with pytest.raises(ValueError, match="avobuild writes those itself"):
+            resolve_mbr_type(reserved)
+    for unknown in ("root-arm64", "0x100", "83", "ext4"):
+        with pytest.raises(ValueError, match="unknown MBR partition type") as caught:
+            resolve_mbr_type(unknown)
+        assert "fat32-lba" in str(caught.value)
+
+
+def test_gpt_attribute_names_match_sfdisk() -> None:
+    """sfdisk names bits 0-2; the type-specific bits it prints as GUID:N."""
+    names = {
+        "required": "RequiredPartition",
+        "no-block-io-protocol": "NoBlockIOProtocol",
+        "legacy-bios-bootable": "LegacyBIOSBootable",
+    }
+    for name, bit in GPT_ATTRIBUTES.items():
+        assert resolve_attribute(name) == bit
+        assert SFDISK_ATTRIBUTE_NAMES.get(bit, f"GUID:{bit}") == names.get(name, f"GUID:{bit}")
+    assert (GPT_ATTRIBUTES["read-only"], GPT_ATTRIBUTES["no-auto"]) == (60, 63)
+    assert resolve_attribute(48) == 48
+    for bad in (64, -1, "readonly", True):
+        with pytest.raises(ValueError):
+            resolve_attribute(bad)  # type: ignore[arg-type]
 
 
 def test_resolve_literal_and_unknown_types() -> None:

@@ -1,4 +1,4 @@
-"""Factory disk images: slot filesystems built with the real tools, placed behind a GPT.
+"""Factory disk images: slot filesystems built with the real tools, placed behind their partition table (GPT or MBR).
 
 The build is a script of named steps: `build_slot_images` (image/rootfs.py) makes the
 filesystem images a bundle carries; `build_factory_image` formats every other partition of
@@ -11,14 +11,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 from avobuild.boot.grubenv import render_grubenv
 from avobuild.boot.state import BOOT_STATE_PATH, factory_state
 from avobuild.device.boot import device_boot_enabled, install_esp_boot
 from avobuild.disk.bmap import render_bmap
-from avobuild.disk.gpt import GptPartition, derive_guid, write_gpt
 from avobuild.disk.plan import DiskPlan, PlacedPartition, plan_layout
+from avobuild.disk.table import write_partition_table, write_raw_regions
 from avobuild.errors import BuildError
 from avobuild.fs import write_vfat_file
 from avobuild.image.rootfs import (
@@ -66,6 +65,8 @@ def build_factory_image(
             images[spec.label] = slot_images["rootfs"]
         elif spec.role is Role.RECOVERY and recovery_image is not None:
             images[spec.label] = recovery_image
+        elif spec.file is not None:
+            images[spec.label] = spec.file
         elif spec.filesystem is not None:
             tree = {Role.BOOT: recipe.boot_tree, Role.DATA: recipe.data_tree}.get(spec.role)
             target = workdir / f"{spec.label}.img"
@@ -74,7 +75,11 @@ def build_factory_image(
             images[spec.label] = target
 
     boot = plan.by_role(Role.BOOT)
-    assert boot is not None
+    if boot is None:
+        raise BuildError(
+            f"{recipe.layout.path}: no partition has role 'boot'; expected one, because this "
+            f"recipe keeps its boot state ({BOOT_STATE_PATH}) on a FAT boot partition"
+        )
     if boot.spec.filesystem is FsType.VFAT:
         state = factory_state(recipe.version, recipe.compatible)
         write_vfat_file(
@@ -99,6 +104,9 @@ def build_factory_image(
             if part.spec.label in images:
                 progress(f"writing {part.spec.label} at offset {part.offset}")
                 copy_into(images[part.spec.label], handle.fileno(), part)
+        for region in plan.layout.raw_regions:
+            progress(f"writing raw region {region.name} at offset {region.offset}")
+        write_raw_regions(handle.fileno(), plan)
     tmp.replace(disk)
     bmap = disk.with_suffix(".bmap")
     progress(f"writing {bmap.name}")
@@ -110,27 +118,6 @@ def _fs_label(spec: PartitionSpec) -> str:
     if spec.filesystem is FsType.VFAT:
         return spec.label.upper().replace("-", "_")[:11]
     return spec.label[:16]
-
-
-def write_partition_table(handle: BinaryIO, plan: DiskPlan, seed: str) -> None:
-    """Write the GPT for `plan`; GUIDs derive from the recipe seed so builds are reproducible."""
-    partitions = [
-        GptPartition(
-            name=part.spec.label,
-            type_guid=part.spec.type_guid,
-            unique_guid=derive_guid(seed, "partition", part.spec.label),
-            first_lba=part.first_lba,
-            last_lba=part.last_lba,
-        )
-        for part in plan.partitions
-    ]
-    write_gpt(
-        handle,
-        plan.disk_size,
-        plan.layout.sector_size,
-        partitions,
-        derive_guid(seed, "disk"),
-    )
 
 
 def copy_into(source: Path, fd: int, part: PlacedPartition) -> None:

@@ -12,6 +12,7 @@ systemd-repart uses for its `Type=` setting, so a recipe author can copy them fr
 
 from __future__ import annotations
 
+import re
 import uuid
 
 GPT_TYPES: dict[str, uuid.UUID] = {
@@ -67,17 +68,59 @@ GPT_TYPES: dict[str, uuid.UUID] = {
     )
 }
 
-# MBR system IDs for the roles an MBR disk can express. MBR has no per-architecture root or
-# verity types, so those names are deliberately absent: the MBR writer must refuse them
-# rather than guess.
+# MBR system IDs (the type byte of a partition record) by name. Names say what sits in the
+# partition and, for FAT, how it is addressed: images are addressed by LBA, so plain "fat16"
+# and "fat32" mean the LBA types, as Raspberry Pi and genimage layouts use them. The GPT names
+# that have an MBR equivalent ("linux-generic", "swap", "basic-data", ...) are accepted too, so
+# a layout can switch tables without renaming its types. MBR has no per-architecture root or
+# verity types: those names are deliberately absent and refused rather than guessed.
 MBR_TYPES: dict[str, int] = {
-    "esp": 0xEF,
+    "fat12": 0x01,
+    "fat16-small": 0x04,  # FAT16 below 32 MiB, CHS
+    "fat16-chs": 0x06,
+    "ntfs": 0x07,  # also exFAT and HPFS
+    "fat32-chs": 0x0B,
+    "fat32": 0x0C,
+    "fat32-lba": 0x0C,
+    "fat16": 0x0E,
+    "fat16-lba": 0x0E,
+    "linux-swap": 0x82,
+    "linux": 0x83,
+    "linux-lvm": 0x8E,
+    "non-fs-data": 0xDA,  # firmware, boot loader blobs, raw data
     "xbootldr": 0xEA,  # Boot Loader Specification: "Linux extended boot"
+    "esp": 0xEF,
+    "ebbr-protective": 0xF8,  # Arm EBBR: protects firmware at a fixed offset
+    "linux-raid": 0xFD,
+    # The GPT spellings of the same types.
     "linux-generic": 0x83,
     "swap": 0x82,
-    "linux-lvm": 0x8E,
-    "linux-raid": 0xFD,
     "basic-data": 0x0C,  # FAT32 with LBA addressing
+}
+# The type byte avobuild writes for the extended partition that holds logical partitions
+# ("W95 Ext'd (LBA)", as genimage writes it).
+MBR_EXTENDED = 0x0F
+# Type bytes a layout may not give a partition: the container types of an extended partition
+# (avobuild writes those itself) and the GPT protective type.
+MBR_RESERVED = {
+    0x00: "an unused entry",
+    0x05: "an extended partition",
+    0x0F: "an extended partition",
+    0x85: "an extended partition",
+    0xEE: "a GPT protective partition",
+}
+
+# GPT partition attribute bits by name (UEFI 2.10 table 5.8 for bits 0-2; the Discoverable
+# Partitions Specification for 59, 60 and 63; bit 62 is the "hidden" bit of Microsoft basic
+# data partitions that genimage also writes).
+GPT_ATTRIBUTES: dict[str, int] = {
+    "required": 0,
+    "no-block-io-protocol": 1,
+    "legacy-bios-bootable": 2,
+    "growfs": 59,
+    "read-only": 60,
+    "hidden": 62,
+    "no-auto": 63,
 }
 
 _NAMES_BY_GUID: dict[uuid.UUID, str] = {guid: name for name, guid in GPT_TYPES.items()}
@@ -101,3 +144,35 @@ def resolve_type_guid(value: str) -> uuid.UUID:
 def type_name(guid: uuid.UUID) -> str | None:
     """The name of a known partition type GUID, or None when it is not in the table."""
     return _NAMES_BY_GUID.get(guid)
+
+
+def resolve_mbr_type(value: str) -> int:
+    """Turn a type name ("fat32-lba") or a literal byte ("0x0c") into an MBR type byte."""
+    text = value.strip().lower()
+    known = MBR_TYPES.get(text)
+    if known is not None:
+        return known
+    if re.fullmatch(r"0x[0-9a-f]{1,2}", text):
+        byte = int(text, 16)
+        reserved = MBR_RESERVED.get(byte)
+        if reserved is not None:
+            raise ValueError(f"type {value!r} marks {reserved}; avobuild writes those itself")
+        return byte
+    names = ", ".join(sorted(MBR_TYPES))
+    raise ValueError(
+        f"unknown MBR partition type {value!r}: expected a byte like '0x83' or one of: {names}"
+    )
+
+
+def resolve_attribute(value: str | int) -> int:
+    """The bit number of a GPT attribute given by name ("read-only") or number (0-63)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if 0 <= value <= 63:
+            return value
+        raise ValueError(f"attribute bit {value} is outside 0..63")
+    if isinstance(value, str) and value in GPT_ATTRIBUTES:
+        return GPT_ATTRIBUTES[value]
+    names = ", ".join(GPT_ATTRIBUTES)
+    raise ValueError(
+        f"unknown GPT attribute {value!r}: expected a bit number 0..63 or one of: {names}"
+    )

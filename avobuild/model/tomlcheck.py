@@ -81,6 +81,10 @@ class Table:
             return None
         return self._data[key]
 
+    def untyped(self, key: str) -> Any:
+        """The value of an optional key whose type the caller checks (it may take several)."""
+        return self._get(key, required=False)
+
     def string(
         self,
         key: str,
