@@ -193,8 +193,8 @@ def pack_boot_sector(
 def write_mbr(f: BinaryIO, disk_size: int, table: MbrTable) -> None:
     """Write the partition records of sector 0 and every EBR of `table` into `f`.
 
-    Bytes 0-439 of sector 0 (boot code) are kept as they are in `f`; the rest of sector 0 and
-    each EBR sector are written whole. `f` must already be `disk_size` bytes long.
+    Bytes 0-439 of sector 0 (boot code) are not written; bytes 440-511 and each EBR sector
+    are. `f` must already be `disk_size` bytes long.
     """
     sector_size = table.sector_size
     _check_table(f, disk_size, table)
@@ -210,10 +210,9 @@ def write_mbr(f: BinaryIO, disk_size: int, table: MbrTable) -> None:
         primaries[extended.slot - 1] = MbrRecord(
             EXTENDED_TYPES[1], extended.first_lba, extended.sectors
         )
-    f.seek(0)
-    boot_code = f.read(BOOT_CODE_SIZE)
-    f.seek(0)
-    f.write(pack_boot_sector(primaries, table.disk_signature, boot_code).ljust(sector_size, b"\0"))
+    # Only bytes 440-511 of sector 0: the boot code before them belongs to a boot loader.
+    f.seek(SIGNATURE_OFFSET)
+    f.write(pack_boot_sector(primaries, table.disk_signature)[SIGNATURE_OFFSET:])
     for index, part in enumerate(logicals):
         assert part.ebr_lba is not None and extended is not None
         records: list[MbrRecord | None] = [

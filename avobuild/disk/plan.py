@@ -176,6 +176,13 @@ def _place(
             )
         else:
             start = spec.offset // sector
+        if logical and spec.bootable:
+            raise RecipeError(
+                f"{_where(layout, f'partition.{spec.label}', 'bootable')}: logical partition "
+                f"{number} lies in the extended partition, and firmware reads the bootable "
+                "flag of primary partitions only; expected it on one of the first "
+                f"{logical_from} partitions (or a larger [disk] extended-partition)"
+            )
         ebr = _ebr_sector(layout, spec, number, start, cursor) if logical else None
         placed.append(PlacedPartition(spec, number, start, start + sectors - 1, sector, ebr))
         cursor = max(cursor, start + sectors)
@@ -194,11 +201,13 @@ def _ebr_sector(layout: Layout, spec: PartitionSpec, number: int, start: int, cu
     if start - 1 >= cursor:
         return start - 1
     key = "offset" if spec.offset is not None else None
+    aligned = (_align_up(cursor, align) + align) * sector
     raise RecipeError(
         f"{_where(layout, f'partition.{spec.label}', key)}: logical partition {number} starts "
         f"at {format_size(start * sector)}, but its EBR needs one sector after the end of the "
         f"partitions before it ({format_size(cursor * sector)}); expected an offset of at least "
-        f"{format_size((cursor + 1) * sector)}, or fewer than five partitions"
+        f"{format_size((cursor + 1) * sector)} ({format_size(aligned)} keeps the "
+        f"{format_size(layout.alignment)} alignment), or fewer than five partitions"
     )
 
 
