@@ -13,6 +13,8 @@ The layouts are the shipped board layout and seeded random ones.
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
 import random
 import shutil
@@ -23,10 +25,12 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, Product, avobuild_cli
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from avobuild.disk.gpt import read_gpt
 from avobuild.disk.image import assemble_disk
-from avobuild.disk.mbr import read_mbr
+from avobuild.disk.mbr import ExtendedPartition, MbrPartition, MbrTable, read_mbr, write_mbr
 from avobuild.disk.plan import DiskPlan, plan_layout
 from avobuild.disk.table import (
     disk_guid,
@@ -38,6 +42,7 @@ from avobuild.disk.table import (
 from avobuild.errors import BuildError, InstallError, RecipeError
 from avobuild.model.guids import GPT_ATTRIBUTES, GPT_TYPES, MBR_TYPES
 from avobuild.model.layout import Layout, TableType, load_layout
+from avobuild.model.serialize import from_jsonable, to_jsonable
 from avobuild.model.tomlcheck import format_size
 
 pytestmark = pytest.mark.skipif(shutil.which("genimage") is None, reason="genimage is missing")
@@ -984,10 +989,89 @@ def test_raw_partition_size_defaults_to_its_file(tmp_path: Path) -> None:
 @needs_sunxi
 def test_board_layout_and_plan_round_trip() -> None:
     """The new layout fields (raw regions, MBR types, EBRs) survive the JSON round trip."""
-    from avobuild.model.serialize import from_jsonable, to_jsonable
-
     layout = load_layout(REPO / "layouts" / "aarch64-uboot-mbr.toml")
     assert from_jsonable(Layout, json.loads(json.dumps(to_jsonable(layout)))) == layout
     plan = plan_layout(layout)
     assert from_jsonable(DiskPlan, json.loads(json.dumps(to_jsonable(plan)))) == plan
     assert plan.extended is not None and [p.number for p in plan.partitions] == [1, 2, 3, 5, 6]
+
+
+# --- the MBR reader never fails in any other way --------------------------------------------
+
+
+def _mbr_fuzz_base() -> tuple[bytes, list[tuple[int, int]]]:
+    """A 6-partition MBR image (4K alignment) and the byte ranges of its sector 0 and EBRs."""
+    size = 256 * 512
+    image = io.BytesIO(bytes(size))
+    table = MbrTable(
+        0x1234ABCD,
+        512,
+        (
+            MbrPartition(1, 0x0C, 8, 24, bootable=True),
+            MbrPartition(2, 0x83, 32, 32),
+            MbrPartition(3, 0x83, 64, 32),
+            MbrPartition(5, 0x83, 104, 16, ebr_lba=96),
+            MbrPartition(6, 0x83, 136, 40, ebr_lba=128),
+            MbrPartition(7, 0x82, 200, 56, ebr_lba=192),
+        ),
+        ExtendedPartition(4, 96, 160),
+    )
+    write_mbr(image, size, table)
+    regions = [(lba * 512 + 440, lba * 512 + 512) for lba in (0, 96, 128, 192)]
+    return image.getvalue(), regions
+
+
+MBR_FUZZ_BASE, MBR_FUZZ_REGIONS = _mbr_fuzz_base()
+
+
+def _check_mbr_read(data: bytes) -> None:
+    try:
+        table = read_mbr(io.BytesIO(data))
+    except InstallError:
+        return
+    sectors = len(data) // 512
+    spans = sorted((p.first_lba, p.last_lba) for p in table.partitions)
+    spans += sorted((p.ebr_lba, p.ebr_lba) for p in table.partitions if p.ebr_lba is not None)
+    spans.sort()
+    for first, last in spans:
+        assert 1 <= first <= last < sectors
+    for before, after in itertools.pairwise(spans):
+        assert before[1] < after[0]
+    assert len(table.partitions) <= 4 + 128
+
+
+def test_mbr_fuzz_base_reads_back() -> None:
+    table = read_mbr(io.BytesIO(MBR_FUZZ_BASE))
+    assert [(p.number, p.first_lba) for p in table.partitions] == [
+        (1, 8),
+        (2, 32),
+        (3, 64),
+        (5, 104),
+        (6, 136),
+        (7, 200),
+    ]
+
+
+@settings(derandomize=True, max_examples=300, deadline=None)
+@given(st.binary(max_size=8 * 512))
+def test_mbr_reader_on_random_bytes(data: bytes) -> None:
+    _check_mbr_read(data.ljust(512, b"\0")[:-2] + b"\x55\xaa" if len(data) >= 512 else data)
+
+
+@settings(
+    derandomize=True, max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(
+    mutations=st.lists(
+        st.tuples(st.integers(0, 3), st.integers(0, 71), st.integers(0, 255)),
+        min_size=1,
+        max_size=8,
+    ),
+    length=st.sampled_from([256 * 512, 200 * 512, 100 * 512]),
+)
+def test_mbr_reader_on_mutated_tables(mutations: list[tuple[int, int, int]], length: int) -> None:
+    image = bytearray(MBR_FUZZ_BASE)
+    for region, position, value in mutations:
+        start, _ = MBR_FUZZ_REGIONS[region]
+        image[start + position] = value
+    _check_mbr_read(bytes(image[:length]))
