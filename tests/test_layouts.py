@@ -1075,3 +1075,62 @@ def test_mbr_reader_on_mutated_tables(mutations: list[tuple[int, int, int]], len
         start, _ = MBR_FUZZ_REGIONS[region]
         image[start + position] = value
     _check_mbr_read(bytes(image[:length]))
+
+
+# --- a whole factory image on an MBR board layout -------------------------------------------
+
+
+def test_factory_image_on_an_mbr_board_layout(product: Product, tmp_path: Path) -> None:
+    """The test product moved to an MBR with a boot loader blob, a raw firmware partition and
+    logical partitions; every filesystem still checks out and lands where sfdisk sees it."""
+    blob = product.root / "spl.bin"
+    blob.write_bytes(random.Random(7).randbytes(24 * KIB))
+    firmware = product.root / "firmware.bin"
+    firmware.write_bytes(random.Random(8).randbytes(300 * KIB))
+    text = (
+        product.layout.read_text()
+        .replace('table = "gpt"', 'table = "mbr"')
+        .replace('type = "esp"', 'type = "fat32-lba"\nbootable = true')
+        .replace('type = "root-x86-64"', 'type = "linux"')
+        .replace('type = "linux-generic"', 'type = "linux"')
+    )
+    text = text.replace(
+        "[partition.boot]",
+        '[raw.spl]\noffset = "8K"\nfile = "spl.bin"\n\n'
+        '[partition.firmware]\nrole = "other"\ntype = "non-fs-data"\nfile = "firmware.bin"\n\n'
+        "[partition.boot]",
+    )
+    product.layout.write_text(text)
+    out = tmp_path / "out"
+    avobuild_cli("image", product.recipe, "-o", out)
+    image = next(out.glob("*.img"))
+    assert_sfdisk_verifies(image)
+    plan = plan_layout(load_layout(product.layout))
+    listed = [p for p in sfdisk_json(image)["partitions"] if p["type"] != "f"]  # type: ignore[attr-defined]
+    assert [(p["start"] * 512, p["type"]) for p in listed] == [
+        (part.offset, f"{part.spec.mbr_type:x}") for part in plan.partitions
+    ]
+    assert [p.number for p in plan.partitions] == [1, 2, 3, 5, 6, 7]
+    assert read_at(image, 8 * KIB, 24 * KIB) == blob.read_bytes()
+    assert read_at(image, plan.partitions[0].offset, 300 * KIB) == firmware.read_bytes()
+    for label in ("system-a", "system-b", "data", "recovery"):
+        part = plan.by_label(label)
+        assert part is not None
+        extracted = tmp_path / f"{label}.img"
+        extracted.write_bytes(read_at(image, part.offset, part.size))
+        subprocess.run(["e2fsck", "-fn", str(extracted)], capture_output=True, check=True)
+        extracted.unlink()
+    boot = plan.by_label("boot")
+    assert boot is not None
+    listing = subprocess.run(
+        ["mdir", "-b", "-i", f"{image}@@{boot.offset}", "::/avobuild"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"MTOOLS_SKIP_CHECK": "1", "PATH": "/usr/bin:/bin"},
+    ).stdout
+    assert "grubenv" in listing
+    # rebuilt from the same inputs: the same bytes
+    again = tmp_path / "again"
+    avobuild_cli("image", product.recipe, "-o", again)
+    assert next(again.glob("*.img")).read_bytes() == image.read_bytes()
