@@ -5,16 +5,22 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
+import re
+import shutil
+import struct
 import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import Product, avobuild_cli
+from conftest import REPO, Product, avobuild_cli
 
+from avobuild.disk.mbr import derive_disk_signature
 from avobuild.errors import BuildError, InstallError
 from avobuild.media.pxe import parse_device, parse_server
 from avobuild.media.usb import busy_disks, check_target_device
+from avobuild.model.recipe import load_recipe
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -41,46 +47,145 @@ def usb_media(tmp_path_factory: pytest.TempPathFactory) -> tuple[Product, Path, 
     return product, first, second
 
 
-def test_usb_media_is_reproducible(usb_media: tuple[Product, Path, Path]) -> None:
-    _, first, second = usb_media
+def test_usb_media_is_reproducible(usb_media: tuple[Product, Path, Path], tmp_path: Path) -> None:
+    product, first, second = usb_media
     assert first.read_bytes() == second.read_bytes()
+    # pycdlib renders dates in the local time zone unless avobuild pins them: a build in a
+    # zone 13:45 ahead, seconds later, must give the same bytes.
+    third = tmp_path / "third.iso"
+    exe = shutil.which("avobuild") or REPO / ".venv" / "bin" / "avobuild"
+    subprocess.run(
+        [str(exe), "media", "usb", str(product.recipe), "-o", str(third)],
+        env={**os.environ, "TZ": "Pacific/Chatham"},
+        capture_output=True,
+        check=True,
+    )
+    assert third.read_bytes() == first.read_bytes()
 
 
-def test_usb_media_boot_records(usb_media: tuple[Product, Path, Path]) -> None:
-    _, image, _ = usb_media
-    # xorriso prints the volume summary on stderr and the El Torito report on stdout.
-    report = subprocess.run(
-        ["xorriso", "-indev", str(image), "-report_el_torito", "plain"],
+def _xorriso(image: Path, *commands: str, before: tuple[str, ...] = ()) -> str:
+    """xorriso's report (it writes some of it on stderr, so both streams, merged)."""
+    return subprocess.run(
+        ["xorriso", *before, "-indev", str(image), *commands],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        check=True,
+        check=False,
     ).stdout
+
+
+def _report_lba(image: Path, path: str) -> tuple[int, int]:
+    """(2048-byte block, size) of a file of the ISO, as xorriso finds it."""
+    report = _xorriso(image, "-find", path, "-exec", "report_lba", "--")
+    line = next(line for line in report.splitlines() if line.startswith("File data lba:"))
+    fields = [field.strip() for field in line.split(":", 1)[1].split(",")]
+    return int(fields[1]), int(fields[3])
+
+
+def test_usb_media_boot_records(usb_media: tuple[Product, Path, Path]) -> None:
+    product, image, _ = usb_media
+    report = _xorriso(image, "-report_el_torito", "plain")
     assert "Volume id    : 'TESTPROD_RECOVERY'" in report
+    assert "Boot record  : El Torito , MBR isohybrid" in report
     boot_lines = [line for line in report.splitlines() if line.startswith("El Torito boot img")]
     platforms = [line.split(":")[1].split()[1] for line in boot_lines]
     assert platforms == ["BIOS", "UEFI"]
-    assert "/isolinux/isolinux.bin" in report
-    assert "MBR isohybrid" in report and "GPT" in report
+    assert "El Torito img path :   1  /isolinux/isolinux.bin" in report
+    assert "El Torito img opts :   1  boot-info-table isohybrid-suitable" in report
+    assert "El Torito img path :   2  /boot/grub/efi.img" in report
+    assert "El Torito cat path : /isolinux/boot.cat" in report
 
-    # GPT for disk boot: partition 2 is an EFI system partition holding GRUB
-    dump = subprocess.run(
-        ["sfdisk", "-d", str(image)], capture_output=True, text=True, check=True
-    ).stdout
-    assert "label: gpt" in dump
-    esp = next(line for line in dump.splitlines() if "C12A7328-F81F-11D2-BA4B-00A0C93EC93B" in line)
-    start = int(esp.split("start=")[1].split(",")[0])
+    # the same as mkisofs options: what a user would have typed for xorriso
+    options = _xorriso(image, "-report_el_torito", "as_mkisofs")
+    for expected in (
+        "-V 'TESTPROD_RECOVERY'",
+        "--modification-date='2026010100000000'",
+        "-c '/isolinux/boot.cat'",
+        "-b '/isolinux/isolinux.bin'\n-no-emul-boot\n-boot-load-size 4\n-boot-info-table",
+        "-e '/boot/grub/efi.img'\n-no-emul-boot",
+        "--mbr-force-bootable",
+        "-iso_mbr_part_type 0x00",
+    ):
+        assert expected in options, expected
+
+    # the system area: isohybrid MBR, partition 1 over the ISO, partition 2 over efi.img
+    efi_block, efi_size = _report_lba(image, "/boot/grub/efi.img")
+    bios_block, bios_size = _report_lba(image, "/isolinux/isolinux.bin")
+    area = _xorriso(image, "-report_system_area", "plain")
+    sectors = image.stat().st_size // 512
+    assert "System area summary: MBR isohybrid" in area
+    assert f"ISO image size/512 : {sectors}" in area
+    assert re.search(rf"MBR partition      :   1   0x80  0x00 +0 +{sectors}\n", area), area
+    assert re.search(
+        rf"MBR partition      :   2   0x00  0xef +{efi_block * 4} +{efi_size // 512}\n", area
+    )
+    assert "MBR partition path :   2  /boot/grub/efi.img" in area
+
+    dump = json.loads(
+        subprocess.run(
+            ["sfdisk", "--json", str(image)], capture_output=True, text=True, check=True
+        ).stdout
+    )["partitiontable"]
+    assert dump["label"] == "dos"
+    assert int(dump["id"], 16) == derive_disk_signature(f"{load_recipe(product.recipe).seed}/usb")
+    assert [(p["start"], p["size"], p["type"]) for p in dump["partitions"]] == [
+        (0, sectors, "0"),
+        (efi_block * 4, efi_size // 512, "ef"),
+    ]
     listing = subprocess.run(
-        ["mdir", "-b", "-i", f"{image}@@{start * 512}", "::/EFI/BOOT"],
+        ["mdir", "-b", "-i", f"{image}@@{efi_block * 4 * 512}", "::/EFI/BOOT"],
         capture_output=True,
         text=True,
         check=True,
         env={**os.environ, "MTOOLS_SKIP_CHECK": "1"},
     ).stdout
     assert "BOOTX64.EFI" in listing.upper()
+
+    # sector 0: isohdpfx.bin's code, then where it finds isolinux.bin (512-byte LBA), 55 AA
     with image.open("rb") as handle:
-        handle.seek(510)
-        assert handle.read(2) == b"\x55\xaa"  # MBR boot code for BIOS disk boot
+        mbr = handle.read(512)
+    code = Path("/usr/lib/ISOLINUX/isohdpfx.bin").read_bytes()
+    assert mbr[:432] == code[:432]
+    assert struct.unpack_from("<Q", mbr, 432)[0] == bios_block * 4
+    assert mbr[510:] == b"\x55\xaa"
+
+    # the boot information table ISOLINUX reads (El Torito: bytes 8-63 of the boot file),
+    # computed here from the package's isolinux.bin
+    original = Path("/usr/lib/ISOLINUX/isolinux.bin").read_bytes()
+    assert bios_size == len(original)
+    patched = _iso_file(image, "/isolinux/isolinux.bin")
+    words = struct.unpack_from(f"<{(len(original) - 64) // 4}I", original, 64)
+    checksum = sum(words) & 0xFFFFFFFF
+    assert struct.unpack_from("<4I", patched, 8) == (16, bios_block, len(original), checksum)
+    assert patched[:8] == original[:8] and patched[64:] == original[64:]
+
+
+def test_usb_media_dates_names_and_modes(usb_media: tuple[Product, Path, Path]) -> None:
+    _, image, _ = usb_media
+    pvd = _xorriso(image, "-pvd_info")
+    for field in ("Creation Time", "Modif. Time", "Eff. Time"):
+        assert re.search(rf"{re.escape(field)} *: 2026010100000000\n", pvd), field
+    assert re.search(r"Expir. Time  : 0000000000000000\n", pvd)
+    listing = _xorriso(image, "-find", "/", "-exec", "lsdl", "--")
+    entries = [line for line in listing.splitlines() if line[:1] in "d-" and line.endswith("'")]
+    assert len(entries) >= 17
+    for line in entries:
+        mode, _links, owner, group = line.split()[:4]
+        assert (owner, group) == ("0", "0"), line
+        assert " Jan  1  2026 '" in line, line
+        assert mode in ("drwxr-xr-x", "dr-xr-xr-x", "-rw-r--r--"), line
+    # plain ECMA-119 names, as ISOLINUX reads them, and Joliet names as Windows does
+    ecma = _xorriso(image, "-find", "/", before=("-read_fs", "ecma119"))
+    for name in (
+        "/ISOLINUX/ISOLINUX.CFG",
+        "/BOOT/VMLINUZ",
+        "/BOOT/INITRD.IMG",
+        "/AVOBUILD/FACTORY_IMG.GZ",
+        "/AVOBUILD/MEDIUM_ID",
+    ):
+        assert f"'{name}'" in ecma, name
+    joliet = _xorriso(image, "-find", "/", before=("-read_fs", "norock"))
+    assert "'/avobuild/factory.img.gz.sha256'" in joliet and "'/boot/grub/grub.cfg'" in joliet
 
 
 def _iso_file(image: Path, path: str) -> bytes:

@@ -1,20 +1,19 @@
 """USB recovery media: one hybrid image that boots from a stick or an optical drive.
 
-The image is ISO 9660 (xorriso's mkisofs emulation) with two El Torito boot entries: ISOLINUX
-for BIOS machines and a FAT image holding a GRUB EFI binary (EFI/BOOT/BOOTX64.EFI) for UEFI.
-The isohybrid MBR boot code (isohdpfx.bin) lets BIOS firmware boot it as a disk; the FAT image
-is appended after the ISO filesystem as partition 2 of a GPT, typed EFI system partition, so
-UEFI firmware boots it as a disk too (the El Torito EFI entry points at the same bytes). The
-medium carries the recovery kernel and initramfs, the factory image (gzip, with the sha256 of
-the raw image) and optionally a bundle; the initramfs finds the medium again by the marker
-/avobuild/medium-id.
+The image is ISO 9660 written by pycdlib (`avobuild/disk/iso.py`: Rock Ridge and Joliet names)
+with two El Torito boot entries: ISOLINUX for BIOS machines and a FAT image
+(`/boot/grub/efi.img`) holding a GRUB EFI binary (EFI/BOOT/BOOTX64.EFI) for UEFI. An isohybrid
+MBR written by avobuild makes the same bytes a disk: ISOLINUX's isohdpfx.bin boot code finds
+isolinux.bin for BIOS firmware, and a partition record of type 0xEF over efi.img is the EFI
+system partition UEFI firmware boots from a stick. The medium carries the recovery kernel and
+initramfs, the factory image (gzip, with the sha256 of the raw image) and optionally a bundle;
+the initramfs finds the medium again by the marker /avobuild/medium-id.
 
-Reproducible: staged files are dated SOURCE_DATE_EPOCH, which xorriso also reads to fix the
-volume dates, the file dates and the GPT GUIDs.
+Reproducible: staged files are dated SOURCE_DATE_EPOCH and added in sorted order, the ISO's
+dates are SOURCE_DATE_EPOCH in UTC and the MBR disk signature derives from the recipe seed.
 
 Writing to a stick (`check_target_device`, `write_to_device`) refuses any disk that holds a
-mounted filesystem or active swap, in particular the disk the host runs from.
-"""
+mounted filesystem or active swap, in particular the disk the host runs from."""
 
 from __future__ import annotations
 
@@ -38,6 +37,8 @@ from avobuild.boot.bootfiles import (
     copy_host_file,
     host_file,
 )
+from avobuild.disk.iso import IsoBoot, write_iso, write_isohybrid_mbr
+from avobuild.disk.mbr import derive_disk_signature
 from avobuild.errors import InstallError
 from avobuild.fs import build_filesystem
 from avobuild.image.factory import build_factory_image
@@ -52,10 +53,13 @@ from avobuild.media.recovery import (
 )
 from avobuild.model.layout import FsType
 from avobuild.model.recipe import Recipe, ToolSet
-from avobuild.run import run, source_date_epoch
+from avobuild.run import source_date_epoch
 
 Progress = Callable[[str], None]
 FACTORY_NAME = "factory.img.gz"
+BIOS_IMAGE = "isolinux/isolinux.bin"
+BOOT_CATALOG = "isolinux/boot.cat"
+EFI_IMAGE = "boot/grub/efi.img"
 BUNDLE_NAME = "update.avb"
 _MiB = 1 << 20
 _COPY_BLOCK = 4 * _MiB
@@ -186,55 +190,23 @@ def build_usb_media(
     )
     shutil.copyfile(grub, stage / "boot" / "grub" / "bootx64.efi")
     efi_size = (grub.stat().st_size // _MiB + 2) * _MiB
-    efi_image = workdir / "efi.img"
+    efi_image = stage / EFI_IMAGE
     build_filesystem(
         FsType.VFAT, efi_tree, efi_image, efi_size, label="EFIBOOT", seed=f"{recipe.seed}/usb-efi"
     )
     _date_tree(stage)
 
     if progress:
-        progress(f"writing {output.name} with xorriso")
-    if output.exists():
-        output.unlink()
-    run(
-        [
-            "xorriso",
-            "-as",
-            "mkisofs",
-            "-quiet",
-            "-o",
-            output,
-            "-V",
-            volume_id(recipe),
-            "-iso-level",
-            "3",
-            "-r",
-            "-J",
-            "-joliet-long",
-            "-isohybrid-mbr",
-            host_file(ISOHYBRID_MBR, "make USB media bootable from a disk on BIOS"),
-            "-c",
-            "isolinux/boot.cat",
-            "-b",
-            "isolinux/isolinux.bin",
-            "-no-emul-boot",
-            "-boot-load-size",
-            "4",
-            "-boot-info-table",
-            # The EFI system partition is appended after the ISO filesystem and listed in a
-            # GPT; the second El Torito entry points at the same bytes.
-            "-append_partition",
-            "2",
-            "0xef",
-            efi_image,
-            "-appended_part_as_gpt",
-            "-eltorito-alt-boot",
-            "-e",
-            "--interval:appended_partition_2:all::",
-            "-no-emul-boot",
-            stage,
-        ]
+        progress(f"writing {output.name} (ISO 9660, El Torito BIOS and UEFI, isohybrid MBR)")
+    image = write_iso(
+        stage,
+        output,
+        volume_id=volume_id(recipe),
+        boot=IsoBoot(bios_image=BIOS_IMAGE, catalog=BOOT_CATALOG, efi_image=EFI_IMAGE),
+        epoch=source_date_epoch(),
     )
+    boot_code = host_file(ISOHYBRID_MBR, "make USB media bootable from a disk on BIOS")
+    write_isohybrid_mbr(image, boot_code.read_bytes(), derive_disk_signature(f"{recipe.seed}/usb"))
     return UsbMedium(output, output.stat().st_size, system, factory_image, bundle)
 
 
