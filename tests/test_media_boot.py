@@ -238,6 +238,23 @@ def test_usb_stick_boots_on_uefi(device_product: tuple[Product, Path], tmp_path:
         assert b"Avocado OS Recovery - testprod 1.0.0 (usb)" in boot
 
 
+@pytest.mark.parametrize("firmware", ["bios", "uefi"])
+def test_usb_image_boots_as_a_cd(
+    device_product: tuple[Product, Path], tmp_path: Path, firmware: str
+) -> None:
+    """The same image burnt to a CD: the El Torito entries (ISOLINUX on BIOS, the FAT image
+    with GRUB on UEFI), and the initramfs finds its medium on the CD drive."""
+    product, factory = device_product
+    disc = tmp_path / "recovery.iso"
+    avobuild_cli("media", "usb", product.recipe, "-o", disc, "--factory-image", factory)
+    args = [*(uefi_args(tmp_path) if firmware == "uefi" else []), "-cdrom", str(disc)]
+    args += ["-net", "none"]
+    with qemu(args, tmp_path / "console.log") as machine:
+        machine.expect(b"ISOLINUX" if firmware == "bios" else b"testprod 1.0.0 recovery")
+        boot = machine.expect(MENU)
+        assert b"recovery medium found on /dev/sr0" in boot
+
+
 def test_recovery_partition_boots_and_repairs_the_boot_state(
     device_product: tuple[Product, Path], tmp_path: Path
 ) -> None:
