@@ -17,6 +17,7 @@ import io
 import itertools
 import json
 import random
+import re
 import shutil
 import subprocess
 import uuid
@@ -1134,3 +1135,22 @@ def test_factory_image_on_an_mbr_board_layout(product: Product, tmp_path: Path) 
     again = tmp_path / "again"
     avobuild_cli("image", product.recipe, "-o", again)
     assert next(again.glob("*.img")).read_bytes() == image.read_bytes()
+
+
+def test_every_layout_key_is_documented() -> None:
+    """Each key load_layout reads appears in a key table of docs/layouts.md."""
+    source = (REPO / "avobuild" / "model" / "layout.py").read_text()
+    keys = set(
+        re.findall(
+            r"\.(?:string|optional_string|integer|boolean|size|optional_size|path_value|untyped)"
+            r'\(\s*"([a-z-]+)"',
+            source,
+        )
+    )
+    keys |= set(
+        re.findall(r'_(?:byte_offset|optional_uuid|existing_file)\(\w+, "([a-z-]+)"', source)
+    )
+    assert {"table", "extended-partition", "signature", "offset", "file", "attributes"} <= keys
+    docs = (REPO / "docs" / "layouts.md").read_text()
+    documented = set(re.findall(r"^\| `([a-z-]+)` \|", docs, flags=re.MULTILINE))
+    assert keys <= documented, sorted(keys - documented)
