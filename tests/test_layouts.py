@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import os
 import random
 import re
 import shutil
@@ -275,18 +276,43 @@ def assert_sfdisk_writes_the_same_mbr(image: Path, plan: DiskPlan, work: Path) -
     blank.unlink()
 
 
+def data_extents(path: Path) -> list[tuple[int, int]]:
+    """The [start, end) ranges of a sparse file that hold data (SEEK_DATA/SEEK_HOLE)."""
+    extents = []
+    with path.open("rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        position = 0
+        while position < size:
+            try:
+                start = os.lseek(handle.fileno(), position, os.SEEK_DATA)
+            except OSError:
+                break
+            end = os.lseek(handle.fileno(), start, os.SEEK_HOLE)
+            extents.append((start, end))
+            position = end
+    return extents
+
+
 def differing_bytes(first: Path, second: Path) -> list[int]:
-    """Offsets where two equally long images differ (compared block by block)."""
+    """Offsets where two equally long images differ. Both are sparse: only the ranges where
+    either holds data are read (a hole reads as zeros on the other side)."""
     assert first.stat().st_size == second.stat().st_size
+    ranges = sorted(data_extents(first) + data_extents(second))
     found: list[int] = []
     block = 1 << 20
     with first.open("rb") as a, second.open("rb") as b:
-        position = 0
-        while chunk := a.read(block):
-            other = b.read(block)
-            if chunk != other:
-                found += [position + i for i in range(len(chunk)) if chunk[i] != other[i]]
-            position += len(chunk)
+        done = 0
+        for start, end in ranges:
+            position = max(start, done)
+            while position < end:
+                length = min(block, end - position)
+                a.seek(position)
+                b.seek(position)
+                chunk, other = a.read(length), b.read(length)
+                if chunk != other:
+                    found += [position + i for i in range(length) if chunk[i] != other[i]]
+                position += length
+            done = max(done, end)
     return found
 
 
