@@ -9,9 +9,11 @@ tree holds device nodes, setuid binaries and file capabilities) with systemd, Op
 Python, Perl, GCC and git: about 450 MB in some 25,000 entries, cached in WORK/rootfs. Both
 tools build the layout of bench/image/layout.toml (genimage.cfg describes the same
 partitions): a FAT ESP, two 1 GiB ext4 slots (A holds the tree, B empty), a data partition.
-Runs alternate between the tools; each run records wall time and peak RSS (GNU time: %e,
-%M of the process tree). The medians and their ratio are printed as a Markdown table and
-written with the machine's description to WORK/results.md and WORK/results.json.
+Runs alternate between the tools; each run records wall time and peak RSS (GNU time: %e
+and %M, which is the peak of the tool's own process: avobuild's Python process, genimage's C
+process; the mke2fs they both run is not included). The medians and their ratio are printed
+as a Markdown table and written with the machine's description to WORK/results.md and
+WORK/results.json.
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from avobuild.fs.common import scan_source_tree, tree_bytes  # noqa: E402
+from avobuild.model.tree import Ownership  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 AVOBUILD = REPO / ".venv" / "bin" / "avobuild"
 PACKAGES = "systemd-sysv,udev,openssh-server,python3,perl,gcc,git,iputils-ping,less"
@@ -41,8 +48,15 @@ def build_corpus(work: Path) -> Path:
     shutil.rmtree(tree, ignore_errors=True)
     tree.mkdir(parents=True)
     subprocess.run(
-        ["mmdebstrap", "--quiet", "--variant=minbase", f"--include={PACKAGES}", "bookworm",
-         str(tree), "http://deb.debian.org/debian"],
+        [
+            "mmdebstrap",
+            "--quiet",
+            "--variant=minbase",
+            f"--include={PACKAGES}",
+            "bookworm",
+            str(tree),
+            "http://deb.debian.org/debian",
+        ],
         check=True,
     )
     stamp.write_text(PACKAGES + "\n")
@@ -50,26 +64,21 @@ def build_corpus(work: Path) -> Path:
 
 
 def tree_size(tree: Path) -> tuple[int, int]:
-    total = entries = 0
-    for directory, dirs, files in os.walk(tree):
-        for name in dirs + files:
-            entries += 1
-            info = os.lstat(os.path.join(directory, name))
-            if os.path.isfile(os.path.join(directory, name)) and not os.path.islink(
-                os.path.join(directory, name)
-            ):
-                total += info.st_size
-    return total, entries
+    entries = scan_source_tree(tree, Ownership.PRESERVE)
+    return tree_bytes(entries), len(entries)
 
 
-def timed(argv: list[str], cwd: Path | None = None) -> tuple[float, int]:
+def timed(argv: list[str], work: Path, cwd: Path | None = None) -> tuple[float, int]:
     """Wall seconds and peak RSS (KiB) of a command, from GNU time."""
-    report = cwd or Path.cwd()
-    out = report / "time.txt"
+    out = work / "time.txt"
     env = {**os.environ, "SOURCE_DATE_EPOCH": EPOCH}
     subprocess.run(
         ["/usr/bin/time", "-f", "%e %M", "-o", str(out), *argv],
-        check=True, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+        check=True,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     wall, rss = out.read_text().split()[-2:]
     return float(wall), int(rss)
@@ -85,8 +94,18 @@ def run_avobuild(work: Path, tree: Path) -> tuple[float, int]:
     )
     out = work / "avobuild-out"
     shutil.rmtree(out, ignore_errors=True)
-    result = timed([str(AVOBUILD), "image", str(recipe), "-o", str(out), "--workdir",
-                    str(work / "avobuild-work")])
+    result = timed(
+        [
+            str(AVOBUILD),
+            "image",
+            str(recipe),
+            "-o",
+            str(out),
+            "--workdir",
+            str(work / "avobuild-work"),
+        ],
+        work,
+    )
     shutil.rmtree(work / "avobuild-work", ignore_errors=True)
     return result
 
@@ -96,9 +115,23 @@ def run_genimage(work: Path, tree: Path) -> tuple[float, int]:
     shutil.rmtree(base, ignore_errors=True)
     for name in ("tmp", "input", "output"):
         (base / name).mkdir(parents=True)
-    return timed(["genimage", "--config", str(HERE / "genimage.cfg"), "--rootpath", str(tree),
-                  "--tmppath", str(base / "tmp"), "--inputpath", str(base / "input"),
-                  "--outputpath", str(base / "output")], cwd=base)
+    return timed(
+        [
+            "genimage",
+            "--config",
+            str(HERE / "genimage.cfg"),
+            "--rootpath",
+            str(tree),
+            "--tmppath",
+            str(base / "tmp"),
+            "--inputpath",
+            str(base / "input"),
+            "--outputpath",
+            str(base / "output"),
+        ],
+        work,
+        cwd=base,
+    )
 
 
 def main() -> int:
@@ -118,7 +151,7 @@ def main() -> int:
         tool: (statistics.median(w for w, _ in runs), statistics.median(r for _, r in runs))
         for tool, runs in results.items()
     }
-    base_wall, base_rss = medians["genimage"]
+    base_wall = medians["genimage"][0]
     lines = [
         f"Tree: Debian bookworm ({PACKAGES}), {size / 1e6:.0f} MB of files in {entries} entries.",
         f"Machine: {platform.node()}, {os.cpu_count()} CPUs, {platform.platform()}; "
@@ -132,8 +165,11 @@ def main() -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     (work / "results.md").write_text(text)
-    (work / "results.json").write_text(json.dumps(
-        {"tree_bytes": size, "entries": entries, "runs": results, "medians": medians}, indent=2))
+    (work / "results.json").write_text(
+        json.dumps(
+            {"tree_bytes": size, "entries": entries, "runs": results, "medians": medians}, indent=2
+        )
+    )
     return 0
 
 
