@@ -170,6 +170,10 @@ tree = "data"
 
 [signing]
 key = "keys/bundle-signing.key.pem"
+
+# The kernel is a fake: no boot chain can be built for it, only the boot state.
+[boot]
+method = "external"
 """
     )
     return Product(

@@ -231,13 +231,14 @@ def test_uboot_render_compiles_the_boot_script(product: Product, tmp_path: Path)
     )
     render_applier(load_recipe(recipe), tmp_path)
     listing = subprocess.run(
-        ["dumpimage", "-l", str(tmp_path / "boot" / "boot.scr")],
+        ["dumpimage", "-l", str(tmp_path / "boot" / "efi" / "boot.scr")],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
     assert "Script" in listing
-    boot_cmd = (tmp_path / "boot" / "boot.cmd").read_text()
+    # uboot-env-redundant describes U-Boot's own environment: the script saves with saveenv
+    boot_cmd = (tmp_path / "boot" / "efi" / "boot.cmd").read_text()
     assert "setenv avo_B_tries 2\n" in boot_cmd and "saveenv" in boot_cmd
     config = (tmp_path / "etc" / "fw_env.config").read_text().splitlines()
     assert config[-2:] == ["/dev/mmcblk0 0x3f8000 0x4000", "/dev/mmcblk0 0x3fc000 0x4000"]

@@ -24,6 +24,7 @@ from avobuild.disk.gpt import derive_guid
 from avobuild.disk.plan import plan_layout
 from avobuild.errors import RecipeError
 from avobuild.model.applier import ApplierConfig, Bootloader, InitSystem
+from avobuild.model.boot import UBOOT_ENV_FILE, UBOOT_SCRIPT_FILE, UbootEnv
 from avobuild.model.layout import IMAGE_SLOT_CLASS, Role, Slot
 from avobuild.model.recipe import Recipe
 from avobuild.run import run
@@ -174,7 +175,9 @@ def render_applier(recipe: Recipe, output: Path) -> RenderedApplier:
         files["boot/efi/EFI/BOOT/grub.cfg"] = env.get_template("grub.cfg.j2").render(values)
     else:
         files["etc/fw_env.config"] = env.get_template("fw_env.config.j2").render(values)
-        files["boot/boot.cmd"] = env.get_template("boot.cmd.j2").render(values)
+        files[uboot_path(recipe, "boot.cmd")] = env.get_template("boot.cmd.j2").render(
+            values, uboot=uboot_script_values(recipe)
+        )
 
     written: list[Path] = []
     for relative, text in files.items():
@@ -215,14 +218,79 @@ def _write_keys(recipe: Recipe, directory: Path) -> list[Path]:
     return written
 
 
+# The U-Boot state variables, as the boot script imports and exports them: 11 names, so
+# `env export -cs SIZE ADDR` + names is exactly U-Boot's default limit of 16 arguments.
+UBOOT_STATE_NAMES = (
+    "avo_primary",
+    "avo_A_ok",
+    "avo_A_tries",
+    "avo_B_ok",
+    "avo_B_tries",
+    "avo_A_version",
+    "avo_B_version",
+    "avo_compatible",
+    "avo_security_version",
+    "avo_A_security_version",
+    "avo_B_security_version",
+)
+# U-Boot's image architecture names (mkimage -A) and how it boots each kernel format.
+_UBOOT_ARCH = {
+    "aarch64": ("arm64", "booti"),
+    "arm": ("arm", "bootz"),
+    "riscv64": ("riscv", "booti"),
+}
+INITRD_PATH = "/boot/initrd.img"
+
+
+@dataclass(frozen=True)
+class UbootBootFiles:
+    script: Path  # the compiled boot script (boot.scr)
+    environment: Path  # the factory environment image
+
+
+def uboot_path(recipe: Recipe, name: str) -> str:
+    """Where a boot partition file of the U-Boot integration goes in the rendered tree: under
+    the mount point of the boot partition (a native environment image under /boot)."""
+    if name == "uboot-env.bin" and recipe.boot.uboot_env is UbootEnv.FILE:
+        name = UBOOT_ENV_FILE
+    elif name == "uboot-env.bin":
+        return "boot/uboot-env.bin"
+    return f"{recipe.applier.esp_mount.strip('/')}/{name}"
+
+
+def uboot_script_values(recipe: Recipe) -> dict[str, object]:
+    """What boot.cmd.j2 needs beyond the common values (docs/applier.md, U-Boot)."""
+    boot = recipe.boot
+    _arch, command = _UBOOT_ARCH.get(recipe.architecture.value, ("arm64", "booti"))
+    return {
+        "script_file": UBOOT_SCRIPT_FILE,
+        "env_file": UBOOT_ENV_FILE if boot.uboot_env is UbootEnv.FILE else "",
+        "env_size": recipe.applier.uboot_env_size,
+        "names": " ".join(UBOOT_STATE_NAMES),
+        "console": boot.console,
+        "cmdline": boot.cmdline,
+        "device_tree": boot.device_tree,
+        "initrd_path": INITRD_PATH,
+        "boot_command": command,
+    }
+
+
+def uboot_boot_files(recipe: Recipe, output: Path) -> UbootBootFiles:
+    """Render the applier into `output` and return its U-Boot boot partition files."""
+    render_applier(recipe, output)
+    return UbootBootFiles(
+        output / uboot_path(recipe, "boot.scr"), output / uboot_path(recipe, "uboot-env.bin")
+    )
+
+
 def _write_uboot_files(recipe: Recipe, config: ApplierConfig, output: Path) -> list[Path]:
     """The boot script image (mkimage -T script) and a factory environment image."""
-    script = output / "boot" / "boot.scr"
+    script = output / uboot_path(recipe, "boot.scr")
     run(
         [
             "mkimage",
             "-A",
-            "arm64" if recipe.architecture.value == "aarch64" else "arm",
+            _UBOOT_ARCH.get(recipe.architecture.value, ("arm", "bootz"))[0],
             "-O",
             "linux",
             "-T",
@@ -232,13 +300,14 @@ def _write_uboot_files(recipe: Recipe, config: ApplierConfig, output: Path) -> l
             "-n",
             f"avobuild {recipe.name} A/B boot",
             "-d",
-            output / "boot" / "boot.cmd",
+            output / uboot_path(recipe, "boot.cmd"),
             script,
         ],
         env={"SOURCE_DATE_EPOCH": os.environ.get("SOURCE_DATE_EPOCH", "0")},
     )
     state = factory_state(recipe.version, recipe.compatible)
-    env_image = output / "boot" / "uboot-env.bin"
+    env_image = output / uboot_path(recipe, "uboot-env.bin")
+    env_image.parent.mkdir(parents=True, exist_ok=True)
     env_image.write_bytes(
         render_uboot_env(
             state.to_variables(), config.uboot_env_size, redundant=config.uboot_env_redundant

@@ -1,4 +1,4 @@
-"""Kernel modules for the recovery initramfs: pick them with their dependencies, in load order.
+"""Kernel modules for the device and recovery initramfs: with their dependencies, in load order.
 
 Debian's linux-image package ships the modules without modules.dep (depmod runs on install),
 so dependencies are read from each module's own `.modinfo` ELF section ("depends=a,b"), the
@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import os
 import re
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
@@ -20,6 +23,9 @@ from elftools.elf.elffile import ELFFile
 from avobuild.errors import BuildError
 
 _VERSION = re.compile(rb"^[0-9]+\.[0-9]+[^\s\0]*")
+# init/version.c's linux_banner, in the uncompressed kernel: "Linux version 6.1.0-57-arm64 (".
+_BANNER = re.compile(rb"Linux version ([0-9]+\.[0-9]+[^\s\0]*) \(")
+_BANNER_SCAN_LIMIT = 256 << 20  # bytes of (uncompressed) kernel searched for the banner
 
 
 @dataclass(frozen=True)
@@ -42,17 +48,57 @@ def module_name(path: str) -> str:
 
 
 def kernel_release(kernel: Path) -> str | None:
-    """The release string of an x86 bzImage (boot protocol `kernel_version` field), if any."""
+    """The release string of a kernel image, or None when it cannot be told.
+
+    An x86 bzImage names it in its boot protocol header (`kernel_version`); an arm64 or
+    RISC-V Image (magic at 0x38) is uncompressed and carries init/version.c's banner
+    ("Linux version RELEASE (…"), which is searched for, in a gzip-compressed Image
+    (Image.gz) after decompression.
+    """
     with kernel.open("rb") as handle:
         head = handle.read(0x210)
-        if len(head) < 0x210 or head[0x202:0x206] != b"HdrS":
-            return None
-        pointer = int.from_bytes(head[0x20E:0x210], "little")
-        if pointer == 0:
-            return None
-        handle.seek(pointer + 0x200)
-        match = _VERSION.match(handle.read(128))
-    return match.group(0).decode() if match else None
+        if len(head) >= 0x210 and head[0x202:0x206] == b"HdrS":
+            pointer = int.from_bytes(head[0x20E:0x210], "little")
+            if pointer == 0:
+                return None
+            handle.seek(pointer + 0x200)
+            match = _VERSION.match(handle.read(128))
+            return match.group(0).decode() if match else None
+        handle.seek(0)
+        if head[0x38:0x3C] in (b"ARM\x64", b"RSC\x05"):
+            return _banner_release(iter(lambda: handle.read(1 << 20), b""))
+        if head[:2] == b"\x1f\x8b":
+            return _banner_release(_gunzip_blocks(handle))
+    return None
+
+
+def _gunzip_blocks(handle: BinaryIO) -> Iterator[bytes]:
+    decompressor = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    while block := handle.read(1 << 20):
+        try:
+            yield decompressor.decompress(block, 4 << 20)
+            while decompressor.unconsumed_tail:
+                yield decompressor.decompress(decompressor.unconsumed_tail, 4 << 20)
+        except zlib.error:
+            return
+        if decompressor.eof:
+            return
+
+
+def _banner_release(blocks: Iterator[bytes]) -> str | None:
+    """The release in the first linux_banner of a stream of kernel bytes."""
+    carry = b""
+    scanned = 0
+    for block in blocks:
+        window = carry + block
+        match = _BANNER.search(window)
+        if match:
+            return match.group(1).decode(errors="replace")
+        carry = window[-200:]
+        scanned += len(block)
+        if scanned > _BANNER_SCAN_LIMIT:
+            break
+    return None
 
 
 def open_module_tree(modules: Path, kernel: Path) -> ModuleTree:

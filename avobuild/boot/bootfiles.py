@@ -1,9 +1,10 @@
 """Boot-loader files from Debian packages, and GRUB EFI images built from them.
 
 Everything a medium boots with comes from packages installed on the build host (isolinux,
-syslinux-common, pxelinux, grub-efi-amd64-bin, ipxe); nothing is downloaded. GRUB images are
-made with `grub-mkimage`, which gives identical bytes for identical modules and config, with
-every module built in so the image needs no module directory at boot.
+syslinux-common, pxelinux, grub-efi-amd64-bin, grub-efi-arm64-bin, ipxe); nothing is
+downloaded. GRUB images are made with `grub-mkimage`, which gives identical bytes for
+identical modules and config, with every module built in so the image needs no module
+directory at boot.
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ PXELINUX_0 = ("/usr/lib/PXELINUX/pxelinux.0", "pxelinux")
 IPXE_EFI = ("/usr/lib/ipxe/ipxe.efi", "ipxe")
 IPXE_UNDI = ("/usr/lib/ipxe/undionly.kpxe", "ipxe")
 GRUB_EFI_DIR = ("/usr/lib/grub/x86_64-efi", "grub-efi-amd64-bin")
+# Per architecture: grub-mkimage's format, its module directory (and package), and the
+# removable-media file name UEFI firmware boots (UEFI spec 3.5.1.1).
+GRUB_EFI_TARGETS = {
+    "x86_64": ("x86_64-efi", GRUB_EFI_DIR, "BOOTX64.EFI"),
+    "aarch64": ("arm64-efi", ("/usr/lib/grub/arm64-efi", "grub-efi-arm64-bin"), "BOOTAA64.EFI"),
+}
 
 # GRUB modules built into every EFI image: disks, filesystems, Linux loading, consoles.
 GRUB_COMMON_MODULES = (
@@ -56,10 +63,16 @@ def host_file(spec: tuple[str, str], purpose: str) -> Path:
 
 
 def build_grub_efi(
-    output: Path, embedded_config: str, prefix: str, modules: tuple[str, ...]
+    output: Path,
+    embedded_config: str,
+    prefix: str,
+    modules: tuple[str, ...],
+    architecture: str = "x86_64",
 ) -> None:
-    """Build a standalone x86_64 GRUB EFI binary with `embedded_config` and `modules` in it."""
-    module_dir = host_file(GRUB_EFI_DIR, "build GRUB EFI boot images")
+    """Build a standalone GRUB EFI binary with `embedded_config` and `modules` in it, for
+    `architecture` (a key of GRUB_EFI_TARGETS)."""
+    image_format, module_spec, _name = GRUB_EFI_TARGETS[architecture]
+    module_dir = host_file(module_spec, f"build {architecture} GRUB EFI boot images")
     with tempfile.TemporaryDirectory(prefix="avobuild-grub-") as workdir:
         config = Path(workdir) / "embedded.cfg"
         config.write_text(embedded_config)
@@ -67,7 +80,7 @@ def build_grub_efi(
             [
                 "grub-mkimage",
                 "-O",
-                "x86_64-efi",
+                image_format,
                 "-d",
                 module_dir,
                 "-p",

@@ -7,7 +7,8 @@ Variables (all prefixed `avo_`, documented in docs/architecture.md):
   avo_primary      slot the bootloader tries first: A or B
   avo_<S>_ok       1 when slot S booted and was confirmed, else 0
   avo_<S>_tries    trial boots left for an unconfirmed slot S
-  avo_<S>_version  version installed in slot S ("" when empty)
+  avo_<S>_version  version installed in slot S ("" when empty; U-Boot drops empty
+                   variables when it rewrites its environment, so absent means "")
   avo_compatible   compatible string of the device, checked against every bundle
   avo_security_version    the device's anti-rollback floor: bundles with a lower
                           security-version are refused (absent: 0)
@@ -106,7 +107,7 @@ class BootState:
             slots[slot] = SlotState(
                 ok=get(f"avo_{slot.value}_ok") == "1",
                 tries=int(tries),
-                version=get(f"avo_{slot.value}_version"),
+                version=variables.get(f"avo_{slot.value}_version", ""),
                 security_version=number(f"avo_{slot.value}_security_version"),
             )
         return cls(Slot(primary), slots, get("avo_compatible"), number("avo_security_version"))

@@ -11,14 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from avobuild.boot.grubenv import render_grubenv
-from avobuild.boot.state import BOOT_STATE_PATH, factory_state
-from avobuild.device.boot import device_boot_enabled, install_esp_boot
+from avobuild.device.boot import install_boot_partition
 from avobuild.disk.bmap import render_bmap
 from avobuild.disk.image import assemble_disk
 from avobuild.disk.plan import DiskPlan, plan_layout
 from avobuild.errors import BuildError
-from avobuild.fs import write_vfat_file
 from avobuild.image.rootfs import (
     Progress,
     build_partition_fs,
@@ -76,13 +73,8 @@ def build_factory_image(
             f"recipe keeps its boot state ({BOOT_STATE_PATH}) on a FAT boot partition"
         )
     if boot.spec.filesystem is FsType.VFAT:
-        state = factory_state(recipe.version, recipe.compatible)
-        write_vfat_file(
-            images[boot.spec.label], 0, BOOT_STATE_PATH, render_grubenv(state.to_variables())
-        )
-        if device_boot_enabled(recipe):
-            progress(f"installing GRUB and grub.cfg on {boot.spec.label}")
-            install_esp_boot(recipe, images[boot.spec.label])
+        progress(f"writing the boot state and the {recipe.boot.method.value} boot files")
+        install_boot_partition(recipe, images[boot.spec.label])
     else:
         raise BuildError(
             f"{recipe.layout.path}: [partition.{boot.spec.label}] filesystem: expected "

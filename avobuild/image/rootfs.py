@@ -109,9 +109,8 @@ def collect_additions(
         install_slot_boot(recipe, overlay, view.entries)
     elif recipe.persist.enabled:
         raise BuildError(
-            f"{recipe.path}: [persist] is set up by the slot initramfs, which this recipe "
-            'does not get (it needs [applier] bootloader = "grub" and a kernel with its '
-            "Debian module tree)"
+            f"{recipe.path}: [persist] is set up by the slot initramfs, which [boot] method "
+            f'= "{recipe.boot.method.value}" does not build (it needs "grub-efi" or "u-boot")'
         )
 
 

@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from avobuild.model.applier import (
+    TOOL_NAME,
     ApplierConfig,
     RollbackConfig,
     read_applier,
     read_rollback,
 )
+from avobuild.model.boot import BootConfig, read_boot
 from avobuild.model.layout import FsType, Layout, Role, load_layout
 from avobuild.model.tomlcheck import Table, load_toml
 from avobuild.model.tree import ARCHIVE_SUFFIXES, Ownership, TreeKind, TreeSource
@@ -125,6 +127,26 @@ class PersistConfig:
 
 
 @dataclass(frozen=True)
+class KernelModules:
+    """The `[kernel]` table's module keys: the kernel's module tree (`modules`; None: the
+    `modules` directory beside the kernel file, as scripts/fetch-kernel writes it) and the
+    modules the slot initramfs loads besides its disk and filesystem drivers."""
+
+    tree: Path | None = None
+    initramfs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """The `[target]` table: where binaries for the device come from when it is not the
+    build host. `sysroot` holds them at their Debian paths (scripts/fetch-sysroot unpacks
+    packages of the target architecture there): the applier's target tools, their shared
+    libraries and the initramfs busybox are taken from it. None: from the build host."""
+
+    sysroot: Path | None = None
+
+
+@dataclass(frozen=True)
 class Recipe:
     path: Path
     name: str
@@ -146,6 +168,9 @@ class Recipe:
     applier: ApplierConfig = field(default_factory=ApplierConfig)
     rollback: RollbackConfig = field(default_factory=RollbackConfig)
     persist: PersistConfig = PersistConfig()
+    boot: BootConfig = field(default_factory=BootConfig)
+    kernel_modules: KernelModules = KernelModules()
+    target: TargetConfig = TargetConfig()
 
     @property
     def signing_key(self) -> Path | None:
@@ -194,12 +219,14 @@ def load_recipe(path: Path) -> Recipe:
     kernel_table = root.table("kernel")
     kernel: Path | None = None
     kernel_dest = "/boot/vmlinuz"
+    kernel_modules = KernelModules()
     if kernel_table is not None:
         kernel = kernel_table.path_value("file")
         assert kernel is not None
         if not kernel.is_file():
             kernel_table.fail("file", "an existing kernel image file", str(kernel))
         kernel_dest = kernel_table.string("dest", default=kernel_dest, pattern=_DEST_PATH)
+        kernel_modules = _read_kernel_modules(kernel_table)
         kernel_table.check_unknown()
 
     extensions = tuple(_read_extension(table) for table in root.array_of_tables("extension"))
@@ -208,10 +235,6 @@ def load_recipe(path: Path) -> Recipe:
         raise_duplicate = next(n for n in names if names.count(n) > 1)
         root.fail("extension", "unique extension names", raise_duplicate)
 
-    boot = root.table("boot")
-    boot_tree = _existing_dir(boot, "tree") if boot is not None else None
-    if boot is not None:
-        boot.check_unknown()
     data = root.table("data")
     data_tree = _existing_dir(data, "tree") if data is not None else None
     if data is not None:
@@ -221,7 +244,19 @@ def load_recipe(path: Path) -> Recipe:
     signing = _read_signing(signing_table) if signing_table is not None else SigningConfig()
     recovery_table = root.table("recovery")
     recovery = _read_recovery(recovery_table) if recovery_table is not None else RecoveryConfig()
-    applier = read_applier(root.table("applier"))
+    applier_table = root.table("applier")
+    applier = read_applier(applier_table)
+    boot, applier = read_boot(
+        root.table("boot"),
+        applier_table,
+        applier,
+        architecture=arch_name,
+        layout=layout,
+        has_kernel=kernel is not None,
+        recipe_path=path,
+    )
+    target_table = root.table("target")
+    target = _read_target(target_table) if target_table is not None else TargetConfig()
     rollback = read_rollback(root.table("rollback"))
     persist_table = root.table("persist")
     persist = _read_persist(persist_table, applier) if persist_table else PersistConfig()
@@ -239,7 +274,7 @@ def load_recipe(path: Path) -> Recipe:
         kernel=kernel,
         kernel_dest=kernel_dest,
         extensions=extensions,
-        boot_tree=boot_tree,
+        boot_tree=boot.tree,
         data_tree=data_tree,
         signing=signing,
         seed=seed,
@@ -247,6 +282,9 @@ def load_recipe(path: Path) -> Recipe:
         applier=applier,
         rollback=rollback,
         persist=persist,
+        boot=boot,
+        kernel_modules=kernel_modules,
+        target=target,
     )
 
 
@@ -260,6 +298,29 @@ def _existing_dir(table: Table, key: str) -> Path:
     if not path.is_dir():
         table.fail(key, "an existing directory", str(path))
     return path
+
+
+def _read_kernel_modules(table: Table) -> KernelModules:
+    tree = table.path_value("modules", required=False)
+    if tree is not None and not tree.is_dir():
+        table.fail("modules", "an existing directory of kernel modules (lib/modules)", str(tree))
+    names = table.string_list("initramfs-modules")
+    for name in names:
+        if not TOOL_NAME.fullmatch(name):
+            table.fail("initramfs-modules", "kernel module names", name)
+    return KernelModules(tree, tuple(names))
+
+
+def _read_target(table: Table) -> TargetConfig:
+    sysroot = table.path_value("sysroot", required=False)
+    if sysroot is not None and not sysroot.is_dir():
+        table.fail(
+            "sysroot",
+            "an existing directory of target binaries (scripts/fetch-sysroot DIR ARCH PACKAGE...)",
+            str(sysroot),
+        )
+    table.check_unknown()
+    return TargetConfig(sysroot)
 
 
 def _read_tree_source(table: Table) -> TreeSource:
