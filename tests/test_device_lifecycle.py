@@ -48,17 +48,19 @@ def demo_variant(
     *,
     files: dict[str, str] | None = None,
     app_validation: bool = False,
+    base: Path = DEMO_V2,
+    layout: Path | None = None,
 ) -> Path:
-    """demo-v2.toml at another version, with extra rootfs files (dest -> text, mode 0755)
-    and optionally the application self-test enabled; written to tmp_path."""
-    recipe: dict[str, Any] = tomllib.loads(DEMO_V2.read_text())
-    base = DEMO_V2.parent
+    """A demo recipe (`base`, demo-v2.toml by default) at another version, with extra rootfs
+    files (dest -> text, mode 0755), optionally the application self-test enabled and another
+    layout; written to tmp_path."""
+    recipe: dict[str, Any] = tomllib.loads(base.read_text())
 
     def absolute(value: str) -> str:
-        return str((base / value).resolve())
+        return str((base.parent / value).resolve())
 
     recipe["product"]["version"] = version
-    recipe["product"]["layout"] = absolute(recipe["product"]["layout"])
+    recipe["product"]["layout"] = str(layout or absolute(recipe["product"]["layout"]))
     recipe["rootfs"]["tree"] = absolute(recipe["rootfs"]["tree"])
     for entry in recipe["rootfs"]["file"]:
         entry["source"] = absolute(entry["source"])
@@ -67,6 +69,8 @@ def demo_variant(
         extension["tree"] = absolute(extension["tree"])
     recipe["data"]["tree"] = absolute(recipe["data"]["tree"])
     recipe["signing"]["key"] = absolute(recipe["signing"]["key"])
+    if "target" in recipe:
+        recipe["target"]["sysroot"] = absolute(recipe["target"]["sysroot"])
     sources = tmp_path / f"files-{version}"
     sources.mkdir()
     motd = sources / "motd"

@@ -32,6 +32,11 @@ OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 MENU = b"Select option: "
 POWER_OFF = b"reboot: Power down"
 BOOT_TIMEOUT = 240
+X86_64_PC = ("-accel", "tcg", "-m", "512")
+# QEMU's arm64 "virt" board: cortex-a57 (the default "max" CPU emulates pointer authentication
+# about 5x slower, and Debian's kernel uses it), one CPU (MTTCG on a 2-core host is slower),
+# no network card (U-Boot would try DHCP boot when no script is found).
+AARCH64_VIRT = ("-machine", "virt", "-cpu", "cortex-a57", "-m", "512", "-nic", "none")
 
 if not (DEBIAN / "vmlinuz").exists() or not (DEBIAN / "modules" / ".complete").exists():
     pytest.skip(
@@ -46,10 +51,23 @@ class Qemu:
     QEMU runs with -no-reboot: a guest reset ends the process. With `reboot`, the reader
     starts QEMU again at once on the same drives and UEFI variables, so the console goes on
     as on a machine that resets (a cold start: OVMF's warm reset under TCG sometimes stalls
-    for minutes); unless the guest powered off (Linux prints "reboot: Power down")."""
+    for minutes); unless the guest powered off (Linux prints "reboot: Power down").
 
-    def __init__(self, args: list[str], log: Path, *, reboot: bool = False) -> None:
+    `binary` and `machine` choose the emulator and its machine arguments (the default: an
+    x86_64 PC in software emulation with 512 MiB; `AARCH64_VIRT` for arm64)."""
+
+    def __init__(
+        self,
+        args: list[str],
+        log: Path,
+        *,
+        reboot: bool = False,
+        binary: str = "qemu-system-x86_64",
+        machine: tuple[str, ...] = X86_64_PC,
+    ) -> None:
         self.args = args
+        self.binary = binary
+        self.machine = machine
         self.reboot = reboot
         self.resets = 0
         self.stopping = False
@@ -67,11 +85,8 @@ class Qemu:
     def _start(self) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             [
-                shutil.which("qemu-system-x86_64") or "qemu-system-x86_64",
-                "-accel",
-                "tcg",
-                "-m",
-                "512",
+                shutil.which(self.binary) or self.binary,
+                *self.machine,
                 "-display",
                 "none",
                 "-monitor",
@@ -136,13 +151,20 @@ class Qemu:
 
 
 @contextmanager
-def qemu(args: list[str], log: Path, *, reboot: bool = False) -> Iterator[Qemu]:
+def qemu(
+    args: list[str],
+    log: Path,
+    *,
+    reboot: bool = False,
+    binary: str = "qemu-system-x86_64",
+    machine: tuple[str, ...] = X86_64_PC,
+) -> Iterator[Qemu]:
     """QEMU on the serial console; a guest reboot ends QEMU unless `reboot` is true."""
-    machine = Qemu(args, log, reboot=reboot)
+    machine_process = Qemu(args, log, reboot=reboot, binary=binary, machine=machine)
     try:
-        yield machine
+        yield machine_process
     finally:
-        machine.stop()
+        machine_process.stop()
 
 
 def restore_factory_image(machine: Qemu, disk: str, timeout: float = 600) -> None:

@@ -155,6 +155,8 @@ def render_applier(recipe: Recipe, output: Path) -> RenderedApplier:
         "system": system,
         "boot_partition": boot.number,
         "kernel_path": recipe.kernel_dest,
+        "boot_console": recipe.boot.console,
+        "boot_cmdline": recipe.boot.cmdline,
         "rollback": recipe.rollback,
         "config": config,
         "signature_threshold": signature_threshold(recipe),
