@@ -46,7 +46,7 @@ KEY = REPO / "keys-example" / "insecure-example.key.pem"
 DATA_FILE = "lifecycle/keep.bin"
 MEDIA = "/run/updates"
 # What the test shrinks in the layout: the partitions the device writes or formats.
-SMALL_SIZES = {"system-a": "96M", "system-b": "96M", "recovery": "16M", "data": "32M"}
+SMALL_SIZES = {"system-a": "64M", "system-b": "64M", "recovery": "16M", "data": "32M"}
 
 if not (ARM64 / "modules" / ".complete").exists() or not (ARM64 / "sysroot/.complete").exists():
     pytest.skip(
