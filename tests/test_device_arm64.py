@@ -25,9 +25,11 @@ import random
 import shutil
 import subprocess
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
+import tomli_w
 from conftest import REPO, avobuild_cli
 from test_device_boot import ext4_dump, partition_bytes, partition_span
 from test_device_lifecycle import CRASHING_INIT, Device, demo_variant
@@ -163,7 +165,9 @@ def test_arm64_uboot_device_lifecycle(tmp_path: Path) -> None:
         machine=AARCH64_VIRT,
     ) as machine:
         device = Device(machine)
+        powered_on = time.monotonic()
         boot = device.booted("A", "1.0.0")
+        print(f"power-on to the boot marker: {time.monotonic() - powered_on:.1f} s", flush=True)
         assert b"U-Boot 20" in boot and b"avo: booting slot A (primary A)" in boot
         assert b"Machine model: linux,dummy-virt" in boot  # the arm64 kernel on QEMU virt
         phase("booted A 1.0.0")
@@ -231,3 +235,38 @@ def test_arm64_uboot_device_lifecycle(tmp_path: Path) -> None:
     for name, at in phases:
         print(f"{at:7.1f} s  {name}")
     assert phases[-1][1] < 20 * 60
+
+
+AAVMF_CODE = Path("/usr/share/AAVMF/AAVMF_CODE.fd")
+AAVMF_VARS = Path("/usr/share/AAVMF/AAVMF_VARS.fd")
+
+
+def test_arm64_grub_efi_device_boots(tmp_path: Path) -> None:
+    """[boot] method = "grub-efi" on arm64: UEFI firmware (AAVMF, Debian's qemu-efi-aarch64)
+    -> /EFI/BOOT/BOOTAA64.EFI -> grub.cfg -> the same kernel and slot initramfs."""
+    recipe = demo_variant(tmp_path, "1.0.0", base=DEMO_ARM64, layout=small_layout(tmp_path))
+    values = tomllib.loads(recipe.read_text())
+    values["boot"] = {"method": "grub-efi", "console": "ttyAMA0"}
+    values["applier"]["target-tools"] = ["busybox", "openssl", "zstd"]
+    recipe.write_text(tomli_w.dumps(values))
+    avobuild_cli("image", recipe, "-o", tmp_path / "out")
+    variables = tmp_path / "AAVMF_VARS.fd"
+    shutil.copyfile(AAVMF_VARS, variables)
+    args = [
+        "-drive",
+        f"if=pflash,format=raw,readonly=on,file={AAVMF_CODE}",
+        "-drive",
+        f"if=pflash,format=raw,file={variables}",
+        "-drive",
+        f"file={tmp_path / 'out' / 'avobuild-demo-arm64-1.0.0.img'},format=raw,if=none,id=disk",
+        "-device",
+        "virtio-blk-pci,drive=disk",
+    ]
+    started = time.monotonic()
+    with qemu(
+        args, tmp_path / "console.log", binary="qemu-system-aarch64", machine=AARCH64_VIRT
+    ) as machine:
+        machine.expect(b"Booting `avobuild-demo-arm64 (slot A)'", timeout=300)
+        boot = Device(machine).booted("A", "1.0.0")
+        assert b"booted slot A (1.0.0)" in boot
+    print(f"AAVMF + GRUB boot to the marker: {time.monotonic() - started:.1f} s")
