@@ -433,3 +433,38 @@ def test_arm64_grub_efi_image(tmp_path: Path) -> None:
     assert struct.unpack_from("<H", efi, pe + 4)[0] == 0xAA64  # IMAGE_FILE_MACHINE_ARM64
     grub_cfg = read_vfat_file(image, offset, "EFI/BOOT/grub.cfg").decode()
     assert "console=ttyAMA0" in grub_cfg
+
+
+def test_host_install_rewrites_the_uboot_state_file(product: Product, tmp_path: Path) -> None:
+    """`avobuild install --disk` and `status` on a U-Boot image: /uboot.env, read back by
+    the host's fw_printenv, holds the installed slot as pending."""
+    recipe = with_boot(
+        product,
+        EXTERNAL,
+        '\n[applier]\nbootloader = "u-boot"\n'
+        'target-tools = ["busybox", "openssl", "zstd", "fw_printenv", "fw_setenv"]\n',
+    )
+    out = tmp_path / "out"
+    avobuild_cli("image", recipe, "-o", out)
+    disk = next(out.glob("*.img"))
+    bundle = tmp_path / "update.avb"
+    avobuild_cli("bundle", "create", recipe, "-o", bundle)
+    avobuild_cli("install", bundle, "--disk", disk, "--keyring", product.public_key)
+    env = read_vfat_file(disk, boot_offset(disk), "uboot.env")
+    assert len(env) == 0x4000
+    copy = tmp_path / "uboot.env"
+    copy.write_bytes(env)
+    (tmp_path / "fw_env.config").write_text(f"{copy} 0x0 0x4000\n")
+    printed = subprocess.run(
+        ["fw_printenv", "-c", str(tmp_path / "fw_env.config")],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    variables = dict(line.split("=", 1) for line in printed.splitlines())
+    assert (variables["avo_primary"], variables["avo_B_ok"], variables["avo_B_tries"]) == (
+        "B",
+        "0",
+        "3",
+    )
+    assert variables["avo_B_version"] == "1.0.0" and variables["avo_A_ok"] == "1"
+    status = avobuild_cli("status", "--disk", disk, "--json").stdout
+    assert '"primary": "B"' in status or '"primary":"B"' in status, status

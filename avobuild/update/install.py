@@ -16,14 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from avobuild.boot.grubenv import parse_grubenv, render_grubenv
-from avobuild.boot.state import BOOT_STATE_PATH, DEFAULT_MAX_ATTEMPTS, BootState
+from avobuild.boot.state import DEFAULT_MAX_ATTEMPTS, BootState
+from avobuild.boot.statefile import read_state, write_state
 from avobuild.bundle.format import BundleReader
 from avobuild.bundle.keys import Keyring, PrivateKey, load_keyring
 from avobuild.bundle.manifest import BundleType, Manifest
 from avobuild.disk.gpt import GptPartition, GptTable, read_gpt
-from avobuild.errors import CompatibilityError, InstallError, ToolFailed
-from avobuild.fs import read_vfat_file, write_vfat_file
+from avobuild.errors import CompatibilityError, InstallError
 from avobuild.model.layout import IMAGE_SLOT_CLASS, Layout, Role, Slot
 from avobuild.model.tomlcheck import format_size
 from avobuild.update.delta import install_delta
@@ -64,12 +63,7 @@ def read_boot_state(disk: Path, layout: Layout | None = None) -> BootState:
     with disk.open("rb") as handle:
         table = read_gpt(handle)
     boot = _find(table, disk, role_label(layout, Role.BOOT))
-    source = f"{disk}: partition {boot.name}: {BOOT_STATE_PATH}"
-    try:
-        data = read_vfat_file(disk, table.offset(boot), BOOT_STATE_PATH)
-    except ToolFailed as error:
-        raise InstallError(f"{source}: cannot be read: {error}") from None
-    return BootState.from_variables(parse_grubenv(data, source), source)
+    return read_state(disk, table.offset(boot), f"{disk}: partition {boot.name}")
 
 
 def install_bundle(
@@ -141,9 +135,7 @@ def install_bundle(
     if confirm:
         new_state = new_state.with_confirmed(target)
     boot = _find(table, disk, role_label(layout, Role.BOOT))
-    write_vfat_file(
-        disk, table.offset(boot), BOOT_STATE_PATH, render_grubenv(new_state.to_variables())
-    )
+    write_state(disk, table.offset(boot), f"{disk}: partition {boot.name}", new_state)
     return InstallResult(target, state.active, manifest.version, written, new_state)
 
 
