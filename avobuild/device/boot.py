@@ -109,6 +109,8 @@ def kernel_module_tree(recipe: Recipe) -> Path:
     modules = given or recipe.kernel.parent / "modules"
     release = kernel_release(recipe.kernel)
     method = recipe.boot.method.value
+    if (modules / "kernel").is_dir():
+        return modules  # [kernel] modules names the release directory itself
     if release is None:
         raise RecipeError(
             f"{recipe.path}: [kernel] file: {recipe.kernel}: cannot tell its release (no x86 "
@@ -116,7 +118,7 @@ def kernel_module_tree(recipe: Recipe) -> Path:
             f'"{method}" builds a slot initramfs with the modules of that release '
             '(or set [boot] method = "external")'
         )
-    if not (modules / release).is_dir() and not (modules / "kernel").is_dir():
+    if not (modules / release).is_dir():
         where = "[kernel] modules" if given else f"[kernel] modules (default {modules})"
         raise RecipeError(
             f"{recipe.path}: {where}: no module tree for Linux {release}: expected "
