@@ -234,7 +234,6 @@ def test_arm64_uboot_device_lifecycle(tmp_path: Path) -> None:
 
     for name, at in phases:
         print(f"{at:7.1f} s  {name}")
-    assert phases[-1][1] < 20 * 60
 
 
 AAVMF_CODE = Path("/usr/share/AAVMF/AAVMF_CODE.fd")
