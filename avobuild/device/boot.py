@@ -330,6 +330,14 @@ def install_slot_boot(recipe: Recipe, overlay: Overlay, tree: Mapping[str, FsEnt
     overlay.path(INITRD_PATH).chmod(0o644)
 
 
+def boot_state_on_boot_partition(recipe: Recipe) -> bool:
+    """False only for U-Boot's own environment (`[boot] uboot-env = "native"`), which lives
+    wherever the board's U-Boot keeps it."""
+    return not (
+        recipe.applier.bootloader is Bootloader.UBOOT and recipe.boot.uboot_env is UbootEnv.NATIVE
+    )
+
+
 def install_boot_partition(recipe: Recipe, image: Path, offset: int = 0) -> list[str]:
     """Write the boot state, the boot loader of the recipe's `[boot] method` and the
     `[[boot.file]]` entries into the FAT boot partition at `offset` of `image`; returns the

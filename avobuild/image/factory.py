@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from avobuild.device.boot import install_boot_partition
+from avobuild.device.boot import boot_state_on_boot_partition, install_boot_partition
 from avobuild.disk.bmap import render_bmap
 from avobuild.disk.image import assemble_disk
 from avobuild.disk.plan import DiskPlan, plan_layout
@@ -67,19 +67,20 @@ def build_factory_image(
             images[spec.label] = target
 
     boot = plan.by_role(Role.BOOT)
-    if boot is None:
-        raise BuildError(
-            f"{recipe.layout.path}: no partition has role 'boot'; expected one, because this "
-            f"recipe keeps its boot state ({BOOT_STATE_PATH}) on a FAT boot partition"
-        )
-    if boot.spec.filesystem is FsType.VFAT:
+    if boot is not None and boot.spec.filesystem is FsType.VFAT:
         progress(f"writing the boot state and the {recipe.boot.method.value} boot files")
         install_boot_partition(recipe, images[boot.spec.label])
-    else:
+    elif boot is not None:
         raise BuildError(
             f"{recipe.layout.path}: [partition.{boot.spec.label}] filesystem: expected "
             '"vfat" (the boot state lives on a FAT boot partition)'
         )
+    elif boot_state_on_boot_partition(recipe):
+        raise BuildError(
+            f"{recipe.layout.path}: no partition has role 'boot'; expected one, because this "
+            "recipe keeps its boot state on a FAT boot partition"
+        )
+    # else the state is U-Boot's own environment ([boot] uboot-env = "native")
 
     disk = output_dir / f"{recipe.name}-{recipe.version}.img"
     tmp = disk.with_name(disk.name + ".tmp")
