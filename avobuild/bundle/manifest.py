@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from avobuild.errors import BundleError
+from avobuild.model.names import COMPATIBLE_GLOB, IDENTIFIER, IMAGE_NAME
 
 MANIFEST_VERSION = 1
 # Version 2 adds the policy lines (security-version, min-applier-version, expires), glob
@@ -29,16 +30,16 @@ DEFAULT_CHUNK_SIZE = 1 << 20
 MAX_DECIMAL = (1 << 63) - 1
 EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 
-_IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~:@-]{0,127}", re.ASCII)
-_IMAGE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}", re.ASCII)
+_IDENTIFIER = IDENTIFIER.pattern
+_IMAGE_NAME = IMAGE_NAME.pattern
 _DECIMAL = re.compile(r"0|[1-9][0-9]{0,18}", re.ASCII)
 _SHA256 = re.compile(r"[0-9a-f]{64}", re.ASCII)
-COMPATIBLE_PATTERN = _PATTERN = re.compile(r"[A-Za-z0-9*?][A-Za-z0-9._+~:@*?-]{0,127}", re.ASCII)
+COMPATIBLE_PATTERN = _PATTERN = COMPATIBLE_GLOB.pattern
 _APPLIER_VERSION = re.compile(r"(0|[1-9][0-9]{0,8})(\.(0|[1-9][0-9]{0,8})){0,3}", re.ASCII)
 
-IDENTIFIER_GRAMMAR = "[A-Za-z0-9][A-Za-z0-9._+~:@-]{0,127}"
-IMAGE_NAME_GRAMMAR = "[a-z0-9][a-z0-9_-]{0,31}"
-PATTERN_GRAMMAR = "[A-Za-z0-9*?][A-Za-z0-9._+~:@*?-]{0,127}"
+IDENTIFIER_GRAMMAR = IDENTIFIER.text
+IMAGE_NAME_GRAMMAR = IMAGE_NAME.text
+PATTERN_GRAMMAR = COMPATIBLE_GLOB.text
 APPLIER_VERSION_GRAMMAR = "N, N.N, N.N.N or N.N.N.N (decimal, no leading zeros)"
 
 

@@ -18,12 +18,12 @@ from avobuild.model.applier import (
     read_rollback,
 )
 from avobuild.model.layout import FsType, Layout, Role, load_layout
+from avobuild.model.names import IDENTIFIER
 from avobuild.model.tomlcheck import Table, load_toml
 from avobuild.model.tree import ARCHIVE_SUFFIXES, Ownership, TreeKind, TreeSource
 
-# Shared with the bundle manifest grammar: these strings travel into the signed manifest and
-# into the on-target applier, so they are restricted to characters that need no quoting.
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~:@-]{0,127}")
+# The name grammar shared with the manifest and the on-target applier (model/names.py).
+NAME_PATTERN = IDENTIFIER.pattern
 EXTENSION_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 _DEST_PATH = re.compile(r"/[A-Za-z0-9._+@/-]*")
 
