@@ -95,7 +95,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
     avobuild_cli("bundle", "create", v2.recipe, "-o", bundle, "--chunk-size", "512K")
     slot_image = build_slot_images(load_recipe(v2.recipe), root / "work2")["rootfs"].read_bytes()
     rendered = root / "rendered"
-    render_applier(recipe, rendered)
+    render_applier(recipe, rendered, test_hooks=True)
     plan = plan_layout(recipe.layout)
     boot = plan.by_role(Role.BOOT)
     assert boot is not None

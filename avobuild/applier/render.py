@@ -1,26 +1,37 @@
 """Render the on-target applier for one product: script, configuration, units, boot scripts.
 
 `render_applier(recipe, output)` writes a directory tree meant to be copied onto the device's
-root filesystem (docs/applier.md lists every file). Values reach the templates only after the
-recipe validated them, and the `sh` filter single-quotes each one and refuses anything outside
-a quote-free character set, so nothing in a recipe can inject shell or GRUB syntax.
+root filesystem (docs/applier.md lists every file). The script is linked (`scripts.py`) from
+its rendered configuration (`templates/avocado-update.sh.j2`) and the static code in
+`shell/`. Values reach the templates only after the recipe validated them, and the `sh`
+filter single-quotes each one and refuses anything outside a quote-free character set, so
+nothing in a recipe can inject shell or GRUB syntax.
+
+The power-loss test hook (`shell/test-hooks.sh`) is linked in only with `test_hooks=True`,
+which the test suite passes; a production applier never holds it.
 """
 
 from __future__ import annotations
 
 import os
-import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import jinja2
-
 from avobuild import __version__
+from avobuild.applier.scripts import applier_templates, library_parts, link_program, shell_source
 from avobuild.boot.state import factory_state
 from avobuild.boot.uboot import render_uboot_env
 from avobuild.bundle.keys import load_keyring, public_key_pem
-from avobuild.bundle.sign import signature_algorithm
-from avobuild.disk.gpt import derive_guid
+from avobuild.bundle.manifest import MAX_MANIFEST_SIZE
+from avobuild.bundle.sign import (
+    MAX_CERTIFICATE_SIZE,
+    MAX_CERTIFICATES,
+    MAX_SIGNATURE_BLOCK_SIZE,
+    signature_algorithm,
+)
+from avobuild.delta.stream import MAX_EXTENT, MAX_LINE
+from avobuild.disk.gpt import ENTRY_COUNT, ENTRY_SIZE, derive_guid
 from avobuild.disk.plan import plan_layout
 from avobuild.errors import RecipeError
 from avobuild.model.applier import ApplierConfig, Bootloader, InitSystem
@@ -28,9 +39,23 @@ from avobuild.model.layout import IMAGE_SLOT_CLASS, Role, Slot
 from avobuild.model.recipe import Recipe
 from avobuild.run import run
 
-_SH_SAFE = re.compile(r"[A-Za-z0-9._+~:@/,{}?=&%-]*")
 SCRIPT_PATH = "usr/sbin/avocado-update"
+INIT_SCRIPT_PATH = "etc/init.d/S45avocado-update"
 FW_CONFIG_PATH = "/etc/fw_env.config"
+# The code of avocado-update after its configuration and the shared library, in order.
+APPLIER_PARTS = ("state.sh", "bundle.sh", "delta.sh", "verbs.sh", "health.sh", "main.sh")
+# Signature block limits (docs/bundle-format.md, 4.2) the shell reader applies before any
+# per-line work: lines in the block, bytes per line (LF included; a 16 KiB certificate in
+# base64 with its fields fits), signature lines.
+MAX_SIGNATURE_LINES = 128
+MAX_SIGNATURE_LINE = 22528
+MAX_SIGNATURES = 32
+# What the applier keeps on the data partition: each state value and history entry is cut to
+# MAX_STATE_ENTRY bytes; past MAX_HISTORY bytes the history rotates (one old file is kept).
+MAX_STATE_ENTRY = 512
+MAX_HISTORY = 65536
+# The GPT entry array starts at LBA 2 (after the protective MBR and the header).
+_GPT_ENTRIES_LBA = 2
 
 
 @dataclass(frozen=True)
@@ -48,25 +73,6 @@ class SlotPartition:
 class RenderedApplier:
     root: Path
     files: tuple[Path, ...]
-
-
-def sh_quote(value: object) -> str:
-    """A single-quoted shell word; refuses characters that would need more than quotes."""
-    text = "" if value is None else str(value)
-    if not _SH_SAFE.fullmatch(text):
-        raise RecipeError(f"applier: value {text!r} contains characters unsafe for the script")
-    return f"'{text}'"
-
-
-def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.PackageLoader("avobuild.applier", "templates"),
-        undefined=jinja2.StrictUndefined,
-        autoescape=False,
-        keep_trailing_newline=True,
-    )
-    env.filters["sh"] = sh_quote
-    return env
 
 
 def check_target_tools(recipe: Recipe) -> None:
@@ -126,11 +132,15 @@ def trusted_key_files(recipe: Recipe) -> list[Path]:
     )
 
 
-def render_applier(recipe: Recipe, output: Path) -> RenderedApplier:
-    """Render the applier tree for `recipe` into `output` (a root filesystem overlay)."""
+def render_applier(recipe: Recipe, output: Path, *, test_hooks: bool = False) -> RenderedApplier:
+    """Render the applier tree for `recipe` into `output` (a root filesystem overlay).
+
+    `test_hooks` links the power-loss hook of the test suite into the script; never for a
+    device.
+    """
     check_target_tools(recipe)
     config = recipe.applier
-    env = _environment()
+    env = applier_templates()
     parts = slot_partitions(recipe)
     system = {p.slot: p for p in parts if p.image == "rootfs"}
     boot = plan_layout(recipe.layout).by_role(Role.BOOT)
@@ -157,9 +167,16 @@ def render_applier(recipe: Recipe, output: Path) -> RenderedApplier:
         "rollback": recipe.rollback,
         "config": config,
         "signature_threshold": signature_threshold(recipe),
+        "limits": applier_limits(),
+        "table": expected_partition_table(recipe),
     }
+    hooks = shell_source("test-hooks.sh" if test_hooks else "hooks.sh")
+    script = link_program(
+        env.get_template("avocado-update.sh.j2").render(values),
+        (*library_parts(), hooks, *(shell_source(name) for name in APPLIER_PARTS)),
+    )
     files: dict[str, str] = {
-        SCRIPT_PATH: env.get_template("avocado-update.sh.j2").render(values),
+        SCRIPT_PATH: script,
         "etc/avocado/rollback.yaml": env.get_template("rollback.yaml.j2").render(values),
         "etc/avocado/post-update.d/README": env.get_template("post-update.README.j2").render(
             values
@@ -169,7 +186,7 @@ def render_applier(recipe: Recipe, output: Path) -> RenderedApplier:
         for unit in ("avocado-update-boot.service", "avocado-update-health.service"):
             files[f"usr/lib/systemd/system/{unit}"] = env.get_template(unit + ".j2").render(values)
     else:
-        files["etc/init.d/S45avocado-update"] = env.get_template("init.sh.j2").render(values)
+        files[INIT_SCRIPT_PATH] = shell_source("S45avocado-update.sh")
     if config.bootloader is Bootloader.GRUB:
         files["boot/efi/EFI/BOOT/grub.cfg"] = env.get_template("grub.cfg.j2").render(values)
     else:
@@ -181,13 +198,64 @@ def render_applier(recipe: Recipe, output: Path) -> RenderedApplier:
         path = output / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-        mode = 0o755 if relative in (SCRIPT_PATH, "etc/init.d/S45avocado-update") else 0o644
+        mode = 0o755 if relative in (SCRIPT_PATH, INIT_SCRIPT_PATH) else 0o644
         path.chmod(mode)
         written.append(path)
     written += _write_keys(recipe, output / "etc/avocado/keys")
     if config.bootloader is Bootloader.UBOOT:
         written += _write_uboot_files(recipe, config, output)
     return RenderedApplier(output, tuple(sorted(written)))
+
+
+def applier_limits() -> dict[str, int]:
+    """The format limits the shell reader enforces: the Python reader's own constants."""
+    return {
+        "manifest_size": MAX_MANIFEST_SIZE,
+        "signature_block_size": MAX_SIGNATURE_BLOCK_SIZE,
+        "signature_lines": MAX_SIGNATURE_LINES,
+        "signature_line": MAX_SIGNATURE_LINE,
+        "signatures": MAX_SIGNATURES,
+        "certificates": MAX_CERTIFICATES,
+        "certificate_size": MAX_CERTIFICATE_SIZE,
+        "delta_line": MAX_LINE,
+        "delta_extent": MAX_EXTENT,
+        "state_entry": MAX_STATE_ENTRY,
+        "history_size": MAX_HISTORY,
+    }
+
+
+@dataclass(frozen=True)
+class ExpectedTable:
+    """The GPT the applier checks the disk against before its first write."""
+
+    sector_size: int
+    entries_lba: int
+    entry_count: int
+    entry_size: int
+    # "NUMBER:OFFSET:SIZE:LABEL:HEX" per partition, comma-separated; HEX is the partition's
+    # GPT entry (UEFI 2.10, 5.3.3) without its attributes: type GUID, unique GUID, first and
+    # last LBA (bytes 0-47), then the UTF-16LE name (bytes 56-127).
+    partitions: str
+
+
+def expected_partition_table(recipe: Recipe) -> ExpectedTable:
+    """The partition table a factory image of `recipe` holds (image/factory.py writes it)."""
+    plan = plan_layout(recipe.layout)
+    entries = []
+    for part in plan.partitions:
+        label = part.spec.label
+        head = struct.pack(
+            "<16s16sQQ",
+            part.spec.type_guid.bytes_le,
+            derive_guid(recipe.seed, "partition", label).bytes_le,
+            part.first_lba,
+            part.last_lba,
+        )
+        name = label.encode("utf-16-le").ljust(72, b"\0")
+        entries.append(f"{part.number}:{part.offset}:{part.size}:{label}:{(head + name).hex()}")
+    return ExpectedTable(
+        plan.layout.sector_size, _GPT_ENTRIES_LBA, ENTRY_COUNT, ENTRY_SIZE, ",".join(entries)
+    )
 
 
 def signature_threshold(recipe: Recipe) -> int:

@@ -1,8 +1,9 @@
-{#- Part of avocado-update.sh.j2 (included); reading and checking bundles. -#}
-# --- bundle reading (docs/bundle-format.md sections 2-6) ------------------------------------
+# --- avocado-update: reading and checking bundles (applier/shell/bundle.sh) -------------------
+# docs/bundle-format.md sections 2-6, read as strictly as avobuild's Python reader: the same
+# bundle gets the same verdict from both (tests/test_differential.py).
 refuse() { set_state_failed "$*"; die 3 "refused: $*"; }
 incompatible() { set_state_failed "$*"; die 4 "refused: $*"; }
-set_state_failed() { [ "${NO_STATE:-0}" = 1 ] || set_state Failed "reason=$(printf '%s' "$*" | tr '=' ':')"; }
+set_state_failed() { [ "${NO_STATE:-0}" = 1 ] || set_state Failed "reason=$*"; }
 
 # sig_check ALGORITHM PUBLIC-KEY MANIFEST SIGNATURE: one openssl command per algorithm
 # (docs/signing.md, "Verifying with openssl"). Trusted keys are stored as KEY-ID.ALGORITHM.pem.
@@ -18,50 +19,113 @@ sig_check() {
     esac > /dev/null 2>&1
 }
 
+# The whole signature block in one awk pass (section 4 and its limits): every line's syntax,
+# canonical base64, signature sizes and DER, duplicate key-ids and certificates. The limits
+# come first on every line and the pass stops at the first violation, so an adversarial block
+# costs at most MAX_SIGNATURE_LINES short checks. Prints "ALGORITHM KEY-ID BASE64" for every
+# signature of a supported algorithm; on a violation, the reason as its last line, status 1.
+# shellcheck disable=SC2016  # an awk program
+SIGNATURE_BLOCK_AWK='
+BEGIN {
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    quad = "[A-Za-z0-9+/][A-Za-z0-9+/][A-Za-z0-9+/][A-Za-z0-9+/]"
+    canonical = "^(" quad ")*([A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/][A-Za-z0-9+/][AEIMQUYcgkosw048]=)?$"
+}
+function fail(why) { print "line " NR ": " why; failed = 1; exit 1 }
+function check_base64(text, what) {
+    if (text == "" || text !~ canonical) fail(what ": expected canonical base64 (RFC 4648, with padding)")
+}
+function decoded_size(text) {
+    return length(text) / 4 * 3 - (text ~ /==$/ ? 2 : (text ~ /=$/ ? 1 : 0))
+}
+function decode(text,   i, value, bits, count) {
+    count = 0; value = 0; bits = 0
+    for (i = 1; i <= length(text); i++) {
+        if (substr(text, i, 1) == "=") break
+        value = value * 64 + index(alphabet, substr(text, i, 1)) - 1; bits += 6
+        if (bits >= 8) { bits -= 8; byte[++count] = int(value / 2 ^ bits); value = value % 2 ^ bits }
+    }
+    return count
+}
+# A minimal positive DER INTEGER at position at; returns the position after it, or 0.
+function der_integer(at, count,   size) {
+    if (at + 1 > count || byte[at] != 2) return 0
+    size = byte[at + 1]
+    if (size < 1 || size > 127 || at + 1 + size > count) return 0
+    if (byte[at + 2] >= 128) return 0
+    if (size > 1 && byte[at + 2] == 0 && byte[at + 3] < 128) return 0
+    return at + 2 + size
+}
+function check_ecdsa(text, largest, algorithm,   count, at) {
+    count = decode(text)
+    if (count > largest || count < 2 || byte[1] != 48 || byte[2] > 127 || byte[2] != count - 2) at = 0
+    else at = der_integer(3, count)
+    if (at) at = der_integer(at, count)
+    if (at != count + 1) fail("an " algorithm " signature must be a DER ECDSA-Sig-Value")
+}
+NR > max_lines { fail("more than " max_lines " lines") }
+length($0) >= max_line { fail("longer than " max_line " bytes") }
+NR == 1 {
+    if ($0 != "avobuild-signatures 1") fail("expected avobuild-signatures 1")
+    next
+}
+$0 == "" { fail("empty line") }
+$0 !~ /^[a-z][a-z0-9-]*( [!-~]+)*$/ || length($1) > 32 {
+    fail("expected a keyword and fields separated by single spaces")
+}
+$1 == "signature" {
+    if (NF != 4) fail("signature: expected 3 values")
+    if (++signatures > max_signatures) fail("more than " max_signatures " signatures")
+    if ($2 !~ /^[a-z0-9][a-z0-9-]*$/ || length($2) > 64) fail("signature: bad algorithm name")
+    if ($3 !~ /^[0-9a-f]+$/ || length($3) != 64) fail("signature: bad key-id")
+    check_base64($4, "signature")
+    if ($3 in signer) fail("a second signature by key " $3)
+    signer[$3] = 1
+    if ($2 == "ed25519" && decoded_size($4) != 64) fail("an ed25519 signature is 64 bytes")
+    if ($2 == "ecdsa-p256-sha256") check_ecdsa($4, 72, $2)
+    if ($2 == "ecdsa-p384-sha384") check_ecdsa($4, 104, $2)
+    if ($2 == "ed25519" || $2 == "ecdsa-p256-sha256" || $2 == "ecdsa-p384-sha384" || $2 == "rsa-pss-sha256")
+        print $2, $3, $4
+    next
+}
+$1 == "certificate" {
+    if (NF != 3) fail("certificate: expected 2 values")
+    if ($2 !~ /^[0-9a-f]+$/ || length($2) != 64) fail("certificate: bad key-id")
+    check_base64($3, "certificate")
+    if (decoded_size($3) > max_certificate_size) fail("certificate: over " max_certificate_size " bytes")
+    if ($3 in certificate) fail("the same certificate twice")
+    certificate[$3] = 1
+    if (++certificates > max_certificates) fail("more than " max_certificates " certificates")
+}
+'
+
 verify_signatures() {
     sigs=$WORK/signatures
-    [ "$(head -n 1 "$sigs")" = "avobuild-signatures 1" ] \
-        || refuse "$bundle_name: signature block: expected 'avobuild-signatures 1' on its first line"
+    [ "$(LC_ALL=C tr -d '\n -~' < "$sigs" | wc -c)" -eq 0 ] \
+        || refuse "$bundle_name: signature block: byte outside printable ASCII"
     [ "$(tail -c 1 "$sigs" | od -An -tx1 | tr -d ' ')" = 0a ] \
         || refuse "$bundle_name: signature block: not terminated by a newline"
+    LC_ALL=C awk -v max_lines="$MAX_SIGNATURE_LINES" -v max_line="$MAX_SIGNATURE_LINE" \
+        -v max_signatures="$MAX_SIGNATURES" -v max_certificates="$MAX_CERTIFICATES" \
+        -v max_certificate_size="$MAX_CERTIFICATE_SIZE" "$SIGNATURE_BLOCK_AWK" "$sigs" \
+        > "$WORK/signers" || refuse "$bundle_name: signature block $(tail -n 1 "$WORK/signers")"
     verified=0
-    verified_ids=
     untrusted=
-    exec 4< "$sigs"
-    read -r _ <&4
-    while IFS= read -r line <&4; do
-        case $line in
-        "") refuse "$bundle_name: signature block: empty line" ;;
-        "signature "*) ;;
-        *) continue ;;
-        esac
-        set -f
-        # shellcheck disable=SC2086
-        set -- $line
-        set +f
-        [ $# -eq 4 ] && [ "$line" = "signature $2 $3 $4" ] \
-            || refuse "$bundle_name: signature block: malformed signature line"
-        algorithm=$2 key_id=$3 encoded=$4
-        matches "$SHA256" "$key_id" || refuse "$bundle_name: signature block: bad key-id '$key_id'"
-        matches '[a-z0-9][a-z0-9-]\{0,63\}' "$algorithm" \
-            || refuse "$bundle_name: signature block: bad algorithm name"
+    while read -r algorithm key_id encoded; do
         key=$KEYS_DIR/$key_id.$algorithm.pem
         if [ ! -f "$key" ]; then
-            # Unknown key, or an algorithm this key does not use: skipped (section 4.1).
+            # A trusted key with another algorithm than its own: a signature that cannot verify.
+            set -- "$KEYS_DIR/$key_id".*.pem
+            [ ! -f "$1" ] || refuse "$bundle_name: signature by trusted key $key_id does not verify ($algorithm is not its algorithm)"
             untrusted="$untrusted $key_id"
             continue
         fi
-        case " $verified_ids " in *" $key_id "*) refuse "$bundle_name: key $key_id signed twice" ;; esac
         printf '%s' "$encoded" | base64 -d > "$WORK/signature.bin" 2> /dev/null \
             || refuse "$bundle_name: signature by $key_id: not base64"
-        [ "$(base64 -w 0 < "$WORK/signature.bin")" = "$encoded" ] \
-            || refuse "$bundle_name: signature by $key_id: not canonical base64"
         sig_check "$algorithm" "$key" "$WORK/manifest" "$WORK/signature.bin" \
             || refuse "$bundle_name: signature by trusted key $key_id does not verify (tampered manifest?)"
         verified=$((verified + 1))
-        verified_ids="$verified_ids $key_id"
-    done
-    exec 4<&-
+    done < "$WORK/signers"
     [ "$verified" -ge 1 ] \
         || refuse "$bundle_name: bundle signed by key(s)${untrusted:- (none)}, none of them trusted in $KEYS_DIR"
     [ "$verified" -ge "$SIGNATURE_THRESHOLD" ] \
@@ -80,7 +144,8 @@ parse_manifest() {
     exec 3< "$manifest"
     expect() {
         read -r keyword value rest <&3 || refuse "$bundle_name: manifest ends before '$1'"
-        [ "$keyword" = "$1" ] && [ -z "$rest" ] || refuse "$bundle_name: manifest: expected '$1', got '$keyword'"
+        [ "$keyword" = "$1" ] && [ -n "$value" ] && [ -z "$rest" ] \
+            || refuse "$bundle_name: manifest: expected '$1' and one value, got '$keyword'"
     }
     expect avobuild-manifest
     manifest_version=$value
@@ -93,33 +158,39 @@ parse_manifest() {
     full | delta) bundle_type=$value ;;
     *) refuse "$bundle_name: manifest: unknown bundle type '$value'" ;;
     esac
-    expect name; matches "$IDENTIFIER" "$value" || refuse "$bundle_name: manifest: bad name"
+    expect name
+    is_name identifier "$value" || refuse "$bundle_name: manifest: bad name"
     bundle_product=$value
-    expect version; matches "$IDENTIFIER" "$value" || refuse "$bundle_name: manifest: bad version"
+    expect version
+    is_name identifier "$value" || refuse "$bundle_name: manifest: bad version"
     bundle_version=$value
     expect compatible
     bundle_compatible=$value
     v2_features=0
-    if ! matches "$IDENTIFIER" "$value"; then
-        [ "$manifest_version" = 2 ] && matches '[A-Za-z0-9*?][A-Za-z0-9._+~:@*?-]\{0,127\}' "$value" \
+    if ! is_name identifier "$value"; then
+        [ "$manifest_version" = 2 ] && is_name compatible_glob "$value" \
             || refuse "$bundle_name: manifest: bad compatible"
         v2_features=1
     fi
-    expect build-date; matches "$DECIMAL" "$value" || refuse "$bundle_name: manifest: bad build-date"
+    expect build-date
+    is_number "$value" || refuse "$bundle_name: manifest: bad build-date"
     # Version 2 policy lines (bundle-format.md 3.5), each optional, in this order.
-    bundle_security_version=0 min_applier= expires=
+    bundle_security_version=0 min_applier='' expires=''
     read -r keyword value rest <&3 || refuse "$bundle_name: manifest ends before 'chunk-size'"
     for optional in security-version min-applier-version expires; do
         [ "$keyword" = "$optional" ] || continue
-        [ "$manifest_version" = 2 ] && [ -z "$rest" ] \
-            || refuse "$bundle_name: manifest: '$keyword' needs manifest version 2"
+        [ "$manifest_version" = 2 ] && [ -n "$value" ] && [ -z "$rest" ] \
+            || refuse "$bundle_name: manifest: '$keyword' needs manifest version 2 and one value"
         case $keyword in
-        security-version) matches "$DECIMAL" "$value" || refuse "$bundle_name: manifest: bad security-version"
+        security-version)
+            is_number "$value" || refuse "$bundle_name: manifest: bad security-version"
             bundle_security_version=$value ;;
-        min-applier-version) matches '\(0\|[1-9][0-9]*\)\(\.\(0\|[1-9][0-9]*\)\)\{0,3\}' "$value" \
+        min-applier-version)
+            printf '%s\n' "$value" | grep -qx '\(0\|[1-9][0-9]\{0,8\}\)\(\.\(0\|[1-9][0-9]\{0,8\}\)\)\{0,3\}' \
                 || refuse "$bundle_name: manifest: bad min-applier-version"
             min_applier=$value ;;
-        expires) matches "$DECIMAL" "$value" || refuse "$bundle_name: manifest: bad expires"
+        expires)
+            is_number "$value" || refuse "$bundle_name: manifest: bad expires"
             expires=$value ;;
         esac
         v2_features=1
@@ -127,9 +198,11 @@ parse_manifest() {
     done
     [ "$keyword" = chunk-size ] && [ -z "$rest" ] \
         || refuse "$bundle_name: manifest: expected 'chunk-size', got '$keyword'"
-    chunk_size=$value power=65536
+    chunk_size=$value
+    is_number "$chunk_size" 16777216 || refuse "$bundle_name: manifest: bad chunk-size"
+    power=65536
     while [ "$power" -lt 16777216 ] && [ "$power" -lt "$chunk_size" ]; do power=$((power * 2)); done
-    matches "$DECIMAL" "$chunk_size" && [ "$power" = "$chunk_size" ] \
+    [ "$power" = "$chunk_size" ] \
         || refuse "$bundle_name: manifest: chunk-size '$chunk_size' is not a power of two from 64K to 16M"
     expect compression
     compression=$value
@@ -140,51 +213,55 @@ parse_manifest() {
     check_policy
 
     : > "$WORK/plan"
-    image= left=0 images=0 need=
+    image='' left=0 images=0 need=''
     while read -r keyword a b c d rest <&3; do
         [ -z "$rest" ] || refuse "$bundle_name: manifest: too many fields on a $keyword line"
         case $keyword in
         image)
             [ "$left" -eq 0 ] || refuse "$bundle_name: manifest: image $image lacks chunks"
-            matches '[a-z0-9][a-z0-9_-]\{0,31\}' "$a" && matches "$DECIMAL" "$b" \
-                && matches "$SHA256" "$c" && matches "$DECIMAL" "$d" \
+            [ -z "$need" ] || refuse "$bundle_name: manifest: image $image lacks its $need line"
+            is_name image_name "$a" && is_number "$b" && is_sha256 "$c" && is_number "$d" \
                 || refuse "$bundle_name: manifest: malformed image line"
             ! grep -q "^$a " "$WORK/plan" || refuse "$bundle_name: manifest: image $a listed twice"
-            [ "$d" -eq $(((b + chunk_size - 1) / chunk_size)) ] \
+            [ "$d" -eq $((b / chunk_size + (b % chunk_size > 0))) ] \
                 || refuse "$bundle_name: manifest: image $a: wrong chunk count"
-            slot_partition "$a" "$target" \
+            [ "$b" != 0 ] || [ "$c" = e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855 ] \
+                || refuse "$bundle_name: manifest: image $a: an empty image has the empty sha256"
+            slot_device "$a" "$target" \
                 || incompatible "$bundle_name: bundle image '$a' has no slot on this device"
             image=$a size=$b image_sha=$c count=$d left=$d index=0 images=$((images + 1))
+            target_ref="$part_dev $part_base $part_size $part_label"
             if [ "$bundle_type" = full ]; then
                 [ "$b" -le "$part_size" ] \
                     || incompatible "$bundle_name: bundle image '$a' is $b bytes, larger than partition $part_label ($part_size bytes)"
-                echo "$a $b $c $d $part_dev $part_offset $part_label $b $c - - - -" >> "$WORK/plan"
-                need=
+                echo "$a $b $c $d $target_ref $b $c - - - - -" >> "$WORK/plan"
+                need=''
             else
                 need=source
             fi
             ;;
         source)
-            [ "$need" = source ] && matches "$DECIMAL" "$a" && matches "$SHA256" "$b" && [ -z "$c" ] \
+            [ "$need" = source ] && is_number "$a" && is_sha256 "$b" && [ -z "$c" ] \
                 || refuse "$bundle_name: manifest: misplaced or malformed source line"
-            slot_partition "$image" "$(other_slot "$target")"
+            slot_device "$image" "$(other_slot "$target")" \
+                || incompatible "$bundle_name: bundle image '$image' has no source slot on this device"
             [ "$a" -le "$part_size" ] || incompatible "$bundle_name: delta source of '$image' is larger than $part_label"
-            source_ref="$part_dev $part_offset $a $b"
+            source_ref="$part_dev $part_base $part_size $a $b"
             need=target ;;
         target)
-            [ "$need" = target ] && matches "$DECIMAL" "$a" && matches "$SHA256" "$b" && [ -z "$c" ] \
+            [ "$need" = target ] && is_number "$a" && is_sha256 "$b" && [ -z "$c" ] \
                 || refuse "$bundle_name: manifest: misplaced or malformed target line"
-            slot_partition "$image" "$target"
-            [ "$a" -le "$part_size" ] \
-                || incompatible "$bundle_name: delta target of '$image' is $a bytes, larger than partition $part_label ($part_size bytes)"
-            echo "$image $size $image_sha $count $part_dev $part_offset $part_label $a $b $source_ref" >> "$WORK/plan"
-            need= ;;
+            # shellcheck disable=SC2086  # the fields of target_ref
+            set -- $target_ref
+            [ "$a" -le "$3" ] \
+                || incompatible "$bundle_name: delta target of '$image' is $a bytes, larger than partition $4 ($3 bytes)"
+            echo "$image $size $image_sha $count $target_ref $a $b $source_ref" >> "$WORK/plan"
+            need='' ;;
         chunk)
             [ -z "$need" ] || refuse "$bundle_name: manifest: image $image lacks its $need line"
             [ "$a" = "$image" ] && [ "$b" = "$index" ] && [ "$left" -gt 0 ] \
-                || refuse "$bundle_name: manifest: unexpected chunk line ($a $b)"
-            matches "$DECIMAL" "$c" && matches "$SHA256" "$d" \
-                || refuse "$bundle_name: manifest: malformed chunk line"
+                || refuse "$bundle_name: manifest: unexpected chunk line"
+            is_number "$c" && is_sha256 "$d" || refuse "$bundle_name: manifest: malformed chunk line"
             data_size=$((size - index * chunk_size))
             [ "$data_size" -le "$chunk_size" ] || data_size=$chunk_size
             if [ "$compression" = none ]; then limit=$data_size; else limit=$((data_size + data_size / 128 + 512)); fi
@@ -206,9 +283,9 @@ parse_manifest() {
 
 # Installation policy of the signed manifest (bundle-format.md 3.5), before any write.
 check_policy() {
-    # shellcheck disable=SC2254
+    # shellcheck disable=SC2254  # version 1: an exact string; version 2: a glob with * and ?
     case $avo_compatible in
-    $bundle_compatible) ;;  # version 1: an exact string; version 2: a glob with * and ?
+    $bundle_compatible) ;;
     *) incompatible "$bundle_name: bundle is for '$bundle_compatible' but this device is '$avo_compatible'; nothing was written" ;;
     esac
     floor=${avo_security_version:-0}
@@ -225,10 +302,9 @@ check_policy() {
 # A delta applies only to the exact source image: hash it before anything is written
 # (docs/delta-format.md section 4, step 2).
 check_delta_sources() {
-    while read -r name _ _ _ _ _ _ _ _ src_dev src_base src_size src_sha; do
+    while read -r name _ _ _ _ _ _ _ _ _ src_dev src_base src_part src_size src_sha; do
         [ "$src_dev" != - ] || continue
-        got=$(dd if="$src_dev" bs=65536 skip="$src_base" count="$src_size" iflag=skip_bytes,count_bytes 2> /dev/null \
-            | sha256sum | cut -d' ' -f1)
+        got=$(slot_read "$src_dev" "$src_base" "$src_part" 0 "$src_size" | sha256sum | cut -d' ' -f1)
         [ "$got" = "$src_sha" ] \
             || incompatible "$bundle_name: delta for image $name needs a source the running slot does not hold; nothing was written"
     done < "$WORK/plan"
@@ -242,27 +318,36 @@ version_at_least() {
         exit 0 }'
 }
 
+# one_zstd_frame FILE SIZE: FILE is exactly one zstd frame (no skippable frame, no dictionary,
+# nothing after it) whose header declares SIZE bytes of content (bundle-format.md section 5).
+one_zstd_frame() {
+    zstd -lv -- "$1" 2> /dev/null > "$WORK/frames" || return 1
+    grep -qx '# Zstandard Frames: 1' "$WORK/frames" \
+        && ! grep -q '^# Skippable Frames:' "$WORK/frames" \
+        && grep -qx 'DictID: 0' "$WORK/frames" \
+        && grep -q "^Decompressed Size: .*[( ]$2 B)\$" "$WORK/frames"
+}
+
 # read_bundle MODE < BUNDLE, MODE verify (writes nothing) or write (to the target slot).
 read_bundle() {
     mode=$1
-    rm -rf "$WORK/b"
-    mkdir -p "$WORK/b"
     take 34 > "$WORK/header"
     got=$(size_of "$WORK/header")
     [ "$got" -eq 34 ] || refuse "$bundle_name: truncated at byte offset $got: the header is 34 bytes"
-    [ "$(dd if="$WORK/header" bs=10 count=1 2>/dev/null)" = "AVOBUNDLE " ] \
+    [ "$(dd if="$WORK/header" bs=10 count=1 2> /dev/null)" = "AVOBUNDLE " ] \
         || refuse "$bundle_name: not an avobuild bundle"
-    [ "$(dd if="$WORK/header" bs=1 skip=10 count=1 2>/dev/null)" = 1 ] \
+    [ "$(dd if="$WORK/header" bs=1 skip=10 count=1 2> /dev/null)" = 1 ] \
         || refuse "$bundle_name: unsupported format version"
     grep -qx 'AVOBUNDLE 1 [0-9]\{10\} [0-9]\{10\}' "$WORK/header" \
         || refuse "$bundle_name: malformed header"
     read -r _ _ manifest_size signature_size < "$WORK/header"
-    manifest_size=$(expr "$manifest_size" + 0)   # expr: a leading zero would mean octal in $(( ))
-    signature_size=$(expr "$signature_size" + 0)
-    [ "$manifest_size" -ge 1 ] && [ "$manifest_size" -le 16777216 ] \
-        || refuse "$bundle_name: manifest size $manifest_size out of bounds"
-    [ "$signature_size" -ge 1 ] && [ "$signature_size" -le 1048576 ] \
-        || refuse "$bundle_name: signature block size $signature_size out of bounds"
+    # Ten zero-padded digits: the zeros go before the number is parsed (never $(( )) on them).
+    manifest_size=${manifest_size#"${manifest_size%%[!0]*}"}
+    signature_size=${signature_size#"${signature_size%%[!0]*}"}
+    is_number "${manifest_size:-0}" "$MAX_MANIFEST_SIZE" && [ "${manifest_size:-0}" -ge 1 ] \
+        || refuse "$bundle_name: manifest size ${manifest_size:-0} out of bounds (1 to $MAX_MANIFEST_SIZE)"
+    is_number "${signature_size:-0}" "$MAX_SIGNATURE_BLOCK_SIZE" && [ "${signature_size:-0}" -ge 1 ] \
+        || refuse "$bundle_name: signature block size ${signature_size:-0} out of bounds (1 to $MAX_SIGNATURE_BLOCK_SIZE)"
     take "$manifest_size" > "$WORK/manifest"
     got=$(size_of "$WORK/manifest")
     [ "$got" -eq "$manifest_size" ] || refuse "$bundle_name: truncated at byte offset $((34 + got)) in the manifest"
@@ -282,14 +367,15 @@ read_bundle() {
         invalidate_target
     fi
     exec 3< "$WORK/manifest"
-    image=
+    image=''
     while read -r keyword a b c d <&3; do
         case $keyword in
         image)
             image=$a size=$b image_sha=$c left=$d
+            # shellcheck disable=SC2046  # the fields of the image's plan line
             set -- $(grep "^$a " "$WORK/plan")
-            dev=$5 base=$6 slot_size=$8 slot_sha=$9
-            src_dev=${10} src_base=${11} src_size=${12} src_sha=${13}
+            dev=$5 base=$6 slot_size=$7 target_size=${9} target_sha=${10}
+            src_dev=${11} src_base=${12} src_part=${13} src_size=${14} src_sha=${15}
             start_image
             ;;
         chunk)
@@ -302,54 +388,60 @@ read_bundle() {
             data_size=$((size - b * chunk_size))
             [ "$data_size" -le "$chunk_size" ] || data_size=$chunk_size
             if [ "$compression" = zstd ]; then
-                # Capped one byte past the expected size: a frame claiming more is refused.
+                one_zstd_frame "$WORK/chunk" "$data_size" \
+                    || refuse "$bundle_name: chunk $b of image $image is not one zstd frame of $data_size bytes"
+                # Capped one byte past the expected size: a frame that holds more is refused.
                 zstd -q -d -c < "$WORK/chunk" 2> /dev/null | take $((data_size + 1)) > "$WORK/data"
             else
                 mv "$WORK/chunk" "$WORK/data"
             fi
             [ "$(size_of "$WORK/data")" -eq "$data_size" ] \
                 || refuse "$bundle_name: chunk $b of image $image does not decompress to $data_size bytes"
-            if [ "$mode" = write ] && [ "$bundle_type" = delta ]; then
-                cat "$WORK/data" >&5
-                cat "$WORK/data" >&6 2> /dev/null || true   # a failed delta reports at the end
-            elif [ "$mode" = write ]; then
-                dd if="$WORK/data" of="$dev" bs=65536 seek=$((base + b * chunk_size)) \
-                    oflag=seek_bytes conv=notrunc,fsync 2> /dev/null \
+            if [ "$mode" = write ] && [ "$bundle_type" = full ]; then
+                slot_write "$dev" "$base" "$slot_size" $((b * chunk_size)) "$data_size" < "$WORK/data" \
                     || die 1 "$dev: write failed at byte offset $((base + b * chunk_size))"
                 checkpoint
             else
                 cat "$WORK/data" >&5
+                # A delta applier that stopped reports why in finish_image.
+                [ "$bundle_type" = full ] || cat "$WORK/data" >&6 2> /dev/null || true
             fi
             offset=$((offset + c))
             left=$((left - 1))
             ;;
         *) ;;  # the header lines, checked by parse_manifest
         esac
-        [ -z "$image" ] || [ "$left" -ne 0 ] || { finish_image; image=; }
+        [ -z "$image" ] || [ "$left" -ne 0 ] || { finish_image; image=''; }
     done
     exec 3<&-
     [ "$(take 1 | wc -c | tr -d ' ')" -eq 0 ] || refuse "$bundle_name: trailing data after the payload"
 }
 
+# Per image: a hasher of the image bytes (fd 5), and for a delta the delta applier (fd 6),
+# which in verify mode writes nothing and hands the target it would write to a second hasher.
 start_image() {
-    # Both readers start before this shell opens their pipes, so neither inherits the other's
-    # write end (which would keep it from ever seeing the end of its input).
-    if [ "$mode" = write ] && [ "$bundle_type" = delta ]; then
-        rm -f "$WORK/delta.fifo" "$WORK/delta.status"
+    [ "$mode" = verify ] || [ "$bundle_type" = delta ] || return 0
+    rm -f "$WORK/hash.fifo" "$WORK/delta.fifo" "$WORK/target.fifo" "$WORK/delta.status"
+    mkfifo "$WORK/hash.fifo"
+    # Every reader starts before this shell opens a pipe, so that none of them inherits
+    # another's write end (it would never see the end of its input).
+    if [ "$bundle_type" = delta ]; then
         mkfifo "$WORK/delta.fifo"
-        apply_delta "$src_dev" "$src_base" "$dev" "$base" < "$WORK/delta.fifo" &
+        if [ "$mode" = verify ]; then
+            mkfifo "$WORK/target.fifo"
+            sha256sum < "$WORK/target.fifo" | cut -d' ' -f1 > "$WORK/target.out" &
+            target_hasher=$!
+            delta_mode=check
+        else
+            delta_mode='write'
+        fi
+        apply_delta "$delta_mode" "$size" < "$WORK/delta.fifo" &
         delta_pid=$!
     fi
-    if [ "$mode" = verify ] || [ "$bundle_type" = delta ]; then
-        rm -f "$WORK/hash.fifo"
-        mkfifo "$WORK/hash.fifo"
-        sha256sum < "$WORK/hash.fifo" | cut -d' ' -f1 > "$WORK/hash.out" &
-        hasher=$!
-        exec 5> "$WORK/hash.fifo"
-    fi
-    if [ "$mode" = write ] && [ "$bundle_type" = delta ]; then
-        exec 6> "$WORK/delta.fifo"
-    fi
+    sha256sum < "$WORK/hash.fifo" | cut -d' ' -f1 > "$WORK/hash.out" &
+    hasher=$!
+    exec 5> "$WORK/hash.fifo"
+    [ "$bundle_type" = full ] || exec 6> "$WORK/delta.fifo"
 }
 
 finish_image() {
@@ -359,84 +451,26 @@ finish_image() {
         [ "$(cat "$WORK/hash.out")" = "$image_sha" ] \
             || refuse "$bundle_name: image $image: sha256 of the whole image does not match"
     fi
-    [ "$mode" = write ] || return 0
     if [ "$bundle_type" = delta ]; then
         exec 6>&-
         wait "$delta_pid"
-        [ "$(cat "$WORK/delta.status" 2> /dev/null)" = applied ] \
-            || die 1 "$bundle_name: delta of image $image: $(cat "$WORK/delta.status" 2> /dev/null || echo failed); the slot stays inactive"
+        status=$(cat "$WORK/delta.status" 2> /dev/null)
+        if [ "$mode" = verify ]; then
+            wait "$target_hasher"
+            [ "$status" = checked ] || refuse "$bundle_name: delta of image $image: ${status:-failed}; nothing was written"
+            [ "$(cat "$WORK/target.out")" = "$target_sha" ] \
+                || refuse "$bundle_name: delta of image $image does not produce its target (sha256 mismatch); nothing was written"
+        else
+            [ "$status" = applied ] \
+                || die 1 "$bundle_name: delta of image $image: ${status:-failed}; the slot stays inactive"
+        fi
     fi
+    [ "$mode" = write ] || return 0
     sync
-    got_sha=$(dd if="$dev" bs=65536 skip="$base" count="$slot_size" iflag=skip_bytes,count_bytes 2> /dev/null \
-        | sha256sum | cut -d' ' -f1)
-    [ "$got_sha" = "$slot_sha" ] \
+    got_sha=$(slot_read "$dev" "$base" "$slot_size" 0 "$target_size" | sha256sum | cut -d' ' -f1)
+    [ "$got_sha" = "$target_sha" ] \
         || die 1 "$dev: image $image read back at byte offset $base does not match its hash; the slot stays inactive"
 }
-
-# apply_delta SRC-DEV SRC-BASE DST-DEV DST-BASE < delta stream (docs/delta-format.md):
-# runs in the background, fed with the verified chunks; leaves "applied" or the reason in
-# $WORK/delta.status. Every result is hashed before it is written; the source is only read.
-apply_delta() (
-    src=$1 src_base=$2 dst=$3 dst_base=$4
-    dfail() { echo "$*" > "$WORK/delta.status"; exit 1; }
-    range() { dd if="$src" bs=65536 skip=$((src_base + $1)) count="$2" iflag=skip_bytes,count_bytes 2> /dev/null; }
-    put() {
-        dd if="$1" of="$dst" bs=65536 seek=$((dst_base + $2)) oflag=seek_bytes conv=notrunc 2> /dev/null
-        checkpoint
-    }
-    decode() {  # LENGTH [WINDOW]: the payload on stdin, capped at LENGTH + 1 bytes
-        take "$2" > "$WORK/delta.payload"
-        [ "$(size_of "$WORK/delta.payload")" -eq "$2" ] || dfail "truncated payload at target offset $a"
-        if [ -n "${3:-}" ]; then
-            zstd -q -d -c --patch-from="$3" < "$WORK/delta.payload" 2> /dev/null
-        else
-            zstd -q -d -c < "$WORK/delta.payload" 2> /dev/null
-        fi | take $(($1 + 1)) > "$WORK/delta.out"
-        [ "$(size_of "$WORK/delta.out")" -eq "$1" ] || dfail "operation at target offset $a does not decode to $1 bytes"
-    }
-    read -r magic version
-    [ "$magic $version" = "avobuild-delta 1" ] || dfail "not a version 1 delta stream"
-    read -r keyword ssize ssha
-    [ "$keyword $ssize $ssha" = "source $src_size $src_sha" ] || dfail "stream source differs from the manifest"
-    read -r keyword tsize tsha
-    [ "$keyword $tsize $tsha" = "target $slot_size $slot_sha" ] || dfail "stream target differs from the manifest"
-    position=0 count=0 op=
-    while read -r op a b c d e f g; do
-        [ "$op" != end ] || break
-        [ "$a" = "$position" ] && [ "$b" -ge 1 ] && [ $((a + b)) -le "$tsize" ] \
-            || dfail "operation $op at $a does not continue the target at $position"
-        case $op in
-        copy)
-            [ $((c + b)) -le "$ssize" ] || dfail "copy past the end of the source"
-            range "$c" "$b" > "$WORK/delta.out"
-            [ "$(sha_of "$WORK/delta.out")" = "$d" ] || dfail "copy at $a: source hash mismatch"
-            put "$WORK/delta.out" "$a" ;;
-        zero)
-            dd if=/dev/zero bs=65536 count="$b" iflag=count_bytes 2> /dev/null > "$WORK/delta.out"
-            put "$WORK/delta.out" "$a" ;;
-        data)
-            [ "$b" -le 16777216 ] && [ "$c" -ge 1 ] && [ "$c" -le $((b + b / 128 + 512)) ] || dfail "data at $a: bad sizes"
-            decode "$b" "$c"
-            [ "$(sha_of "$WORK/delta.out")" = "$d" ] || dfail "data at $a: hash mismatch"
-            put "$WORK/delta.out" "$a" ;;
-        patch)
-            [ "$b" -le 16777216 ] && [ "$d" -ge 1 ] && [ "$d" -le 16777216 ] && [ $((c + d)) -le "$ssize" ] \
-                && [ "$f" -ge 1 ] && [ "$f" -le $((b + b / 128 + 512)) ] || dfail "patch at $a: bad sizes"
-            range "$c" "$d" > "$WORK/delta.window"
-            [ "$(sha_of "$WORK/delta.window")" = "$e" ] || dfail "patch at $a: source window hash mismatch"
-            decode "$b" "$f" "$WORK/delta.window"
-            [ "$(sha_of "$WORK/delta.out")" = "$g" ] || dfail "patch at $a: hash mismatch"
-            put "$WORK/delta.out" "$a" ;;
-        *) dfail "unknown delta operation '$op'" ;;
-        esac
-        position=$((a + b))
-        count=$((count + 1))
-    done
-    [ "$op" = end ] && [ "$a" = "$count" ] || dfail "missing or wrong end line"
-    [ "$position" = "$tsize" ] || dfail "the operations end at $position, not $tsize"
-    [ "$(take 1 | wc -c | tr -d ' ')" -eq 0 ] || dfail "data after the end line"
-    echo applied > "$WORK/delta.status"
-)
 
 # Before the first byte reaches the target slot it stops being a boot candidate.
 invalidate_target() {
@@ -447,4 +481,3 @@ invalidate_target() {
     fi
     rm -f "$STATE_DIR/slot-$target"
 }
-
