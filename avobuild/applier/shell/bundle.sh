@@ -319,13 +319,18 @@ version_at_least() {
 }
 
 # one_zstd_frame FILE SIZE: FILE is exactly one zstd frame (no skippable frame, no dictionary,
-# nothing after it) whose header declares SIZE bytes of content (bundle-format.md section 5).
+# nothing after it) whose header declares SIZE bytes of content (bundle-format.md section 5),
+# as `zstd -lv` (zstd 1.4 and later) describes it: one process, the rest is pattern matching.
+NL='
+'
 one_zstd_frame() {
-    zstd -lv -- "$1" 2> /dev/null > "$WORK/frames" || return 1
-    grep -qx '# Zstandard Frames: 1' "$WORK/frames" \
-        && ! grep -q '^# Skippable Frames:' "$WORK/frames" \
-        && grep -qx 'DictID: 0' "$WORK/frames" \
-        && grep -q "^Decompressed Size: .*[( ]$2 B)\$" "$WORK/frames"
+    _zf_info=$NL$(zstd -lv -- "$1" 2> /dev/null)$NL || return 1
+    case $_zf_info in *"$NL# Skippable Frames:"*) return 1 ;; esac
+    case $_zf_info in *"$NL# Zstandard Frames: 1$NL"*) ;; *) return 1 ;; esac
+    case $_zf_info in *"${NL}DictID: 0$NL"*) ;; *) return 1 ;; esac
+    _zf_line=${_zf_info#*"${NL}Decompressed Size: "}
+    [ "$_zf_line" != "$_zf_info" ] || return 1
+    case ${_zf_line%%"$NL"*} in *"($2 B)") ;; *) return 1 ;; esac
 }
 
 # read_bundle MODE < BUNDLE, MODE verify (writes nothing) or write (to the target slot).
