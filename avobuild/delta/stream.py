@@ -37,7 +37,7 @@ _LINES = {
     ),
     "end": re.compile(rf"end {_NUMBER}", re.ASCII),
 }
-_MAGIC = re.compile(r"avobuild-delta ([0-9]+)", re.ASCII)
+_MAGIC = re.compile(r"avobuild-delta (0|[1-9][0-9]{0,8})", re.ASCII)  # one spelling per version
 _REF = re.compile(rf"(source|target) {_NUMBER} {_SHA}", re.ASCII)
 
 
