@@ -530,19 +530,21 @@ def test_raw_ecdsa_signatures_are_converted_to_der(
 )
 def test_raw_ecdsa_starting_like_der_is_still_converted(algorithm: SignatureAlgorithm) -> None:
     """One raw r||s in 256 begins with 0x30, the DER SEQUENCE tag (a token signature once
-    failed that way); DER input of the raw length is kept as it is."""
+    failed that way); DER input of the raw length is kept as it is (both with the low s)."""
     from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
     from avobuild.bundle.sign import raw_ecdsa_to_der, to_der_signature
 
     half = 32 if algorithm is SignatureAlgorithm.ECDSA_P256_SHA256 else 48
+    order = CURVE_ORDERS[algorithm]
     rng = random.Random(20261127)
     for _ in range(50):
         r = int.from_bytes(b"\x30" + rng.randbytes(half - 1), "big")
-        s = int.from_bytes(rng.randbytes(half), "big") or 1
+        s = int.from_bytes(rng.randbytes(half), "big") % order or 1
         raw = r.to_bytes(half, "big") + s.to_bytes(half, "big")
-        assert to_der_signature(algorithm, raw) == encode_dss_signature(r, s)
-        assert raw_ecdsa_to_der(algorithm, raw) == encode_dss_signature(r, s)
+        stored = encode_dss_signature(r, min(s, order - s))
+        assert to_der_signature(algorithm, raw) == stored
+        assert raw_ecdsa_to_der(algorithm, raw) == stored
     # a canonical DER signature exactly 2 * half bytes long (two (half - 3)-byte INTEGERs and
     # six bytes of tags and lengths) stays DER
     value = int.from_bytes(b"\x01" * (half - 3), "big")
@@ -551,6 +553,19 @@ def test_raw_ecdsa_starting_like_der_is_still_converted(algorithm: SignatureAlgo
     assert to_der_signature(algorithm, der) == der
     with pytest.raises(SignatureError, match="r\\|\\|s"):
         raw_ecdsa_to_der(algorithm, b"\x01" * (2 * half - 1))
+
+
+def _curve_order(curve: str) -> int:
+    """The group order n of a named curve, as openssl prints it (independent of the code)."""
+    text = openssl("ecparam", "-name", curve, "-param_enc", "explicit", "-text", "-noout").stdout
+    digits = text.split("Order:", 1)[1].split("Cofactor:", 1)[0]
+    return int("".join(character for character in digits if character in "0123456789abcdef"), 16)
+
+
+CURVE_ORDERS = {
+    SignatureAlgorithm.ECDSA_P256_SHA256: _curve_order("prime256v1"),
+    SignatureAlgorithm.ECDSA_P384_SHA384: _curve_order("secp384r1"),
+}
 
 
 def test_unsigned_needs_to_be_asked_for(tmp_path: Path, images: list[ImageSource]) -> None:
