@@ -145,6 +145,7 @@ def decode_chunk(
         raise BundleError("is a zstd frame without a content size in its header")
     if declared != data_size:
         raise BundleError(f"is a zstd frame of {declared} bytes, expected {data_size}")
+    check_zstd_frame(stored)
     try:
         data = decompressor.decompress(stored, max_output_size=data_size, allow_extra_data=False)
     except zstandard.ZstdError as error:
@@ -152,6 +153,51 @@ def decode_chunk(
     if len(data) != data_size:
         raise BundleError(f"decompresses to {len(data)} bytes, expected {data_size}")
     return data
+
+
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_MAX_BLOCK = 128 << 10
+
+
+def check_zstd_frame(stored: bytes) -> None:
+    """`stored` is one zstd frame (RFC 8878, 3.1.1) and nothing else, each of its blocks within
+    the format's block size limit (3.1.1.2.4: min(Window_Size, 128 KiB)). libzstd's one-shot
+    decoder accepts a raw block past that limit, its streaming decoder (the zstd command a
+    device runs) refuses it, so the reader walks the block headers itself."""
+    if not stored.startswith(_ZSTD_MAGIC) or len(stored) < 6:
+        raise BundleError("is not a zstd frame (no frame magic number)")
+    descriptor = stored[4]
+    single_segment = descriptor & 0x20
+    if descriptor & 0x08:
+        raise BundleError("is a zstd frame with the reserved header bit set")
+    position = 5
+    window = 0
+    if not single_segment:
+        exponent, mantissa = stored[5] >> 3, stored[5] & 7
+        base = 1 << (10 + exponent)
+        window = base + base // 8 * mantissa
+        position += 1
+    position += (0, 1, 2, 4)[descriptor & 3]
+    size_bytes = (1 if single_segment else 0, 2, 4, 8)[descriptor >> 6]
+    content = int.from_bytes(stored[position : position + size_bytes], "little")
+    if size_bytes == 2:
+        content += 256
+    position += size_bytes
+    largest = min(content if single_segment else window, _MAX_BLOCK)
+    last = 0
+    while not last:
+        if position + 3 > len(stored):
+            raise BundleError("is a truncated zstd frame")
+        header = int.from_bytes(stored[position : position + 3], "little")
+        last, kind, size = header & 1, (header >> 1) & 3, header >> 3
+        if kind == 3 or size > largest:
+            raise BundleError(f"is a zstd frame with an invalid block at byte {position}")
+        position += 3 + (1 if kind == 1 else size)
+    position += 4 if descriptor & 0x04 else 0
+    if position != len(stored):
+        raise BundleError(
+            "is not exactly one zstd frame (a second or skippable frame, or bytes after it)"
+        )
 
 
 def _located(name: str, error: BundleError) -> BundleError:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import zstandard
 
+from avobuild.bundle.format import check_zstd_frame
 from avobuild.bundle.manifest import ChunkEntry, ImageEntry, ImageRef
 from avobuild.delta.stream import (
     MAX_LINE,
@@ -321,7 +322,11 @@ def _decompress(
             raise BundleError(
                 f"{where}: zstd frame declares {declared} bytes, expected {op.length}"
             )
-        data = decompressor.decompress(payload, max_output_size=op.length)
+        try:
+            check_zstd_frame(payload)
+        except BundleError as error:
+            raise BundleError(f"{where}: the operation's payload {error}") from None
+        data = decompressor.decompress(payload, max_output_size=op.length, allow_extra_data=False)
     except zstandard.ZstdError as error:
         raise BundleError(f"{where}: cannot decode the operation's zstd frame: {error}") from None
     if len(data) != op.length:
