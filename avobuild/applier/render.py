@@ -25,9 +25,13 @@ from avobuild.boot.uboot import render_uboot_env
 from avobuild.bundle.keys import load_keyring, public_key_pem
 from avobuild.bundle.manifest import MAX_MANIFEST_SIZE
 from avobuild.bundle.sign import (
+    MAX_BLOCK_LINES,
     MAX_CERTIFICATE_SIZE,
     MAX_CERTIFICATES,
+    MAX_LINE_SIZE,
+    MAX_RECIPIENTS,
     MAX_SIGNATURE_BLOCK_SIZE,
+    MAX_SIGNATURES,
     signature_algorithm,
 )
 from avobuild.delta.stream import MAX_EXTENT, MAX_LINE
@@ -44,12 +48,6 @@ INIT_SCRIPT_PATH = "etc/init.d/S45avocado-update"
 FW_CONFIG_PATH = "/etc/fw_env.config"
 # The code of avocado-update after its configuration and the shared library, in order.
 APPLIER_PARTS = ("state.sh", "bundle.sh", "delta.sh", "verbs.sh", "health.sh", "main.sh")
-# Signature block limits (docs/bundle-format.md, 4.2) the shell reader applies before any
-# per-line work: lines in the block, bytes per line (LF included; a 16 KiB certificate in
-# base64 with its fields fits), signature lines.
-MAX_SIGNATURE_LINES = 128
-MAX_SIGNATURE_LINE = 22528
-MAX_SIGNATURES = 32
 # What the applier keeps on the data partition: each state value and history entry is cut to
 # MAX_STATE_ENTRY bytes; past MAX_HISTORY bytes the history rotates (one old file is kept).
 MAX_STATE_ENTRY = 512
@@ -212,9 +210,10 @@ def applier_limits() -> dict[str, int]:
     return {
         "manifest_size": MAX_MANIFEST_SIZE,
         "signature_block_size": MAX_SIGNATURE_BLOCK_SIZE,
-        "signature_lines": MAX_SIGNATURE_LINES,
-        "signature_line": MAX_SIGNATURE_LINE,
+        "signature_lines": MAX_BLOCK_LINES,
+        "signature_line": MAX_LINE_SIZE,
         "signatures": MAX_SIGNATURES,
+        "recipients": MAX_RECIPIENTS,
         "certificates": MAX_CERTIFICATES,
         "certificate_size": MAX_CERTIFICATE_SIZE,
         "delta_line": MAX_LINE,

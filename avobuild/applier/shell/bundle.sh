@@ -22,7 +22,7 @@ sig_check() {
 # The whole signature block in one awk pass (section 4 and its limits): every line's syntax,
 # canonical base64, signature sizes and DER, duplicate key-ids and certificates. The limits
 # come first on every line and the pass stops at the first violation, so an adversarial block
-# costs at most MAX_SIGNATURE_LINES short checks. Prints "ALGORITHM KEY-ID BASE64" for every
+# costs at most MAX_SIGNATURE_LINES line checks. Prints "ALGORITHM KEY-ID BASE64" for every
 # signature of a supported algorithm; on a violation, the reason as its last line, status 1.
 # shellcheck disable=SC2016  # an awk program
 SIGNATURE_BLOCK_AWK='
@@ -30,6 +30,15 @@ BEGIN {
     alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
     quad = "[A-Za-z0-9+/][A-Za-z0-9+/][A-Za-z0-9+/][A-Za-z0-9+/]"
     canonical = "^(" quad ")*([A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/][A-Za-z0-9+/][AEIMQUYcgkosw048]=)?$"
+    power[0] = 1  # powers of two: busybox awk may be built without its math library
+    for (i = 1; i <= 16; i++) power[i] = power[i - 1] * 2
+    # The order n of each curve and n/2 (SEC 2), in lowercase hex: r and s must lie in
+    # [1, n), and s in [1, n/2], the one spelling of the signature (low s).
+    order["ecdsa-p256-sha256"] = "ffffffff00000000ffffffffffffffffbce6faada7179e84f3b9cac2fc632551"
+    half["ecdsa-p256-sha256"] = "7fffffff800000007fffffffffffffffde737d56d38bcf4279dce5617e3192a8"
+    order["ecdsa-p384-sha384"] = "ffffffffffffffffffffffffffffffffffffffffffffffffc7634d81f4372ddf581a0db248b0a77aecec196accc52973"
+    half["ecdsa-p384-sha384"] = "7fffffffffffffffffffffffffffffffffffffffffffffffe3b1a6c0fa1b96efac0d06d9245853bd76760cb5666294b9"
+    hexdigit = "0123456789abcdef"
 }
 function fail(why) { print "line " NR ": " why; failed = 1; exit 1 }
 function check_base64(text, what) {
@@ -43,27 +52,42 @@ function decode(text,   i, value, bits, count) {
     for (i = 1; i <= length(text); i++) {
         if (substr(text, i, 1) == "=") break
         value = value * 64 + index(alphabet, substr(text, i, 1)) - 1; bits += 6
-        if (bits >= 8) { bits -= 8; byte[++count] = int(value / 2 ^ bits); value = value % 2 ^ bits }
+        if (bits >= 8) { bits -= 8; byte[++count] = int(value / power[bits]); value = value % power[bits] }
     }
     return count
 }
-# A minimal positive DER INTEGER at position at; returns the position after it, or 0.
-function der_integer(at, count,   size) {
+# A minimal positive DER INTEGER at position at; returns the position after it, or 0, and
+# its value in hex (no leading zeros) as integer_hex.
+function der_integer(at, count,   size, i) {
     if (at + 1 > count || byte[at] != 2) return 0
     size = byte[at + 1]
     if (size < 1 || size > 127 || at + 1 + size > count) return 0
     if (byte[at + 2] >= 128) return 0
     if (size > 1 && byte[at + 2] == 0 && byte[at + 3] < 128) return 0
+    integer_hex = ""
+    for (i = at + 2; i < at + 2 + size; i++)
+        integer_hex = integer_hex substr(hexdigit, int(byte[i] / 16) + 1, 1) substr(hexdigit, byte[i] % 16 + 1, 1)
+    sub(/^0+/, "", integer_hex)
     return at + 2 + size
 }
-function check_ecdsa(text, largest, algorithm,   count, at) {
+# Compare two hex numbers without leading zeros: -1, 0 or 1.
+function compare_hex(a, b) {
+    if (length(a) != length(b)) return length(a) < length(b) ? -1 : 1
+    return a < b ? -1 : (a > b ? 1 : 0)
+}
+function check_ecdsa(text, largest, algorithm,   count, at, r) {
     count = decode(text)
     if (count > largest || count < 2 || byte[1] != 48 || byte[2] > 127 || byte[2] != count - 2) at = 0
     else at = der_integer(3, count)
+    r = integer_hex
     if (at) at = der_integer(at, count)
     if (at != count + 1) fail("an " algorithm " signature must be a DER ECDSA-Sig-Value")
+    if (r == "" || compare_hex(r, order[algorithm]) >= 0 || integer_hex == "")
+        fail("an " algorithm " signature needs 1 <= r, s < n")
+    if (compare_hex(integer_hex, half[algorithm]) > 0)
+        fail("an " algorithm " signature must use the low s (s <= n/2)")
 }
-NR > max_lines { fail("more than " max_lines " lines") }
+NR > max_lines + 1 { fail("more than " max_lines " lines after the first") }
 length($0) >= max_line { fail("longer than " max_line " bytes") }
 NR == 1 {
     if ($0 != "avobuild-signatures 1") fail("expected avobuild-signatures 1")
@@ -97,6 +121,7 @@ $1 == "certificate" {
     certificate[$3] = 1
     if (++certificates > max_certificates) fail("more than " max_certificates " certificates")
 }
+$1 == "recipient" && ++recipients > max_recipients { fail("more than " max_recipients " recipients") }
 '
 
 verify_signatures() {
@@ -107,6 +132,7 @@ verify_signatures() {
         || refuse "$bundle_name: signature block: not terminated by a newline"
     LC_ALL=C awk -v max_lines="$MAX_SIGNATURE_LINES" -v max_line="$MAX_SIGNATURE_LINE" \
         -v max_signatures="$MAX_SIGNATURES" -v max_certificates="$MAX_CERTIFICATES" \
+        -v max_recipients="$MAX_RECIPIENTS" \
         -v max_certificate_size="$MAX_CERTIFICATE_SIZE" "$SIGNATURE_BLOCK_AWK" "$sigs" \
         > "$WORK/signers" || refuse "$bundle_name: signature block $(tail -n 1 "$WORK/signers")"
     verified=0
