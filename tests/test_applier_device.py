@@ -866,3 +866,80 @@ def test_delta_for_another_source_is_refused_untouched(
     assert result.returncode == 4
     assert "needs a source the running slot does not hold" in result.stderr
     assert sha256(device.disk.read_bytes()) == disk_before
+
+
+@pytest.fixture(scope="module")
+def big_op_deltas(setup: Setup, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Deltas from slot A whose one copy (or zero) operation is 20 MiB, more than the tmpfs."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from hostile_bundles import Op, delta_draft, ed25519_signer, frame, stream_bytes
+    from hostile_bundles import Ref as StreamRef
+
+    from avobuild.bundle.keys import load_private_key
+
+    directory = tmp_path_factory.mktemp("big-ops")
+    key = load_private_key(setup.root / "product" / "keys" / "bundle-signing.key.pem")
+    assert isinstance(key, ed25519.Ed25519PrivateKey)
+    source = device_slot_a(setup)
+    big = 20 << 20
+    patch = random.Random(9).randbytes(4096)
+    rest = len(source) - big - len(patch)
+    layouts = {
+        "copy": (
+            [Op(f"copy 0 {big} 0 {sha256(source[:big])}".encode())],
+            source[:big],
+            [Op(f"zero {big + len(patch)} {rest}".encode())],
+            bytes(rest),
+        ),
+        "zero": (
+            [Op(f"zero 0 {big}".encode())],
+            bytes(big),
+            [Op(f"copy {big + len(patch)} {rest} 0 {sha256(source[:rest])}".encode())],
+            source[:rest],
+        ),
+    }
+    bundles = {}
+    for name, (before, head, after, tail) in layouts.items():
+        payload = frame(patch)
+        middle = Op(f"data {big} 4096 {len(payload)} {sha256(patch)}".encode(), payload)
+        target = head + patch + tail
+        source_ref, target_ref = (
+            StreamRef(len(source), sha256(source)),
+            StreamRef(len(target), sha256(target)),
+        )
+        stream = stream_bytes(source_ref, target_ref, [*before, middle, *after])
+        draft = delta_draft(stream, source_ref, target_ref, (ed25519_signer(key),))
+        draft.lines[2:5] = [b"name testprod", b"version 2.0.0", b"compatible testprod-x86_64"]
+        bundles[name] = directory / f"{name}.avb"
+        bundles[name].write_bytes(draft.render())
+        (directory / f"{name}.target").write_bytes(target)
+    return bundles
+
+
+def device_slot_a(setup: Setup) -> bytes:
+    return read_range(setup.factory, *_span(setup, Role.SYSTEM_A))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a size-limited tmpfs needs root")
+@pytest.mark.parametrize("operation", ["copy", "zero"])
+@pytest.mark.parametrize("streaming", [False, True], ids=["file", "stdin"])
+def test_delta_install_needs_at_most_16_mib_of_temporary_space(
+    device: Device, big_op_deltas: dict[str, Path], tmp_path: Path, streaming: bool, operation: str
+) -> None:
+    """Copy and zero operations go from device to device, so a delta whose one operation is
+    20 MiB installs with $TMPDIR on a 16 MiB tmpfs (the applier once staged each operation
+    there: the demo's delta needed 128 MiB)."""
+    bundle = big_op_deltas[operation]
+    work = tmp_path / "tmpfs"
+    work.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(work)], check=True)
+    try:
+        if streaming:
+            device.run("apply", "-", stdin=bundle.read_bytes(), AVO_TMPDIR=str(work))
+        else:
+            device.run("apply", "--bundle", bundle, AVO_TMPDIR=str(work))
+        assert list(work.iterdir()) == [], "the applier cleans up its work directory"
+    finally:
+        subprocess.run(["umount", str(work)], check=True)
+    target = bundle.with_suffix(".target").read_bytes()
+    assert device.partition(Role.SYSTEM_B)[: len(target)] == target
