@@ -943,3 +943,88 @@ def test_delta_install_needs_at_most_16_mib_of_temporary_space(
         subprocess.run(["umount", str(work)], check=True)
     target = bundle.with_suffix(".target").read_bytes()
     assert device.partition(Role.SYSTEM_B)[: len(target)] == target
+
+
+def _mbr_disk(disk: Path) -> None:
+    """An MBR partition table where the GPT was: a Linux partition record, no GPT header."""
+    with disk.open("r+b") as handle:
+        handle.seek(446)
+        handle.write(bytes([0, 0, 0, 0, 0x83, 0, 0, 0]) + (2048).to_bytes(4, "little") * 2)
+        handle.seek(512)
+        handle.write(bytes(512))
+
+
+def _truncated_disk(disk: Path) -> None:
+    with disk.open("r+b") as handle:
+        handle.truncate(disk.stat().st_size - (6 << 20))  # inside the data partition
+
+
+def _moved_partition(disk: Path) -> None:
+    """Entry 3 (system-b) starts 1 MiB later; CRCs are not the applier's business."""
+    with disk.open("r+b") as handle:
+        handle.seek(1024 + 2 * 128 + 32)
+        first = int.from_bytes(handle.read(8), "little")
+        handle.seek(1024 + 2 * 128 + 32)
+        handle.write((first + 2048).to_bytes(8, "little"))
+
+
+def _renamed_partition(disk: Path) -> None:
+    with disk.open("r+b") as handle:
+        handle.seek(1024 + 2 * 128 + 56)
+        handle.write("system-x".encode("utf-16-le"))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_mbr_disk, "no protective MBR"),
+        (_truncated_disk, "shorter than its partition table says"),
+        (_moved_partition, "GPT entry 3 is not partition system-b"),
+        (_renamed_partition, "GPT entry 3 is not partition system-b"),
+    ],
+    ids=["mbr", "truncated", "moved", "renamed"],
+)
+@pytest.mark.parametrize("streaming", [False, True], ids=["file", "stdin"])
+def test_disk_not_holding_the_rendered_layout_is_refused_before_any_write(
+    setup: Setup, device: Device, damage: object, message: str, streaming: bool
+) -> None:
+    assert callable(damage)
+    damage(device.disk)
+    size_before = device.disk.stat().st_size
+    disk_before = sha256(device.disk.read_bytes())
+    if streaming:
+        result = device.run("apply", "-", stdin=setup.bundle.read_bytes(), check=False)
+    else:
+        result = device.run("apply", "--bundle", setup.bundle, check=False)
+    assert result.returncode == 1 and message in result.stderr, result.stderr
+    assert "nothing was written" in result.stderr
+    assert device.disk.stat().st_size == size_before, "a refused disk image never grows"
+    assert sha256(device.disk.read_bytes()) == disk_before
+    assert device.grubenv.read_bytes() == setup.grubenv
+
+
+def _fake_block_devices(device: Device, setup: Setup, *, shift: int = 0) -> None:
+    """/sys/class/block entries for each partition, as the kernel shows them (512-byte units)."""
+    for part in setup.plan.partitions:
+        entry = device.sys / "class" / "block" / f"vda{part.number}"
+        entry.mkdir(parents=True)
+        (entry / "uevent").write_text(f"DEVNAME=vda{part.number}\nPARTNAME={part.spec.label}\n")
+        start = part.offset // 512 + (shift if part.spec.label == "system-b" else 0)
+        (entry / "start").write_text(f"{start}\n")
+        (entry / "size").write_text(f"{part.size // 512}\n")
+
+
+@pytest.mark.parametrize("shift", [0, 2048])
+def test_partition_devices_are_checked_by_their_kernel_geometry(
+    setup: Setup, device: Device, shift: int
+) -> None:
+    """Without AVO_DISK each slot is a partition device found by name in sysfs; its start and
+    size there must be the layout's."""
+    _fake_block_devices(device, setup, shift=shift)
+    result = device.run("validate", "--bundle", setup.bundle, check=False, AVO_DISK="")
+    if shift:
+        assert result.returncode == 1
+        assert "/dev/vda3 (system-b): not where the layout puts it" in result.stderr
+    else:
+        assert result.returncode == 0, result.stderr
+        assert "image rootfs" in result.stdout and "-> system-b" in result.stdout
