@@ -1028,3 +1028,74 @@ def test_partition_devices_are_checked_by_their_kernel_geometry(
     else:
         assert result.returncode == 0, result.stderr
         assert "image rootfs" in result.stdout and "-> system-b" in result.stdout
+
+
+def _with_block(setup: Setup, tmp_path: Path, extra: bytes) -> Path:
+    """The bundle with lines added to its (unsigned) signature block."""
+    data = setup.bundle.read_bytes()
+    manifest_size, block_size = int(data[12:22]), int(data[23:33])
+    block = data[34 + manifest_size : 34 + manifest_size + block_size] + extra
+    path = tmp_path / "hostile.avb"
+    path.write_bytes(
+        b"AVOBUNDLE 1 %010d %010d\n" % (manifest_size, len(block))
+        + data[34 : 34 + manifest_size]
+        + block
+        + data[34 + manifest_size + block_size :]
+    )
+    return path
+
+
+HOSTILE_BLOCKS = {
+    "escape-key-id": b"signature ed25519 \x1b]0;owned\x07\x1b[2J" + b"a" * 40 + b" AAAA\n",
+    "0xff": b'comment \xff\xfe"\\\n',
+    "12787-short-lines": b"".join(
+        b"signature e %s AAAA\n" % random.Random(line).randbytes(32).hex().encode()
+        for line in range(12787)
+    ),
+}
+
+
+@pytest.mark.parametrize("hostile", sorted(HOSTILE_BLOCKS))
+def test_untrusted_text_is_never_echoed_raw_and_state_stays_small(
+    setup: Setup, device: Device, tmp_path: Path, hostile: str
+) -> None:
+    bundle = _with_block(setup, tmp_path, HOSTILE_BLOCKS[hostile][: (1 << 20) - 300])
+    for _ in range(3):  # refused again and again: nothing accumulates beyond the bounds
+        result = device.run("apply", "--bundle", bundle, check=False)
+        assert result.returncode == 3
+    outputs = [result.stderr.encode("latin-1"), (device.state / "state").read_bytes()]
+    outputs.append((device.state / "history").read_bytes())
+    for output in outputs:
+        assert not set(output) - set(b"\t\n" + bytes(range(0x20, 0x7F))), output[:300]
+    assert len(result.stderr) <= 1100
+    assert (device.state / "state").stat().st_size < 4096
+    assert (device.state / "history").stat().st_size < 4096
+    report = json.loads(device.run("report", "--format", "json").stdout)
+    assert report["state"] == "Failed"
+
+
+def test_history_is_rotated_and_report_is_valid_json_whatever_it_holds(device: Device) -> None:
+    device.state.mkdir(parents=True)
+    # Lines as an older applier (or a damaged file) may have left them: raw bytes, quotes,
+    # backslashes, escapes, a huge detail.
+    hostile = (
+        b'2026-01-01T00:00:00Z\tapply\t2.0.0 "quoted" back\\slash \x1b[31mred \xff\xfe\x00nul\n'
+        b"2026-01-02T00:00:00Z\tstate\t" + b"x" * 5000 + b"\n"
+        b'2026-01-03T00:00:00Z\t"event\t\\detail\\\n'
+    )
+    (device.state / "history").write_bytes(hostile * 30)
+    (device.state / "state").write_bytes(b'state=Idle\nreason=a "b" \\c \x1b\xff\n')
+    report = json.loads(device.run("report", "--format", "json").stdout)
+    assert len(report["events"]) >= 90  # busybox awk may end a record at a NUL byte
+    assert report["events"][0]["detail"].startswith('2.0.0 "quoted" back\\slash ?[31mred ??')
+    assert all(
+        set(event["detail"]) <= set(map(chr, range(0x20, 0x7F))) for event in report["events"]
+    )
+    # The next event rotates the oversized file; history keeps reading both generations.
+    device.run("backup", "--output", device.root / "b.tar")
+    assert (device.state / "history.1").read_bytes() == hostile * 30
+    assert (device.state / "history").read_bytes().count(b"\n") == 1
+    history = device.run("history", "--verbose").stdout
+    assert "\tbackup\t" in history and "\x1b" not in history and "\xff" not in history
+    report = json.loads(device.run("report", "--format", "json").stdout)
+    assert report["events"][-1]["event"] == "backup"

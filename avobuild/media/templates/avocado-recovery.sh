@@ -235,7 +235,7 @@ do_restore() {
     fi
     [ -b "$disk" ] || { fail "$disk is not a block device"; return 1; }
     sectors=$(cat "/sys/class/block/${disk##*/}/size" 2>/dev/null)
-    is_number "$sectors" && is_number "$AVO_FACTORY_SIZE" && [ $((sectors * 512)) -ge "$AVO_FACTORY_SIZE" ] \
+    is_number "$sectors" 18014398509481983 && is_number "$AVO_FACTORY_SIZE" && [ $((sectors * 512)) -ge "$AVO_FACTORY_SIZE" ] \
         || { fail "$disk is smaller than the $AVO_FACTORY_SIZE-byte factory image; nothing was written"; return 1; }
     confirm "Restore $AVO_PRODUCT $AVO_VERSION onto $disk: EVERYTHING on it is replaced." \
         || { say "cancelled"; return 1; }
