@@ -124,14 +124,14 @@ grubenv_write() {
                 printf '%s\n' "$_gw_line"
             done < "$_gw_file"
         fi
-    } > "$WORK/grubenv.new" || return 1
-    _gw_used=$(size_of "$WORK/grubenv.new")
+    } > "$WORK/grubenv.block" || return 1
+    _gw_used=$(size_of "$WORK/grubenv.block")
     [ "$_gw_used" -le 1024 ] || return 1
     if [ "$_gw_used" -lt 1024 ]; then
         dd if=/dev/zero bs=$((1024 - _gw_used)) count=1 2> /dev/null | tr '\0' '#' \
-            >> "$WORK/grubenv.new" || return 1
+            >> "$WORK/grubenv.block" || return 1
     fi
-    atomic_write "$_gw_file" < "$WORK/grubenv.new"
+    atomic_write "$_gw_file" < "$WORK/grubenv.block"
 }
 
 # --- partitions ------------------------------------------------------------------------------
