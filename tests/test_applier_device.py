@@ -18,14 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import avobuild_cli, write_product
+from conftest import Product, avobuild_cli, write_product
 
-from avobuild.applier.render import render_applier
+from avobuild.applier.render import SCRIPT_PATH, render_applier
 from avobuild.boot.grubenv import parse_grubenv, render_grubenv
 from avobuild.boot.state import BOOT_STATE_PATH, BootState
 from avobuild.boot.trial import trial_boot
 from avobuild.bundle.keys import generate_keypair
 from avobuild.disk.plan import DiskPlan, plan_layout
+from avobuild.errors import RecipeError
 from avobuild.fs import read_vfat_file
 from avobuild.image.factory import build_factory_image, build_slot_images
 from avobuild.model.layout import Role, Slot
@@ -977,10 +978,10 @@ def _renamed_partition(disk: Path) -> None:
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
-        (_mbr_disk, "no protective MBR"),
+        (_mbr_disk, "its protective-MBR (byte offset 450) differs"),
         (_truncated_disk, "shorter than its partition table says"),
-        (_moved_partition, "GPT entry 3 is not partition system-b"),
-        (_renamed_partition, "GPT entry 3 is not partition system-b"),
+        (_moved_partition, "its GPT-entry-3 (byte offset 1280) differs"),
+        (_renamed_partition, "its GPT-entry-3 (byte offset 1280) differs"),
     ],
     ids=["mbr", "truncated", "moved", "renamed"],
 )
@@ -1099,3 +1100,80 @@ def test_history_is_rotated_and_report_is_valid_json_whatever_it_holds(device: D
     assert "\tbackup\t" in history and "\x1b" not in history and "\xff" not in history
     report = json.loads(device.run("report", "--format", "json").stdout)
     assert report["events"][-1]["event"] == "backup"
+
+
+MBR_APPLIER = '\n[applier]\ndisk = "/dev/mmcblk0"\n'
+
+
+def _mbr_product(root: Path) -> Product:
+    """The test product on an MBR: data and recovery become logical partitions 5 and 6."""
+    product = write_product(root / "product", version="1.0.0")
+    layout = product.layout.read_text().replace('table = "gpt"', 'table = "mbr"')
+    layout = layout.replace('"root-x86-64"', '"linux"').replace('"linux-generic"', '"linux"')
+    product.layout.write_text(layout)
+    return product
+
+
+@dataclass(frozen=True)
+class MbrSetup:
+    factory: Path
+    script: Path
+    grubenv: bytes
+    plan: DiskPlan
+
+
+@pytest.fixture(scope="module")
+def mbr_setup(tmp_path_factory: pytest.TempPathFactory) -> MbrSetup:
+    root = tmp_path_factory.mktemp("mbr")
+    product = _mbr_product(root)
+    with product.recipe.open("a") as handle:
+        handle.write(MBR_APPLIER)
+    recipe = load_recipe(product.recipe)
+    image = build_factory_image(recipe, root / "out", root / "work")
+    render_applier(recipe, root / "rendered")
+    plan = plan_layout(recipe.layout)
+    boot = plan.by_role(Role.BOOT)
+    assert boot is not None
+    grubenv = read_vfat_file(image.path, boot.offset, BOOT_STATE_PATH)
+    return MbrSetup(image.path, root / "rendered" / SCRIPT_PATH, grubenv, plan)
+
+
+def test_mbr_disk_is_checked_record_by_record(
+    setup: Setup, mbr_setup: MbrSetup, tmp_path: Path
+) -> None:
+    assert "TABLE_TYPE='mbr'" in mbr_setup.script.read_text()
+    device = Device(setup, tmp_path / "device")
+    shutil.copyfile(mbr_setup.factory, device.disk)
+    device.grubenv.write_bytes(mbr_setup.grubenv)
+
+    def apply(applier: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [f"{setup.busybox_path}/sh", str(applier), "apply", "--bundle", str(setup.bundle)],
+            capture_output=True, text=True, env=device.env(), check=False,
+        )  # fmt: skip
+
+    # The GPT product's applier on this disk: refused before any write.
+    before = sha256(device.disk.read_bytes())
+    refused = apply(setup.rendered / SCRIPT_PATH)
+    assert refused.returncode == 1 and "its protective-MBR" in refused.stderr, refused.stderr
+    assert sha256(device.disk.read_bytes()) == before
+    # A damaged EBR (the one of partition 6): refused too.
+    last = mbr_setup.plan.partitions[-1]
+    assert last.number == 6 and last.ebr_lba is not None
+    with device.disk.open("r+b") as handle:
+        handle.seek(last.ebr_lba * 512 + 446 + 8)  # the start LBA of its record
+        handle.write(b"\x01")
+    damaged = apply(mbr_setup.script)
+    assert damaged.returncode == 1 and "its EBR-6" in damaged.stderr, damaged.stderr
+    # The disk as built: the update installs into slot B (partition 3).
+    shutil.copyfile(mbr_setup.factory, device.disk)
+    assert apply(mbr_setup.script).returncode == 0
+    slot_b = mbr_setup.plan.by_role(Role.SYSTEM_B)
+    assert slot_b is not None and slot_b.number == 3
+    assert read_range(device.disk, slot_b.offset, len(setup.slot_image)) == setup.slot_image
+
+
+def test_mbr_layout_needs_the_applier_disk(tmp_path: Path) -> None:
+    product = _mbr_product(tmp_path)
+    with pytest.raises(RecipeError, match=r"\[applier\] disk: missing; the partitions of an MBR"):
+        render_applier(load_recipe(product.recipe), tmp_path / "out")

@@ -14,12 +14,13 @@ which the test suite passes; a production applier never holds it.
 from __future__ import annotations
 
 import os
-import struct
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from avobuild import __version__
 from avobuild.applier.scripts import applier_templates, library_parts, link_program, shell_source
+from avobuild.applier.scripts import sh_quote as sh_quote  # re-exported: device/boot.py uses it
 from avobuild.boot.state import factory_state
 from avobuild.boot.uboot import render_uboot_env
 from avobuild.bundle.keys import load_keyring, public_key_pem
@@ -35,11 +36,12 @@ from avobuild.bundle.sign import (
     signature_algorithm,
 )
 from avobuild.delta.stream import MAX_EXTENT, MAX_LINE
-from avobuild.disk.gpt import ENTRY_COUNT, ENTRY_SIZE, derive_guid
+from avobuild.disk.gpt import ENTRY_SIZE, derive_guid
 from avobuild.disk.plan import plan_layout
+from avobuild.disk.table import write_partition_table
 from avobuild.errors import RecipeError
 from avobuild.model.applier import ApplierConfig, Bootloader, InitSystem
-from avobuild.model.layout import IMAGE_SLOT_CLASS, Role, Slot
+from avobuild.model.layout import IMAGE_SLOT_CLASS, Role, Slot, TableType
 from avobuild.model.recipe import Recipe
 from avobuild.run import run
 
@@ -52,8 +54,6 @@ APPLIER_PARTS = ("state.sh", "bundle.sh", "delta.sh", "verbs.sh", "health.sh", "
 # MAX_STATE_ENTRY bytes; past MAX_HISTORY bytes the history rotates (one old file is kept).
 MAX_STATE_ENTRY = 512
 MAX_HISTORY = 65536
-# The GPT entry array starts at LBA 2 (after the protective MBR and the header).
-_GPT_ENTRIES_LBA = 2
 
 
 @dataclass(frozen=True)
@@ -138,6 +138,12 @@ def render_applier(recipe: Recipe, output: Path, *, test_hooks: bool = False) ->
     """
     check_target_tools(recipe)
     config = recipe.applier
+    if recipe.layout.table is TableType.MBR and config.disk is None:
+        raise RecipeError(
+            f"{recipe.path}: [applier] disk: missing; the partitions of an MBR layout "
+            f"({recipe.layout.path}) have no names to find them by, so the applier addresses "
+            'them by offset on the disk: set it, e.g. disk = "/dev/mmcblk0"'
+        )
     env = applier_templates()
     parts = slot_partitions(recipe)
     system = {p.slot: p for p in parts if p.image == "rootfs"}
@@ -225,36 +231,51 @@ def applier_limits() -> dict[str, int]:
 
 @dataclass(frozen=True)
 class ExpectedTable:
-    """The GPT the applier checks the disk against before its first write."""
+    """What the applier checks the disk against before its first write (docs/applier.md).
 
-    sector_size: int
-    entries_lba: int
-    entry_count: int
-    entry_size: int
-    # "NUMBER:OFFSET:SIZE:LABEL:HEX" per partition, comma-separated; HEX is the partition's
-    # GPT entry (UEFI 2.10, 5.3.3) without its attributes: type GUID, unique GUID, first and
-    # last LBA (bytes 0-47), then the UTF-16LE name (bytes 56-127).
+    `checks`: "OFFSET:HEX:WHAT" per byte range of the table a factory image of the recipe
+    holds, comma-separated (GPT: the protective MBR's type byte and boot signature, the
+    header's signature, revision and size, its entry array's place, and every partition's
+    entry; MBR: the disk signature and records of sector 0 and of every EBR). Nothing that
+    depends on the size of the disk is compared, so a disk larger than the image passes.
+    `partitions`: "LABEL:OFFSET:SIZE" per partition; `end`: where the last one ends.
+    """
+
+    table: str
+    checks: str
     partitions: str
+    end: int
 
 
 def expected_partition_table(recipe: Recipe) -> ExpectedTable:
-    """The partition table a factory image of `recipe` holds (image/factory.py writes it)."""
+    """The partition table a factory image of `recipe` holds, written by the factory's own
+    writer (disk/table.py) into a sparse scratch file and read back."""
     plan = plan_layout(recipe.layout)
-    entries = []
-    for part in plan.partitions:
-        label = part.spec.label
-        head = struct.pack(
-            "<16s16sQQ",
-            part.spec.type_guid.bytes_le,
-            derive_guid(recipe.seed, "partition", label).bytes_le,
-            part.first_lba,
-            part.last_lba,
-        )
-        name = label.encode("utf-16-le").ljust(72, b"\0")
-        entries.append(f"{part.number}:{part.offset}:{part.size}:{label}:{(head + name).hex()}")
-    return ExpectedTable(
-        plan.layout.sector_size, _GPT_ENTRIES_LBA, ENTRY_COUNT, ENTRY_SIZE, ",".join(entries)
-    )
+    sector = plan.layout.sector_size
+    if plan.layout.table is TableType.GPT:
+        areas = [(450, 1, "protective-MBR"), (510, 2, "boot-signature")]
+        areas += [(sector, 16, "GPT-header"), (sector + 72, 16, "GPT-entry-array")]
+        areas += [
+            (2 * sector + (part.number - 1) * ENTRY_SIZE, ENTRY_SIZE, f"GPT-entry-{part.number}")
+            for part in plan.partitions
+        ]
+    else:
+        areas = [(440, 72, "MBR")]
+        areas += [
+            (part.ebr_lba * sector + 446, 66, f"EBR-{part.number}")
+            for part in plan.partitions
+            if part.ebr_lba is not None
+        ]
+    with tempfile.TemporaryFile() as scratch:
+        scratch.truncate(plan.disk_size)
+        write_partition_table(scratch, plan, recipe.seed)
+        checks = []
+        for offset, size, what in areas:
+            scratch.seek(offset)
+            checks.append(f"{offset}:{scratch.read(size).hex()}:{what}")
+    labels = [f"{part.spec.label}:{part.offset}:{part.size}" for part in plan.partitions]
+    end = max(part.offset + part.size for part in plan.partitions)
+    return ExpectedTable(plan.layout.table.value, ",".join(checks), ",".join(labels), end)
 
 
 def signature_threshold(recipe: Recipe) -> int:

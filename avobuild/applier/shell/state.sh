@@ -132,49 +132,28 @@ hex_at() {
 }
 
 # check_partition_table: the disk holds the partition table this applier was rendered for
-# (every partition of the layout where the layout puts it, with its type, GUID and name), and
-# its last partition ends inside the disk; run before the first write, so that no offset of
-# the layout ever lands in a different partition or grows a disk image file.
+# (every partition of the layout where the layout puts it, with its type, identifiers and
+# name), and its last partition ends inside the disk; run before the first write, so that no
+# offset of the layout ever lands in a different partition or grows a disk image file.
 check_partition_table() {
     if [ -z "$DISK" ]; then
         check_partition_devices
         return
     fi
     [ -e "$DISK" ] || die 1 "$DISK: no such disk"
-    [ "$(hex_at "$DISK" 450 1)" = ee ] && [ "$(hex_at "$DISK" 510 2)" = 55aa ] \
-        || die 1 "$DISK: no protective MBR (a GPT disk is expected; nothing was written)"
-    _pt_header=$(hex_at "$DISK" "$SECTOR_SIZE" 92)
-    [ "$(printf '%s' "$_pt_header" | cut -c1-16)" = 4546492050415254 ] \
-        || die 1 "$DISK: no GPT header at byte offset $SECTOR_SIZE (an MBR disk? nothing was written)"
-    _pt_count=0
-    _pt_last=0
-    _pt_end=0
-    _pt_entries=
     IFS=,
-    for _pt_entry in $PARTITIONS; do
-        IFS=:
-        # shellcheck disable=SC2086  # the fields of one entry
-        set -- $_pt_entry
-        IFS=,
-        [ "$1" -le "$_pt_last" ] || _pt_last=$1
-        [ $(($2 + $3)) -le "$_pt_end" ] || _pt_end=$(($2 + $3))
-        _pt_entries="$_pt_entries $1:$4:$5"
+    for _pt_check in $TABLE_CHECKS; do
+        _pt_offset=${_pt_check%%:*}
+        _pt_rest=${_pt_check#*:}
+        _pt_hex=${_pt_rest%%:*}
+        if [ "$(hex_at "$DISK" "$_pt_offset" $((${#_pt_hex} / 2)))" != "$_pt_hex" ]; then
+            unset IFS
+            die 1 "$DISK: not the $TABLE_TYPE partition table this applier was rendered for: its ${_pt_rest#*:} (byte offset $_pt_offset) differs (an MBR disk, another layout, a damaged table?); nothing was written"
+        fi
     done
     unset IFS
-    [ "$_pt_last" -le "$GPT_ENTRY_COUNT" ] || die 1 "$DISK: more partitions than GPT entries"
-    _pt_array=$(hex_at "$DISK" $((GPT_ENTRIES_LBA * SECTOR_SIZE)) $((_pt_last * GPT_ENTRY_SIZE)))
-    for _pt_entry in $_pt_entries; do
-        _pt_number=${_pt_entry%%:*}
-        _pt_rest=${_pt_entry#*:}
-        _pt_label=${_pt_rest%%:*}
-        _pt_start=$(((_pt_number - 1) * GPT_ENTRY_SIZE * 2))
-        _pt_got=$(printf '%s' "$_pt_array" | cut -c$((_pt_start + 1))-$((_pt_start + 96)))$(printf '%s' "$_pt_array" | cut -c$((_pt_start + 113))-$((_pt_start + 256)))
-        [ "$_pt_got" = "${_pt_rest#*:}" ] \
-            || die 1 "$DISK: GPT entry $_pt_number is not partition $_pt_label of the layout this applier was rendered for (offset, size, type, GUID or name differ); nothing was written"
-        _pt_count=$((_pt_count + 1))
-    done
-    [ "$(dd if="$DISK" bs=1 skip=$((_pt_end - 1)) count=1 2> /dev/null | wc -c | tr -d ' ')" = 1 ] \
-        || die 1 "$DISK: shorter than its partition table says ($_pt_end bytes needed; a truncated image?); nothing was written"
+    [ "$(dd if="$DISK" bs=1 skip=$((TABLE_END - 1)) count=1 2> /dev/null | wc -c | tr -d ' ')" = 1 ] \
+        || die 1 "$DISK: shorter than its partition table says ($TABLE_END bytes needed; a truncated image?); nothing was written"
 }
 
 # Without DISK, each partition is its own block device: the kernel's view of it (sysfs) must
@@ -186,9 +165,9 @@ check_partition_devices() {
         # shellcheck disable=SC2086  # the fields of one entry
         set -- $_pd_entry
         IFS=,
-        partition_lookup "$4" || { unset IFS; die 1 "no partition named $4 (the layout's); nothing was written"; }
+        partition_lookup "$1" || { unset IFS; die 1 "no partition named $1 (the layout's); nothing was written"; }
         partition_geometry && [ "$part_start" = "$2" ] && [ "$part_bytes" = "$3" ] \
-            || { unset IFS; die 1 "$part_dev ($4): not where the layout puts it (byte offset $2, $3 bytes); nothing was written"; }
+            || { unset IFS; die 1 "$part_dev ($1): not where the layout puts it (byte offset $2, $3 bytes); nothing was written"; }
     done
     unset IFS
 }

@@ -222,6 +222,7 @@ cmd_boot() {
     esac
     echo "booted slot $booted ($(slot_var "$booted" version)), state $(state_get state)"
     # The boot marker: what runs, from the slot's own release file (tests wait for it).
+    # shellcheck source=/dev/null  # the slot's release file, written by avobuild
     running=$( . /usr/lib/avobuild/release 2> /dev/null; echo "${AVOBUILD_VERSION:-unknown}")
     echo "AVOBUILD-BOOT-OK slot=$booted version=$running"
 }
