@@ -95,10 +95,6 @@ class Keyring:
     def find(self, key_id: str) -> TrustedKey | None:
         return next((key for key in self.keys if key.key_id == key_id), None)
 
-    @property
-    def key_ids(self) -> tuple[str, ...]:
-        return tuple(key.key_id for key in self.keys)
-
 
 def key_id(public_key: PublicKey) -> str:
     """Lowercase hex sha256 of the key's DER SubjectPublicKeyInfo."""

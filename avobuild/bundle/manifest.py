@@ -163,10 +163,6 @@ class Manifest:
     def payload_size(self) -> int:
         return sum(image.stored_size for image in self.images)
 
-    @property
-    def total_image_size(self) -> int:
-        return sum(image.size for image in self.images)
-
 
 def chunk_count(size: int, chunk_size: int) -> int:
     return -(-size // chunk_size)

@@ -208,9 +208,6 @@ class VerifiedSigner:
     certificate_subject: str | None = None
 
 
-UNSIGNED_BLOCK = SignatureBlock(signatures=())
-
-
 def sign_manifest(manifest_bytes: bytes, private_key: PrivateKey) -> SignatureBlock:
     """A signature block holding one signature over `manifest_bytes` by `private_key`."""
     return sign_manifest_with(manifest_bytes, [KeySigner(private_key)])
