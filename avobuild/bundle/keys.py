@@ -328,9 +328,9 @@ def _load_toml_keyring(path: Path) -> Keyring:
         names = table.string_list("keys")
         if not names:
             table.fail("keys", "a non-empty list of PEM files (public keys or certificates)")
-        time_text = table.string("certificate-time", default=CertificateTime.NOW.value)
-        if time_text not in {member.value for member in CertificateTime}:
-            table.fail("certificate-time", "'now' or 'signing'", time_text)
+        certificate_time = table.enum(
+            "certificate-time", CertificateTime, default=CertificateTime.NOW
+        )
         table.check_unknown()
     except RecipeError as error:
         raise KeyError_(str(error)) from None
@@ -338,7 +338,7 @@ def _load_toml_keyring(path: Path) -> Keyring:
     for file in files:
         if not file.is_file():
             raise KeyError_(f"{path}: keys: {file}: no such file")
-    return _keyring_of(path, files, threshold, CertificateTime(time_text))
+    return _keyring_of(path, files, threshold, certificate_time)
 
 
 def generate_private_key(algorithm: KeyAlgorithm, rsa_bits: int = MIN_RSA_BITS) -> PrivateKey:
