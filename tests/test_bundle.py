@@ -921,7 +921,7 @@ def mutate(data: bytes, operations: list[tuple[str, float, int]]) -> bytes:
     return bytes(result)
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=1000)
 @given(operations=mutations)
 def test_fuzz_parse_manifest(operations: list[tuple[str, float, int]]) -> None:
     text = mutate(VALID_MANIFEST.encode(), operations)
@@ -932,7 +932,7 @@ def test_fuzz_parse_manifest(operations: list[tuple[str, float, int]]) -> None:
     assert render_manifest(manifest) == text, "a manifest has one spelling"
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=1000)
 @given(data=st.binary(max_size=400))
 def test_fuzz_parse_manifest_arbitrary_bytes(data: bytes) -> None:
     for parse in (parse_manifest, parse_signature_block):
@@ -940,7 +940,7 @@ def test_fuzz_parse_manifest_arbitrary_bytes(data: bytes) -> None:
             parse(data)
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=1000)
 @given(operations=mutations)
 def test_fuzz_reader(small: Built, keys: Keys, operations: list[tuple[str, float, int]]) -> None:
     original = small.data
@@ -984,3 +984,8 @@ def test_delta_manifest_round_trip() -> None:
     missing = data.replace(f"target 8192 {'b' * 64}\n".encode(), b"")
     with pytest.raises(BundleError, match="target"):
         parse_manifest(missing)
+
+
+def test_hypothesis_runs_from_the_one_derandomized_profile() -> None:
+    active = settings()
+    assert active.derandomize and active.database is None and active.deadline is None

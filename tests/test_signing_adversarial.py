@@ -194,7 +194,7 @@ def mutate(data: bytes, start: int, end: int, operations: list[tuple[str, float,
     return data[:start] + bytes(region) + data[end:]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(operations=mutations, whole=st.booleans())
 def test_fuzz_the_rich_reader(
     rich: Rich, operations: list[tuple[str, float, int]], whole: bool
@@ -217,7 +217,7 @@ def test_fuzz_the_rich_reader(
     assert data == rich.data
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(
     lines=st.lists(
         st.tuples(
