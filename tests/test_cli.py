@@ -5,15 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import stat
 import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import Product, avobuild_cli
+from conftest import REPO, Product, avobuild_cli
 
 from avobuild.errors import ToolMissing
-from avobuild.run import which
+from avobuild.run import TOOLS, which
 
 
 def test_version_and_help() -> None:
@@ -139,3 +140,33 @@ def test_doctor_lists_tools() -> None:
     result = avobuild_cli("doctor")
     assert "ok      mke2fs" in result.stdout
     assert "MISSING" not in result.stdout
+
+
+def _doctor_without(tool: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """`avobuild doctor` with a PATH holding every installed tool but `tool`."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in TOOLS:
+        found = shutil.which(name)
+        if name != tool and found is not None:
+            (bin_dir / name).symlink_to(found)
+    exe = REPO / ".venv" / "bin" / "avobuild"
+    return subprocess.run(
+        [str(exe), "doctor"], capture_output=True, text=True, check=False,
+        env={"PATH": str(bin_dir)},
+    )  # fmt: skip
+
+
+def test_doctor_separates_build_tools_from_test_tools(tmp_path: Path) -> None:
+    result = _doctor_without("cpio", tmp_path)
+    build, test = result.stdout.split("test-only tools")
+    assert "MISSING cpio" in test and "MISSING" not in build
+    assert result.returncode == 0, "a missing test-only tool is no error"
+    assert "ok      mke2fs" in build and "ok      qemu-system-x86_64" in test
+
+
+def test_doctor_fails_on_a_missing_build_tool(tmp_path: Path) -> None:
+    result = _doctor_without("xorriso", tmp_path)
+    build, _test = result.stdout.split("test-only tools")
+    assert "MISSING xorriso      needed to build and inspect ISO 9660 media" in build
+    assert result.returncode == ToolMissing.exit_code
