@@ -14,9 +14,11 @@ class AvobuildError(Exception):
 
 
 class RecipeError(AvobuildError):
-    """A recipe or layout file is malformed or inconsistent."""
+    """A recipe or layout file is malformed or inconsistent (also: a bad command-line value).
 
-    exit_code = 2
+    Not 2: that is typer's exit code for a command line it cannot parse."""
+
+    exit_code = 11
 
 
 class ToolMissing(AvobuildError):

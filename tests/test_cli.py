@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, Product, avobuild_cli
 
-from avobuild.errors import ToolMissing
+from avobuild.errors import AvobuildError, RecipeError, ToolMissing
 from avobuild.run import TOOLS, which
 
 
@@ -114,7 +114,7 @@ def test_bundle_create_argument_errors(
         "bundle", "create", *args, "--version", "1", "--compatible", "c",
         "--key", product.private_key, "-o", tmp_path / "x.avb", check=False,
     )  # fmt: skip
-    assert result.returncode == 2
+    assert result.returncode == RecipeError.exit_code
     assert message in result.stderr
     assert not (tmp_path / "x.avb").exists()
 
@@ -170,3 +170,18 @@ def test_doctor_fails_on_a_missing_build_tool(tmp_path: Path) -> None:
     build, _test = result.stdout.split("test-only tools")
     assert "MISSING xorriso      needed to build and inspect ISO 9660 media" in build
     assert result.returncode == ToolMissing.exit_code
+
+
+def test_exit_codes_are_distinct_and_not_typers_usage_code() -> None:
+    codes = [family.exit_code for family in _error_families(AvobuildError)]
+    assert len(codes) == len(set(codes)), codes
+    assert 2 not in codes
+    usage = avobuild_cli("bundle", "create", "--no-such-option", check=False)
+    assert usage.returncode == 2 != RecipeError.exit_code
+
+
+def _error_families(base: type[AvobuildError]) -> list[type[AvobuildError]]:
+    families = [base]
+    for child in base.__subclasses__():
+        families.extend(_error_families(child))
+    return families
