@@ -132,22 +132,31 @@ def read_delta_header(stream: ChunkStream, name: str) -> tuple[ImageRef, ImageRe
     return source, target
 
 
-def check_source(source: Region, ref: ImageRef) -> None:
-    """Refuse a source whose first `ref.size` bytes do not hash to `ref.sha256`."""
+def region_sha256(region: Region, size: int) -> tuple[str, int]:
+    """The sha256 of the first `size` bytes of `region` and how many it holds (fewer at the
+    end of a file): the one "read it back and hash it" of sources and written slots."""
     digest = hashlib.sha256()
     position = 0
-    while position < ref.size:
-        block = os.pread(source.fd, min(_COPY_SIZE, ref.size - position), source.offset + position)
+    while position < size:
+        block = os.pread(region.fd, min(_COPY_SIZE, size - position), region.offset + position)
         if not block:
-            raise BundleError(
-                f"{source.name}: holds {position} bytes, the delta needs a source of {ref.size}"
-            )
+            break
         digest.update(block)
         position += len(block)
-    if digest.hexdigest() != ref.sha256:
+    return digest.hexdigest(), position
+
+
+def check_source(source: Region, ref: ImageRef) -> None:
+    """Refuse a source whose first `ref.size` bytes do not hash to `ref.sha256`."""
+    digest, held = region_sha256(source, ref.size)
+    if held < ref.size:
+        raise BundleError(
+            f"{source.name}: holds {held} bytes, the delta needs a source of {ref.size}"
+        )
+    if digest != ref.sha256:
         raise BundleError(
             f"{source.name}: is not the source this delta was made from: the sha256 of its "
-            f"first {ref.size} bytes is {digest.hexdigest()}, the delta needs {ref.sha256}; "
+            f"first {ref.size} bytes is {digest}, the delta needs {ref.sha256}; "
             "nothing was written"
         )
 

@@ -115,13 +115,6 @@ class Layout:
     def by_label(self, label: str) -> PartitionSpec | None:
         return next((part for part in self.partitions if part.label == label), None)
 
-    def slot_partition(self, image_name: str, slot: Slot) -> PartitionSpec | None:
-        """The partition that receives bundle image `image_name` when `slot` is updated."""
-        slot_class = IMAGE_SLOT_CLASS.get(image_name)
-        if slot_class is None:
-            return None
-        return self.by_role(Role(f"{slot_class}-{slot.value.lower()}"))
-
 
 def load_layout(path: Path) -> Layout:
     """Read and validate a layout file."""

@@ -9,7 +9,6 @@ rewritten last, so an interruption leaves the previous slot booting.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,15 +19,14 @@ from avobuild.boot.grubenv import parse_grubenv, render_grubenv
 from avobuild.boot.state import BOOT_STATE_PATH, DEFAULT_MAX_ATTEMPTS, BootState
 from avobuild.bundle.format import BundleReader
 from avobuild.bundle.keys import Keyring, PrivateKey, load_keyring
-from avobuild.bundle.manifest import BundleType, Manifest
+from avobuild.bundle.manifest import BundleType, ImageRef, Manifest
 from avobuild.disk.gpt import GptPartition, GptTable, read_gpt
 from avobuild.errors import CompatibilityError, InstallError, ToolFailed
 from avobuild.fs import read_vfat_file, write_vfat_file
-from avobuild.model.layout import IMAGE_SLOT_CLASS, Layout, Role, Slot
-from avobuild.model.tomlcheck import format_size
+from avobuild.model.layout import Layout, Role, Slot
 from avobuild.update.delta import install_delta
 from avobuild.update.policy import check_install_policy
-from avobuild.update.target import role_label
+from avobuild.update.target import SlotTarget, check_fits, role_label, slot_target, verify_written
 
 InstallProgress = Callable[[str, int, int], None]
 # A recipient's private key, or the 32-byte content key itself.
@@ -166,31 +164,13 @@ def check_compatible(manifest: Manifest, state: BootState, disk: Path) -> None:
 
 def _plan_targets(
     manifest: Manifest, table: GptTable, disk: Path, layout: Layout | None, slot: Slot
-) -> dict[str, tuple[int, int]]:
-    """Byte offset and size of the partition each bundle image goes to."""
-    targets: dict[str, tuple[int, int]] = {}
+) -> dict[str, SlotTarget]:
+    """The partition each bundle image goes to; every image must fit."""
+    targets: dict[str, SlotTarget] = {}
     for image in manifest.images:
-        slot_class = IMAGE_SLOT_CLASS.get(image.name)
-        if slot_class is None:
-            known = ", ".join(IMAGE_SLOT_CLASS)
-            raise CompatibilityError(
-                f"bundle image {image.name!r} has no slot on a device (known images: {known})"
-            )
-        role = Role(f"{slot_class}-{slot.value.lower()}")
-        label = role_label(layout, role)
-        part = table.find(label)
-        if part is None:
-            raise CompatibilityError(
-                f"bundle image {image.name!r} needs a partition labelled {label!r} on {disk}; "
-                "there is none"
-            )
-        offset, size = table.offset(part), table.size(part)
-        if image.size > size:
-            raise CompatibilityError(
-                f"bundle image {image.name!r} is {format_size(image.size)}, larger than "
-                f"partition {label} ({format_size(size)})"
-            )
-        targets[image.name] = (offset, size)
+        target = slot_target(table, disk, layout, image.name, slot)
+        check_fits(target, image.size)
+        targets[image.name] = target
     return targets
 
 
@@ -199,7 +179,7 @@ def _write_images(
     trusted: Keyring,
     manifest: Manifest,
     disk: Path,
-    targets: dict[str, tuple[int, int]],
+    targets: dict[str, SlotTarget],
     progress: InstallProgress,
     now: int | None = None,
     decryption: DecryptionKey | None = None,
@@ -216,7 +196,7 @@ def _write_verified_chunks(
     reader: BundleReader,
     manifest: Manifest,
     disk: Path,
-    targets: dict[str, tuple[int, int]],
+    targets: dict[str, SlotTarget],
     progress: InstallProgress,
 ) -> dict[str, int]:
     """Write each chunk as `iter_chunks` releases it (verified), then read the slots back."""
@@ -226,30 +206,14 @@ def _write_verified_chunks(
     fd = os.open(disk, os.O_RDWR)
     try:
         for image, chunk, data in reader.iter_chunks():
-            offset = targets[image.name][0] + chunk.index * manifest.chunk_size
+            offset = targets[image.name].offset + chunk.index * manifest.chunk_size
             os.pwrite(fd, data, offset)
             written[image.name] = written.get(image.name, 0) + len(data)
             done += len(data)
             progress("writing", done, total)
         os.fsync(fd)
         for image in manifest.images:
-            _check_written(fd, targets[image.name][0], image.size, image.sha256, image.name, disk)
+            verify_written(fd, disk, targets[image.name], ImageRef(image.size, image.sha256))
     finally:
         os.close(fd)
     return written
-
-
-def _check_written(fd: int, offset: int, size: int, expected: str, name: str, disk: Path) -> None:
-    digest = hashlib.sha256()
-    position = 0
-    while position < size:
-        block = os.pread(fd, min(1 << 20, size - position), offset + position)
-        if not block:
-            break
-        digest.update(block)
-        position += len(block)
-    if digest.hexdigest() != expected:
-        raise InstallError(
-            f"{disk}: image {name} read back at offset {offset} does not match its hash; "
-            "the slot stays inactive"
-        )
