@@ -29,14 +29,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from avobuild.bundle.format import (
-    HEADER_SIZE,
-    BundleReader,
-    ImageSource,
-    bundle_info,
-    render_header,
-    write_bundle,
-)
+from avobuild.bundle.header import HEADER_SIZE, render_header
+from avobuild.bundle.info import bundle_info
 from avobuild.bundle.keys import (
     Keyring,
     PrivateKey,
@@ -57,6 +51,7 @@ from avobuild.bundle.manifest import (
     parse_manifest,
     render_manifest,
 )
+from avobuild.bundle.reader import BundleReader
 from avobuild.bundle.sign import (
     SignatureBlock,
     SignatureEntry,
@@ -64,6 +59,7 @@ from avobuild.bundle.sign import (
     render_signature_block,
     sign_manifest,
 )
+from avobuild.bundle.writer import ImageSource, write_bundle
 from avobuild.errors import BundleError, KeyError_, SignatureError
 
 REPO = Path(__file__).resolve().parent.parent

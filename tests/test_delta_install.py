@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from conftest import avobuild_cli, write_product
 
-from avobuild.bundle.format import BundleReader
 from avobuild.bundle.keys import load_keyring
 from avobuild.bundle.manifest import BundleType
+from avobuild.bundle.reader import BundleReader
 from avobuild.disk.plan import plan_layout
 from avobuild.errors import BundleError
 from avobuild.image.factory import build_factory_image, build_slot_images

@@ -22,7 +22,7 @@ from conftest import avobuild_cli, write_product
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from avobuild.bundle.format import HEADER_SIZE, BundleReader, ImageSource, write_bundle
+from avobuild.bundle.header import HEADER_SIZE
 from avobuild.bundle.keys import (
     KeyAlgorithm,
     PrivateKey,
@@ -31,6 +31,7 @@ from avobuild.bundle.keys import (
     load_keyring,
     load_private_key,
 )
+from avobuild.bundle.reader import BundleReader
 from avobuild.bundle.resign import read_signed_parts, resign_bundle
 from avobuild.bundle.sign import (
     KeySigner,
@@ -41,6 +42,7 @@ from avobuild.bundle.sign import (
     render_signature_block,
     sign_data,
 )
+from avobuild.bundle.writer import ImageSource, write_bundle
 from avobuild.errors import BundleError, KeyError_, SignatureError
 
 SEED = 3003

@@ -18,10 +18,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_signing_certificates import BUILD_DATE, NOW, make_certificate, pem
 
-from avobuild.bundle.format import HEADER_SIZE, BundleReader, ImageSource, write_bundle
+from avobuild.bundle.header import HEADER_SIZE
 from avobuild.bundle.keys import KeyAlgorithm, Keyring, generate_private_key, load_keyring
 from avobuild.bundle.manifest import Policy
+from avobuild.bundle.reader import BundleReader
 from avobuild.bundle.sign import KeySigner, parse_signature_block
+from avobuild.bundle.writer import ImageSource, write_bundle
 from avobuild.bundle.x509 import certificate_entry
 from avobuild.errors import BundleError, SignatureError
 

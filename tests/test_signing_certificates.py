@@ -20,10 +20,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from avobuild.bundle.format import BundleReader, ImageSource, write_bundle
 from avobuild.bundle.keys import load_keyring
+from avobuild.bundle.reader import BundleReader
 from avobuild.bundle.resign import read_signed_parts, write_with_block
 from avobuild.bundle.sign import SignatureBlock
+from avobuild.bundle.writer import ImageSource, write_bundle
 from avobuild.bundle.x509 import certificate_entry
 from avobuild.errors import SignatureError
 

@@ -15,7 +15,7 @@ import pytest
 from conftest import avobuild_cli
 
 from avobuild.bundle.crypt import key_commitment, parse_recipient, render_recipient, wrap_key
-from avobuild.bundle.format import HEADER_SIZE, BundleReader, ImageSource, write_bundle
+from avobuild.bundle.header import HEADER_SIZE
 from avobuild.bundle.keys import (
     KeyAlgorithm,
     generate_keypair,
@@ -23,7 +23,9 @@ from avobuild.bundle.keys import (
     load_private_key,
     load_public_key,
 )
+from avobuild.bundle.reader import BundleReader
 from avobuild.bundle.resign import read_signed_parts, write_with_block
+from avobuild.bundle.writer import ImageSource, write_bundle
 from avobuild.errors import BundleError, KeyError_
 
 CHUNK = 64 << 10

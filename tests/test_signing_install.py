@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 from conftest import REPO, avobuild_cli, write_product
 
-from avobuild.bundle.format import BundleReader, ImageSource, write_bundle
 from avobuild.bundle.keys import load_keyring, load_private_key
 from avobuild.bundle.manifest import Compression, Policy
+from avobuild.bundle.reader import BundleReader
+from avobuild.bundle.writer import ImageSource, write_bundle
 from avobuild.disk.gpt import read_gpt
 from avobuild.errors import BundleError, CompatibilityError
 from avobuild.image.factory import build_factory_image, build_slot_images

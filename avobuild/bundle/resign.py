@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from avobuild.bundle.format import HEADER_SIZE, parse_header, render_header
+from avobuild.bundle.header import HEADER_SIZE, parse_header, render_header
 from avobuild.bundle.keys import (
     Keyring,
     PublicKey,

@@ -121,9 +121,9 @@ def bundle_create(
 ) -> None:
     """Create a signed full bundle from a recipe or from prebuilt images."""
     from avobuild.bundle.crypt import load_content_key
-    from avobuild.bundle.format import ImageSource, write_bundle
     from avobuild.bundle.manifest import COMPATIBLE_PATTERN, Policy
     from avobuild.bundle.resign import load_signer_identity
+    from avobuild.bundle.writer import ImageSource, write_bundle
     from avobuild.image.rootfs import build_slot_images
     from avobuild.model.recipe import NAME_PATTERN, load_recipe
     from avobuild.model.tomlcheck import parse_size
@@ -214,8 +214,8 @@ def bundle_verify(
     The bundle is read once, sequentially, so it may come from a pipe.
     """
     from avobuild.bundle.crypt import load_decryption_key
-    from avobuild.bundle.format import BundleReader
     from avobuild.bundle.keys import load_keyring
+    from avobuild.bundle.reader import BundleReader
 
     trusted = load_keyring(keyring)
     if str(bundle) == "-":
@@ -363,8 +363,9 @@ def bundle_info_command(
     ] = None,
 ) -> None:
     """Describe a bundle: product, version, images, chunks, signatures."""
-    from avobuild.bundle.format import BundleReader, bundle_info
+    from avobuild.bundle.info import bundle_info
     from avobuild.bundle.keys import load_keyring
+    from avobuild.bundle.reader import BundleReader
 
     with BundleReader.open(bundle) as reader:
         if keyring is not None:

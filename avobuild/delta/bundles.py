@@ -24,9 +24,10 @@ from pathlib import Path
 import zstandard
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from avobuild.bundle.format import BundleReader, ImageSource, decode_chunk, write_bundle
 from avobuild.bundle.keys import Keyring, PrivateKey
 from avobuild.bundle.manifest import EMPTY_SHA256, BundleType, ImageEntry, ImageRef, Manifest
+from avobuild.bundle.reader import BundleReader, decode_chunk
+from avobuild.bundle.writer import ImageSource, write_bundle
 from avobuild.delta.apply import ChunkStream, apply_to_file, image_chunks
 from avobuild.delta.encode import DEFAULT_DELTA_LEVEL, DeltaSummary, encode_delta
 from avobuild.delta.plan import DEFAULT_DICTIONARY_SIZE, DEFAULT_EXTENT_SIZE

@@ -15,8 +15,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from avobuild.bundle.format import BundleReader
 from avobuild.bundle.manifest import ImageEntry, ImageRef, Manifest
+from avobuild.bundle.reader import BundleReader
 from avobuild.delta.apply import ChunkStream, Region, apply_delta, check_source, image_chunks
 from avobuild.disk.gpt import GptTable
 from avobuild.errors import CompatibilityError

@@ -17,9 +17,9 @@ from typing import BinaryIO
 
 from avobuild.boot.grubenv import parse_grubenv, render_grubenv
 from avobuild.boot.state import BOOT_STATE_PATH, DEFAULT_MAX_ATTEMPTS, BootState
-from avobuild.bundle.format import BundleReader
 from avobuild.bundle.keys import Keyring, PrivateKey, load_keyring
 from avobuild.bundle.manifest import BundleType, ImageRef, Manifest
+from avobuild.bundle.reader import BundleReader
 from avobuild.disk.gpt import GptPartition, GptTable, read_gpt
 from avobuild.errors import CompatibilityError, InstallError, ToolFailed
 from avobuild.fs import read_vfat_file, write_vfat_file
