@@ -90,7 +90,7 @@ def rich(tmp_path_factory: pytest.TempPathFactory) -> Rich:
 def read(data: bytes, keyring: Keyring) -> None:
     reader = BundleReader.from_stream(io.BytesIO(data), "mutated.avb")
     reader.verify_signature(keyring, now=NOW)
-    reader.unlock(content_key=KEY)
+    reader.unlock(KEY)
     reader.verify_payload()
 
 
@@ -122,7 +122,7 @@ def test_payload_flips_are_refused_before_the_chunk_is_released(rich: Rich) -> N
         mutated[start + rng.randrange(size)] ^= 1 << rng.randrange(8)
         reader = BundleReader.from_stream(io.BytesIO(bytes(mutated)), "p.avb")
         reader.verify_signature(rich.keyring, now=NOW)
-        reader.unlock(content_key=KEY)
+        reader.unlock(KEY)
         released = []
         with pytest.raises(BundleError, match=f"chunk {index} of image {image} at byte offset"):
             for entry, chunk, _ in reader.iter_chunks():

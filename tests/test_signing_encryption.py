@@ -14,7 +14,13 @@ from pathlib import Path
 import pytest
 from conftest import avobuild_cli
 
-from avobuild.bundle.crypt import key_commitment, parse_recipient, render_recipient, wrap_key
+from avobuild.bundle.crypt import (
+    DecryptionKey,
+    key_commitment,
+    parse_recipient,
+    render_recipient,
+    wrap_key,
+)
 from avobuild.bundle.header import HEADER_SIZE
 from avobuild.bundle.keys import (
     KeyAlgorithm,
@@ -59,10 +65,10 @@ def create(material: dict[str, Path], output: Path, *options: str | Path) -> Pat
     return output
 
 
-def read_images(bundle: Path, material: dict[str, Path], **unlock: object) -> bytes:
+def read_images(bundle: Path, material: dict[str, Path], key: DecryptionKey) -> bytes:
     with BundleReader.open(bundle) as reader:
         reader.verify_signature(load_keyring(material["signer.pub"]))
-        reader.unlock(**unlock)  # type: ignore[arg-type]
+        reader.unlock(key)
         return b"".join(data for _, _, data in reader.iter_chunks())
 
 
@@ -75,7 +81,7 @@ def test_key_file_encryption_and_the_openssl_ctr_oracle(
     data = bundle.read_bytes()
     assert b"secret firmware text" not in data
     plain = material["image"].read_bytes()
-    assert read_images(bundle, material, content_key=KEY) == plain
+    assert read_images(bundle, material, KEY) == plain
 
     refused = avobuild_cli("bundle", "verify", bundle, "--keyring", material["signer.pub"],
                            check=False)  # fmt: skip
@@ -92,7 +98,7 @@ def test_key_file_encryption_and_the_openssl_ctr_oracle(
     assert text.startswith("avobuild-manifest 2\n")
     assert f"encryption aes-256-gcm {key_commitment(KEY)}\nimage rootfs" in text
     with pytest.raises(BundleError, match="not the one the signed manifest commits to"):
-        read_images(bundle, material, content_key=bytes(32))
+        read_images(bundle, material, bytes(32))
     # The on-target way: chunk hash first, then AES-256-CTR from counter 2, then zstd.
     image = manifest.images[0]
     for chunk in image.chunks[:2]:
@@ -116,9 +122,9 @@ def test_recipients_unwrap_their_key(tmp_path: Path, material: dict[str, Path]) 
                     "--encrypt-for", material["ec.pub"])  # fmt: skip
     plain = material["image"].read_bytes()
     for name in ("rsa", "ec"):
-        assert read_images(bundle, material, private_key=load_private_key(material[name])) == plain
+        assert read_images(bundle, material, load_private_key(material[name])) == plain
     with pytest.raises(KeyError_, match="not encrypted for key"):
-        read_images(bundle, material, private_key=load_private_key(material["other"]))
+        read_images(bundle, material, load_private_key(material["other"]))
     # openssl unwraps the RSA recipient's key: its commitment is the manifest's.
     parts = read_signed_parts(bundle)
     (line,) = [x for x in parts.block.extra_lines if "rsa-oaep-sha256" in x]
@@ -139,7 +145,7 @@ def test_recipients_unwrap_their_key(tmp_path: Path, material: dict[str, Path]) 
     block = type(parts.block)(parts.block.signatures, lines, parts.block.certificates)
     write_with_block(bundle, tmp_path / "forged.avb", parts, block)
     with pytest.raises(BundleError, match="is not the one the signed manifest commits to"):
-        read_images(tmp_path / "forged.avb", material, private_key=load_private_key(material["ec"]))
+        read_images(tmp_path / "forged.avb", material, load_private_key(material["ec"]))
 
 
 def test_tampered_ciphertext_is_refused_before_decryption(
@@ -156,7 +162,7 @@ def test_tampered_ciphertext_is_refused_before_decryption(
         mutated[rng.randrange(payload, len(data))] ^= 0x04
         (tmp_path / "m.avb").write_bytes(bytes(mutated))
         with pytest.raises(BundleError, match="sha256 mismatch"):
-            read_images(tmp_path / "m.avb", material, content_key=KEY)
+            read_images(tmp_path / "m.avb", material, KEY)
 
 
 def test_encrypted_bundle_needs_a_recipient_key_type(

@@ -42,6 +42,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from avobuild.bundle.keys import PrivateKey, PublicKey, key_id
 from avobuild.errors import BundleError, KeyError_
 
+# What opens an encrypted payload: a recipient's private key, or the 32-byte content key.
+DecryptionKey = PrivateKey | bytes
+
 KEY_SIZE = 32
 NONCE_SIZE = 12
 TAG_SIZE = 16
@@ -192,7 +195,7 @@ def content_key_for(
     raise KeyError_(f"{source}: the bundle is not encrypted for key {identifier}")
 
 
-def load_decryption_key(path: Path) -> PrivateKey | bytes:
+def load_decryption_key(path: Path) -> DecryptionKey:
     """A recipient's private key (PEM), or a content key file (32 bytes, raw or hex)."""
     from avobuild.bundle.keys import load_private_key
 

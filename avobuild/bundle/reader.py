@@ -18,8 +18,9 @@ from typing import BinaryIO
 import zstandard
 
 from avobuild.bundle import crypt
+from avobuild.bundle.crypt import DecryptionKey
 from avobuild.bundle.header import HEADER_SIZE, MAGIC, BundleHeader, parse_header
-from avobuild.bundle.keys import Keyring, PrivateKey
+from avobuild.bundle.keys import Keyring
 from avobuild.bundle.manifest import (
     ChunkEntry,
     Compression,
@@ -167,24 +168,22 @@ class BundleReader:
         self.signers = signers
         return signers[0]
 
-    def unlock(
-        self, *, private_key: PrivateKey | None = None, content_key: bytes | None = None
-    ) -> None:
-        """Give the key of an encrypted payload: a recipient's private key, or the key itself.
+    def unlock(self, key: DecryptionKey | None) -> None:
+        """Give the key of an encrypted payload: a recipient's private key, or the content key
+        itself (`crypt.load_decryption_key` reads either from a file). None does nothing.
 
         Only after `verify_signature`: the key is checked against the signed commitment.
         """
         encryption = self.manifest.encryption
-        if encryption is None:
+        if encryption is None or key is None:
             return
-        if private_key is not None:
+        if isinstance(key, bytes):
+            content_key = key
+        else:
             content_key = crypt.content_key_for(
-                self.signature_block.extra_lines,
-                private_key,
-                encryption.key_commitment,
-                self.name,
+                self.signature_block.extra_lines, key, encryption.key_commitment, self.name
             )
-        if content_key is None or crypt.key_commitment(content_key) != encryption.key_commitment:
+        if crypt.key_commitment(content_key) != encryption.key_commitment:
             raise BundleError(
                 f"{self.name}: the decryption key is not the one the signed manifest commits to"
             )
@@ -221,6 +220,20 @@ class BundleReader:
                 f"{self.name}: the payload is encrypted; give a decryption key (a recipient's "
                 "private key or the key file)"
             )
+        return self._chunks(manifest)
+
+    def iter_unverified_chunks(self) -> Iterator[tuple[ImageEntry, ChunkEntry, bytes]]:
+        """The chunks of the manifest parsed WITHOUT checking its signature, each checked
+        against it exactly as `iter_chunks` does: for measuring (`delta stats`), never for
+        installing."""
+        manifest = self.unverified_manifest()
+        if manifest.encryption is not None:
+            raise BundleError(
+                f"{self.name}: the payload is encrypted; give --keyring and a decryption key"
+            )
+        return self._chunks(manifest)
+
+    def _chunks(self, manifest: Manifest) -> Iterator[tuple[ImageEntry, ChunkEntry, bytes]]:
         self._start_payload()
         chunked = [image for image in manifest.images if image.chunks]
         final = (chunked[-1].name, chunked[-1].chunk_count - 1) if chunked else None

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -24,6 +24,7 @@ from avobuild.cli.common import (
 from avobuild.errors import RecipeError
 
 if TYPE_CHECKING:
+    from avobuild.bundle.info import BundleInfo
     from avobuild.bundle.sign import CertificateEntry, Signer
 
 KeyOption = Annotated[
@@ -225,11 +226,7 @@ def bundle_verify(
     with reader:
         reader.verify_signature(trusted)
         if decryption_key is not None:
-            key = load_decryption_key(decryption_key)
-            if isinstance(key, bytes):
-                reader.unlock(content_key=key)
-            else:
-                reader.unlock(private_key=key)
+            reader.unlock(load_decryption_key(decryption_key))
         reader.verify_payload()
         manifest = reader.manifest
         signers = ", ".join(signer.key_id for signer in reader.signers)
@@ -372,35 +369,86 @@ def bundle_info_command(
             reader.verify_signature(load_keyring(keyring))
         info = bundle_info(reader)
     if as_json:
-        out.print(json.dumps(info, indent=2, sort_keys=True))
+        out.print(json.dumps(info_json(info), indent=2, sort_keys=True))
         return
     _print_info(info)
 
 
-def _print_info(info: dict[str, Any]) -> None:
-    verified = "verified" if info.get("signature_verified") else "NOT verified (use --keyring)"
-    out.print(f"name:        {info['name']}")
-    out.print(f"version:     {info['version']}")
-    out.print(f"compatible:  {info['compatible']}")
-    out.print(f"type:        {info.get('type', 'full')}")
-    out.print(f"build date:  {info['build_date']}")
-    out.print(f"chunk size:  {info['chunk_size']}")
-    out.print(f"compression: {info['compression']}")
-    for field, label in (
-        ("security_version", "security version"),
-        ("min_applier_version", "min applier"),
-        ("expires", "expires"),
-        ("encryption", "encryption"),
+def info_json(info: BundleInfo) -> dict[str, object]:
+    """The `bundle info --json` object (its keys and values are an interface: keep them)."""
+    return {
+        "file": info.file,
+        "format": info.format,
+        "type": info.type.value,
+        "name": info.name,
+        "version": info.version,
+        "compatible": info.compatible,
+        "build_date": info.build_date,
+        "manifest_version": info.manifest_version,
+        "security_version": info.security_version,
+        "min_applier_version": info.min_applier_version,
+        "expires": info.expires,
+        "encryption": info.encryption,
+        "chunk_size": info.chunk_size,
+        "compression": info.compression.value,
+        "images": [
+            {
+                "name": image.name,
+                "size": image.size,
+                "sha256": image.sha256,
+                "chunks": image.chunks,
+                "stored_size": image.stored_size,
+                **(
+                    {
+                        "source": {"size": image.source.size, "sha256": image.source.sha256},
+                        "target": {"size": image.target.size, "sha256": image.target.sha256},
+                    }
+                    if image.source is not None and image.target is not None
+                    else {}
+                ),
+            }
+            for image in info.images
+        ],
+        "signatures": [
+            {"algorithm": entry.algorithm, "key_id": entry.key_id, "supported": entry.supported}
+            for entry in info.signatures
+        ],
+        "certificates": list(info.certificates),
+        "signature_verified": info.signature_verified,
+        "signer": info.signer,
+        "signers": list(info.signers),
+        "manifest_size": info.manifest_size,
+        "signature_block_size": info.signature_block_size,
+        "payload_offset": info.payload_offset,
+        "payload_size": info.payload_size,
+        "total_size": info.total_size,
+    }
+
+
+def _print_info(info: BundleInfo) -> None:
+    verified = "verified" if info.signature_verified else "NOT verified (use --keyring)"
+    out.print(f"name:        {info.name}")
+    out.print(f"version:     {info.version}")
+    out.print(f"compatible:  {info.compatible}")
+    out.print(f"type:        {info.type.value}")
+    out.print(f"build date:  {info.build_date}")
+    out.print(f"chunk size:  {info.chunk_size}")
+    out.print(f"compression: {info.compression.value}")
+    for value, label in (
+        (info.security_version, "security version"),
+        (info.min_applier_version, "min applier"),
+        (info.expires, "expires"),
+        (info.encryption, "encryption"),
     ):
-        if info.get(field) is not None:
-            out.print(f"{label + ':':<12} {info[field]}")
+        if value is not None:
+            out.print(f"{label + ':':<12} {value}")
     out.print(f"signature:   {verified}")
-    for signature in info.get("signatures", []):
-        out.print(f"  {signature['algorithm']} key {signature['key_id']}")
-    for identifier in info.get("certificates", []):
+    for signature in info.signatures:
+        out.print(f"  {signature.algorithm} key {signature.key_id}")
+    for identifier in info.certificates:
         out.print(f"  certificate for key {identifier}")
-    for item in info.get("images", []):
+    for image in info.images:
         out.print(
-            f"image {item['name']}: {item['size']} bytes, sha256 {item['sha256']}, "
-            f"{item['chunks']} chunks, {item['stored_size']} bytes stored"
+            f"image {image.name}: {image.size} bytes, sha256 {image.sha256}, "
+            f"{image.chunks} chunks, {image.stored_size} bytes stored"
         )

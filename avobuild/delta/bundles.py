@@ -14,19 +14,17 @@ its hash matched.
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import zstandard
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from avobuild.bundle.keys import Keyring, PrivateKey
-from avobuild.bundle.manifest import EMPTY_SHA256, BundleType, ImageEntry, ImageRef, Manifest
-from avobuild.bundle.reader import BundleReader, decode_chunk
+from avobuild.bundle.manifest import EMPTY_SHA256, BundleType, ImageRef, Manifest
+from avobuild.bundle.reader import BundleReader
 from avobuild.bundle.writer import ImageSource, write_bundle
 from avobuild.delta.apply import ChunkStream, apply_to_file, image_chunks
 from avobuild.delta.encode import DEFAULT_DELTA_LEVEL, DeltaSummary, encode_delta
@@ -83,9 +81,7 @@ def extract_images(
         handles = {name: path.open("wb") for name, path in paths.items()}
         try:
             chunks = (
-                reader.iter_chunks()
-                if keyring is not None
-                else _unverified_chunks(bundle, reader, manifest)
+                reader.iter_chunks() if keyring is not None else reader.iter_unverified_chunks()
             )
             for image, _chunk, data in chunks:
                 handles[image.name].write(data)
@@ -93,34 +89,6 @@ def extract_images(
             for handle in handles.values():
                 handle.close()
     return manifest, paths
-
-
-def _unverified_chunks(
-    bundle: Path, reader: BundleReader, manifest: Manifest
-) -> Iterator[tuple[ImageEntry, object, bytes]]:
-    """The chunks of a bundle whose signature was not checked, each checked against the
-    manifest (for `delta stats`, which measures and installs nothing)."""
-    if manifest.encryption is not None:
-        raise BundleError(f"{bundle}: the payload is encrypted; give --keyring and a key")
-    decompressor = zstandard.ZstdDecompressor()
-    with bundle.open("rb") as handle:
-        handle.seek(reader.payload_offset)
-        for image in manifest.images:
-            image_hash = hashlib.sha256()
-            for chunk in image.chunks:
-                stored = handle.read(chunk.stored_size)
-                where = f"{bundle}: chunk {chunk.index} of image {image.name}"
-                if hashlib.sha256(stored).hexdigest() != chunk.sha256:
-                    raise BundleError(f"{where}: sha256 mismatch")
-                size = manifest.chunk_data_size(image, chunk.index)
-                try:
-                    data = decode_chunk(stored, size, manifest.compression, decompressor)
-                except BundleError as error:
-                    raise BundleError(f"{where}: {error}") from None
-                image_hash.update(data)
-                yield image, chunk, data
-            if image_hash.hexdigest() != image.sha256:
-                raise BundleError(f"{bundle}: image {image.name}: sha256 mismatch")
 
 
 def create_delta_bundle(

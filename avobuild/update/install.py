@@ -17,7 +17,8 @@ from typing import BinaryIO
 
 from avobuild.boot.grubenv import parse_grubenv, render_grubenv
 from avobuild.boot.state import BOOT_STATE_PATH, DEFAULT_MAX_ATTEMPTS, BootState
-from avobuild.bundle.keys import Keyring, PrivateKey, load_keyring
+from avobuild.bundle.crypt import DecryptionKey
+from avobuild.bundle.keys import Keyring, load_keyring
 from avobuild.bundle.manifest import BundleType, ImageRef, Manifest
 from avobuild.bundle.reader import BundleReader
 from avobuild.disk.gpt import GptPartition, GptTable, read_gpt
@@ -29,8 +30,6 @@ from avobuild.update.policy import check_install_policy
 from avobuild.update.target import SlotTarget, check_fits, role_label, slot_target, verify_written
 
 InstallProgress = Callable[[str, int, int], None]
-# A recipient's private key, or the 32-byte content key itself.
-DecryptionKey = PrivateKey | bytes
 
 
 @dataclass(frozen=True)
@@ -100,7 +99,7 @@ def install_bundle(
     )
     with opened as reader:
         reader.verify_signature(trusted, now=now)
-        _unlock(reader, decryption)
+        reader.unlock(decryption)
         manifest = reader.manifest
         with disk.open("rb") as handle:
             table = read_gpt(handle)
@@ -145,14 +144,6 @@ def install_bundle(
     return InstallResult(target, state.active, manifest.version, written, new_state)
 
 
-def _unlock(reader: BundleReader, decryption: DecryptionKey | None) -> None:
-    if decryption is not None:
-        if isinstance(decryption, bytes):
-            reader.unlock(content_key=decryption)
-        else:
-            reader.unlock(private_key=decryption)
-
-
 def check_compatible(manifest: Manifest, state: BootState, disk: Path) -> None:
     # Patterns (manifest version 2) are judged by check_install_policy.
     if manifest.manifest_version == 1 and manifest.compatible != state.compatible:
@@ -186,7 +177,7 @@ def _write_images(
 ) -> dict[str, int]:
     with BundleReader.open(bundle) as reader:
         reader.verify_signature(trusted, now=now)
-        _unlock(reader, decryption)
+        reader.unlock(decryption)
         if reader.manifest != manifest:
             raise InstallError(f"{bundle}: changed while it was being installed")
         return _write_verified_chunks(reader, manifest, disk, targets, progress)
