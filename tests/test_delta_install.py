@@ -15,11 +15,17 @@ from pathlib import Path
 import pytest
 from conftest import avobuild_cli, write_product
 
-from avobuild.bundle.keys import load_keyring
+from avobuild.bundle.keys import (
+    KeyAlgorithm,
+    generate_keypair,
+    key_id,
+    load_keyring,
+    load_private_key,
+)
 from avobuild.bundle.manifest import BundleType
 from avobuild.bundle.reader import BundleReader
 from avobuild.disk.plan import plan_layout
-from avobuild.errors import BundleError
+from avobuild.errors import BundleError, RecipeError
 from avobuild.image.factory import build_factory_image, build_slot_images
 from avobuild.model.layout import Role, Slot
 from avobuild.model.recipe import load_recipe
@@ -218,3 +224,90 @@ def test_delta_bundle_is_reproducible(releases: dict[str, Path], tmp_path: Path)
         "--key", releases["key"],
     )  # fmt: skip
     assert again.read_bytes() == releases["delta"].read_bytes()
+
+
+def _self_signed(key_path: Path, output: Path) -> Path:
+    """A self-signed certificate for the key in `key_path` (PEM)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    key = load_private_key(key_path)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "delta-signer")])
+    start = datetime.datetime(2025, 1, 1, tzinfo=datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(7)
+        .not_valid_before(start)
+        .not_valid_after(start + datetime.timedelta(days=3650))
+        .sign(key, hashes.SHA256())
+    )
+    output.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    return output
+
+
+def test_delta_create_takes_every_signing_option(releases: dict[str, Path], tmp_path: Path) -> None:
+    """Two keys, a certificate, policy lines and a recipient, as `bundle create` takes them:
+    the delta verifies only with both keys' signatures, carries the policy, is encrypted, and
+    installs with the recipient's key to exactly the new rootfs."""
+    second, second_public = generate_keypair(tmp_path / "k", "second", KeyAlgorithm.ECDSA_P256)
+    device, device_public = generate_keypair(tmp_path / "k", "device", KeyAlgorithm.ECDSA_P384)
+    certificate = _self_signed(second, tmp_path / "second.crt.pem")
+    delta = tmp_path / "rich.avb"
+    avobuild_cli(
+        "delta", "create", "--from", releases["old"], "--to", releases["new"], "-o", delta,
+        "--key", releases["key"], "--key", second, "--certificate", certificate,
+        "--keyring", releases["keyring"], "--security-version", "4",
+        "--min-applier-version", "0.1", "--expires", "2100-01-01T00:00:00Z",
+        "--encrypt-for", device_public,
+    )  # fmt: skip
+    both = tmp_path / "both.toml"
+    both.write_text(f'threshold = 2\nkeys = ["{releases["keyring"]}", "{second_public}"]\n')
+    info = json.loads(avobuild_cli("bundle", "info", delta, "--json", "--keyring", both).stdout)
+    assert info["type"] == "delta" and len(info["signers"]) == 2
+    assert (info["security_version"], info["min_applier_version"], info["expires"]) == (
+        4, "0.1", 4102444800
+    )  # fmt: skip
+    assert info["encryption"] == "aes-256-gcm" and info["manifest_version"] == 2
+    assert info["certificates"] == [key_id(load_private_key(second).public_key())]
+    disk = tmp_path / "disk.img"
+    shutil.copyfile(releases["disk"], disk)
+    refused = avobuild_cli("install", delta, "--disk", disk, "--keyring", both, check=False)
+    assert refused.returncode == BundleError.exit_code and "encrypted" in refused.stderr
+    avobuild_cli("install", delta, "--disk", disk, "--keyring", both, "--decryption-key", device)
+    system_b = plan_layout(load_recipe(releases["recipe"]).layout).by_role(Role.SYSTEM_B)
+    assert system_b is not None
+    expected = releases["rootfs"].read_bytes()
+    assert read_range(disk, system_b.offset, len(expected)) == expected
+    assert read_boot_state(disk).slots[Slot.B].security_version == 4
+
+
+def test_delta_create_inherits_the_new_bundles_policy(tmp_path: Path) -> None:
+    key = Path(__file__).resolve().parent.parent / "keys-example" / "insecure-example.key.pem"
+    image = tmp_path / "rootfs.img"
+    image.write_bytes(random.Random(5).randbytes(100_000))
+    bundles = []
+    for version in ("1", "2"):
+        bundle = tmp_path / f"v{version}.avb"
+        avobuild_cli(
+            "bundle", "create", "--image", f"rootfs={image}", "--name", "p", "--version",
+            version, "--compatible", "dev", "--key", key, "-o", bundle,
+            "--security-version", version, "--expires", "4000000000",
+        )  # fmt: skip
+        bundles.append(bundle)
+    delta = tmp_path / "d.avb"
+    avobuild_cli(
+        "delta", "create", "--from", bundles[0], "--to", bundles[1], "-o", delta, "--key", key,
+        "--expires", "4100000000",
+    )  # fmt: skip
+    info = json.loads(avobuild_cli("bundle", "info", delta, "--json").stdout)
+    assert (info["security_version"], info["expires"]) == (2, 4100000000)
+    missing = avobuild_cli(
+        "delta", "create", "--from", bundles[0], "--to", bundles[1], "-o", delta, check=False
+    )
+    assert missing.returncode == RecipeError.exit_code and "--key, --pkcs11" in missing.stderr

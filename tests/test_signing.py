@@ -833,3 +833,56 @@ def test_offline_signing_of_the_digest_only(
     attach_signature(unsigned, tmp_path / "s.avb", (tmp_path / "sig.bin").read_bytes(),
                      pair.public_path)  # fmt: skip
     verify(tmp_path / "s.avb", pair.public_path)
+
+
+def test_a_signing_plan_signs_any_bytes_like_a_manifest(
+    tmp_path: Path, keypairs: dict[KeyAlgorithm, KeyPair], softhsm: Token
+) -> None:
+    """The repository index of issue 16 signs its own bytes with `plan.sign`: the same block,
+    verified by the same code, by key files and token keys; the PIN and module are values."""
+    from dataclasses import FrozenInstanceError
+
+    from avobuild.bundle.signing import SigningPlan
+    from avobuild.bundle.verify import verify_all_signatures
+
+    plan = SigningPlan(
+        keys=(keypairs[KeyAlgorithm.ED25519].private_path,),
+        pkcs11=("pkcs11:token=release;object=p256",),
+        pkcs11_module=softhsm.module,
+        pkcs11_pin="1234",
+    )
+    assert "1234" not in repr(plan)
+    with pytest.raises(FrozenInstanceError):
+        plan.unsigned = True  # type: ignore[misc]
+    data = b"index 1\nbundle demo-2.0.avb 1234 " + b"a" * 64 + b"\n"
+    block = plan.sign(data)
+    ring = load_keyring(
+        write_toml_keyring(
+            tmp_path / "ring.toml",
+            [keypairs[KeyAlgorithm.ED25519].public_path, softhsm.public_keys["p256"]],
+            2,
+        )
+    )
+    assert len(verify_all_signatures(data, block, ring)) == 2
+    with pytest.raises(SignatureError, match="does not match"):
+        verify_all_signatures(data + b"x", block, ring)
+    with pytest.raises(BundleError, match="cannot be given signing keys"):
+        SigningPlan(keys=plan.keys, unsigned=True)
+
+
+def test_the_library_never_reads_the_pkcs11_environment(
+    softhsm: Token, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the command line reads AVOBUILD_PKCS11_MODULE/PIN; a library caller passes them."""
+    from avobuild.bundle.pkcs11 import Pkcs11Signer
+
+    monkeypatch.setenv("AVOBUILD_PKCS11_MODULE", str(softhsm.module))
+    monkeypatch.setenv("AVOBUILD_PKCS11_PIN", "1234")
+    with pytest.raises(KeyError_, match="no PKCS#11 module"):
+        Pkcs11Signer("pkcs11:token=release;object=p256")
+    # Without the PIN the private key stays invisible (a public session), whatever the
+    # environment holds.
+    with pytest.raises(KeyError_, match=r"no private and public key pair|cannot open the token"):
+        Pkcs11Signer("pkcs11:token=release;object=p256", softhsm.module)
+    with Pkcs11Signer("pkcs11:token=release;object=p256", softhsm.module, "1234") as signer:
+        assert signer.key_id == key_id(signer.public_key)

@@ -276,6 +276,16 @@ def load_certificates(path: Path) -> list[x509.Certificate]:
     return certificates
 
 
+def load_signer_identity(path: Path) -> tuple[PublicKey, list[x509.Certificate]]:
+    """A public key file, or a certificate file (signer first, then intermediates)."""
+    data = path.read_bytes() if path.is_file() else b""
+    if b"-----BEGIN CERTIFICATE-----" in data:
+        certificates = load_certificates(path)
+        public_key = check_public_key(certificates[0].public_key(), f"{path}: certificate 1")
+        return public_key, certificates
+    return load_public_key(path), []
+
+
 def load_keyring(path: Path) -> Keyring:
     """Load a keyring: a PEM file, a directory of *.pem files, or a TOML keyring file."""
     if path.is_dir():

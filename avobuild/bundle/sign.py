@@ -133,6 +133,9 @@ class Signer(Protocol):
     @property
     def key_id(self) -> str: ...
 
+    @property
+    def public_key(self) -> PublicKey: ...
+
     def sign(self, data: bytes) -> bytes: ...
 
 
@@ -148,7 +151,11 @@ class KeySigner:
 
     @property
     def key_id(self) -> str:
-        return key_id(self.private_key.public_key())
+        return key_id(self.public_key)
+
+    @property
+    def public_key(self) -> PublicKey:
+        return self.private_key.public_key()
 
     def sign(self, data: bytes) -> bytes:
         return sign_data(self.private_key, data)

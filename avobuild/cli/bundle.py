@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -21,30 +18,24 @@ from avobuild.cli.common import (
     step,
     work_directory,
 )
+from avobuild.cli.signing_options import (
+    CertificateOption,
+    EncryptForOption,
+    EncryptionKeyOption,
+    ExpiresOption,
+    KeyOption,
+    MinApplierVersionOption,
+    Pkcs11ModuleOption,
+    Pkcs11Option,
+    SecurityVersionOption,
+    policy_options,
+    signing_plan,
+)
 from avobuild.errors import RecipeError
 
 if TYPE_CHECKING:
     from avobuild.bundle.info import BundleInfo
-    from avobuild.bundle.sign import CertificateEntry, Signer
 
-KeyOption = Annotated[
-    list[Path] | None,
-    typer.Option("--key", help="Private signing key, PEM (repeatable: one signature each)."),
-]
-Pkcs11Option = Annotated[
-    list[str] | None,
-    typer.Option("--pkcs11", help="Sign with a token key: a pkcs11: URI (repeatable)."),
-]
-Pkcs11ModuleOption = Annotated[
-    Path | None,
-    typer.Option(help="PKCS#11 module (.so), unless the URI has module-path=."),
-]
-CertificateOption = Annotated[
-    list[Path] | None,
-    typer.Option(
-        "--certificate", help="Signer certificate and intermediates (PEM) to carry (repeatable)."
-    ),
-]
 DecryptionKeyOption = Annotated[
     Path | None,
     typer.Option(help="For an encrypted payload: a recipient's private key, or the key file."),
@@ -94,36 +85,17 @@ def bundle_create(
     unsigned: Annotated[
         bool, typer.Option("--unsigned", help="Leave the bundle unsigned, for offline signing.")
     ] = False,
-    security_version: Annotated[
-        int | None, typer.Option(help="Anti-rollback security version (devices refuse lower).")
-    ] = None,
-    min_applier_version: Annotated[
-        str | None, typer.Option(help="Oldest applier version allowed to install, e.g. 1.2.")
-    ] = None,
-    expires: Annotated[
-        str | None,
-        typer.Option(help="Refuse installation after this time: seconds or ISO 8601 (UTC)."),
-    ] = None,
-    encrypt_for: Annotated[
-        list[Path] | None,
-        typer.Option(
-            "--encrypt-for",
-            help="Encrypt the payload for this recipient: RSA/EC public key or certificate "
-            "(repeatable).",
-        ),
-    ] = None,
-    encryption_key: Annotated[
-        Path | None,
-        typer.Option(help="Encrypt the payload with this key file (32 bytes, raw or hex)."),
-    ] = None,
+    security_version: SecurityVersionOption = None,
+    min_applier_version: MinApplierVersionOption = None,
+    expires: ExpiresOption = None,
+    encrypt_for: EncryptForOption = None,
+    encryption_key: EncryptionKeyOption = None,
     chunk_size: Annotated[str, typer.Option(help="Chunk size, e.g. 1M.")] = "1M",
     level: Annotated[int, typer.Option(help="zstd compression level (1-19).")] = 10,
     workdir: WorkdirOption = None,
 ) -> None:
     """Create a signed full bundle from a recipe or from prebuilt images."""
-    from avobuild.bundle.crypt import load_content_key
-    from avobuild.bundle.manifest import COMPATIBLE_PATTERN, Policy
-    from avobuild.bundle.resign import load_signer_identity
+    from avobuild.bundle.manifest import COMPATIBLE_PATTERN
     from avobuild.bundle.writer import ImageSource, write_bundle
     from avobuild.image.rootfs import build_slot_images
     from avobuild.model.recipe import NAME_PATTERN, load_recipe
@@ -134,51 +106,45 @@ def bundle_create(
         chunk_bytes = parse_size(chunk_size)
     except ValueError:
         raise RecipeError(f"--chunk-size: expected a size like 1M, got {chunk_size!r}") from None
+    loaded = None
+    prebuilt: list[tuple[str, Path]] = []
+    if recipe is not None:
+        if image:
+            raise RecipeError("give either a RECIPE or --image options, not both")
+        loaded = load_recipe(recipe)
+        name, version, compatible = loaded.name, loaded.version, loaded.compatible
+    else:
+        if not image:
+            raise RecipeError(
+                "give a RECIPE, or --image NAME=PATH with --name, --version, --compatible and --key"
+            )
+        prebuilt = _parse_images(image)
+        for option, value in (("--name", name), ("--version", version)):
+            if value is None or not NAME_PATTERN.fullmatch(value):
+                raise RecipeError(f"{option}: expected letters, digits and ._+~:@-, got {value!r}")
+        if compatible is None or not COMPATIBLE_PATTERN.fullmatch(compatible):
+            raise RecipeError(
+                f"--compatible: expected letters, digits and ._+~:@-, with * and ? as "
+                f"wildcards, got {compatible!r}"
+            )
+        if not key and not pkcs11 and not unsigned:
+            raise RecipeError("--key, --pkcs11 or --unsigned: required with --image")
+    assert name is not None and version is not None and compatible is not None
+    plan = signing_plan(
+        keys=key,
+        pkcs11=pkcs11,
+        pkcs11_module=pkcs11_module,
+        certificates=certificate,
+        encrypt_for=encrypt_for,
+        encryption_key=encryption_key,
+        unsigned=unsigned,
+        recipe=(recipe, loaded.signing) if recipe is not None and loaded is not None else None,
+    )
+    policy = policy_options(security_version, min_applier_version, expires)
     with work_directory(workdir) as work:
-        if recipe is not None:
-            if image:
-                raise RecipeError("give either a RECIPE or --image options, not both")
-            loaded = load_recipe(recipe)
-            images = list(build_slot_images(loaded, work, step).items())
-            name, version, compatible = loaded.name, loaded.version, loaded.compatible
-            if not key and not pkcs11 and not unsigned:
-                # the recipe's [signing] table: every key and token key signs
-                signing = loaded.signing
-                if not signing.keys and not signing.pkcs11:
-                    raise RecipeError(
-                        f"{recipe}: [signing] key: missing, and no --key, --pkcs11 or "
-                        "--unsigned was given"
-                    )
-                key = list(signing.keys)
-                pkcs11 = list(signing.pkcs11)
-                pkcs11_module = pkcs11_module or signing.pkcs11_module
-                certificate = certificate or list(signing.certificates)
-        else:
-            if not image:
-                raise RecipeError(
-                    "give a RECIPE, or --image NAME=PATH with --name, --version, "
-                    "--compatible and --key"
-                )
-            images = _parse_images(image)
-            for option, value in (("--name", name), ("--version", version)):
-                if value is None or not NAME_PATTERN.fullmatch(value):
-                    raise RecipeError(
-                        f"{option}: expected letters, digits and ._+~:@-, got {value!r}"
-                    )
-            if compatible is None or not COMPATIBLE_PATTERN.fullmatch(compatible):
-                raise RecipeError(
-                    f"--compatible: expected letters, digits and ._+~:@-, with * and ? as "
-                    f"wildcards, got {compatible!r}"
-                )
-            if not key and not pkcs11 and not unsigned:
-                raise RecipeError("--key, --pkcs11 or --unsigned: required with --image")
-        assert name is not None and version is not None and compatible is not None
-        policy = Policy(security_version, min_applier_version, _parse_time(expires))
+        images = list(build_slot_images(loaded, work, step).items()) if loaded else prebuilt
         sources = [ImageSource(image_name, path) for image_name, path in images]
-        with (
-            byte_progress("compressing") as update,
-            open_signers(key or [], pkcs11 or [], pkcs11_module) as signers,
-        ):
+        with byte_progress("compressing") as update, plan.open_material() as material:
             manifest = write_bundle(
                 output,
                 sources,
@@ -186,12 +152,12 @@ def bundle_create(
                 version=version,
                 compatible=compatible,
                 build_date=source_date_epoch(),
-                signers=signers,
-                certificates=_certificate_entries(certificate or []),
-                unsigned=unsigned,
+                signers=material.signers,
+                certificates=material.certificates,
+                unsigned=material.unsigned,
                 policy=policy,
-                encryption_key=load_content_key(encryption_key) if encryption_key else None,
-                recipients=[load_signer_identity(path)[0] for path in encrypt_for or []],
+                encryption_key=material.content_key,
+                recipients=material.recipients,
                 chunk_size=chunk_bytes,
                 level=level,
                 progress=update,
@@ -289,59 +255,21 @@ def bundle_resign(
     from avobuild.bundle.resign import resign_bundle
 
     trusted = load_keyring(keyring) if keyring is not None else None
-    with open_signers(key or [], pkcs11 or [], pkcs11_module) as signers:
+    plan = signing_plan(
+        keys=key, pkcs11=pkcs11, pkcs11_module=pkcs11_module, certificates=certificate
+    )
+    with plan.signers() as signers:
         block = resign_bundle(
             bundle,
             output,
             signers,
             replace=replace,
             remove=remove or [],
-            certificates=_certificate_entries(certificate or []),
+            certificates=plan.certificate_entries(),
             keyring=trusted,
         )
     for entry in block.signatures:
         out.print(f"{output}: {entry.algorithm} signature by key {entry.key_id}")
-
-
-@contextmanager
-def open_signers(keys: list[Path], uris: list[str], module: Path | None) -> Iterator[list[Signer]]:
-    """Signers for key files and PKCS#11 URIs; tokens are closed afterwards."""
-    from avobuild.bundle.keys import load_private_key
-    from avobuild.bundle.sign import KeySigner
-
-    signers: list[Signer] = [KeySigner(load_private_key(path)) for path in keys]
-    with ExitStack() as stack:
-        if uris:
-            from avobuild.bundle.pkcs11 import Pkcs11Signer
-
-            for uri in uris:
-                signers.append(stack.enter_context(Pkcs11Signer(uri, module)))
-        yield signers
-
-
-def _certificate_entries(paths: list[Path]) -> list[CertificateEntry]:
-    from avobuild.bundle.keys import load_certificates
-    from avobuild.bundle.x509 import certificate_entry
-
-    return [certificate_entry(cert) for path in paths for cert in load_certificates(path)]
-
-
-def _parse_time(text: str | None) -> int | None:
-    if text is None:
-        return None
-    if text.isdigit():
-        return int(text)
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise RecipeError(
-            f"--expires: expected seconds since 1970 or an ISO 8601 time, got {text!r}"
-        ) from None
-    if moment.tzinfo is None:
-        from datetime import UTC
-
-        moment = moment.replace(tzinfo=UTC)
-    return int(moment.timestamp())
 
 
 def _read_file(path: Path) -> bytes:

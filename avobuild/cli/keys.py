@@ -40,8 +40,7 @@ def keys_id(
     key: Annotated[Path, typer.Argument(help="Public or private key, or certificate (PEM).")],
 ) -> None:
     """Print the key-id (sha256 of the DER public key) and the signature algorithm."""
-    from avobuild.bundle.keys import PublicKey, key_id, load_private_key
-    from avobuild.bundle.resign import load_signer_identity
+    from avobuild.bundle.keys import PublicKey, key_id, load_private_key, load_signer_identity
     from avobuild.bundle.sign import signature_algorithm
 
     data = key.read_bytes() if key.is_file() else b""

@@ -3,8 +3,10 @@
 `create_delta_bundle` unpacks the images of the old and the new full bundle into a work
 directory (chunk by chunk, each chunk checked against its manifest), encodes one delta stream
 per image of the new bundle and writes them as a `type delta` bundle (docs/bundle-format.md)
-with the new bundle's name, version, compatible string and build date, signed like any
-bundle. An image the old bundle lacks gets a delta from the empty image (all `data`).
+with the new bundle's name, version, compatible string, build date and policy (each policy
+line may be overridden), signed and optionally encrypted by a `SigningPlan` like any bundle.
+An image the old bundle lacks gets a delta from the empty image (all `data`); an image only
+the old bundle has is simply not in the delta (docs/delta-format.md, "Images").
 
 `apply_delta_bundle` is the host-side applier: it checks the signature, then for each image
 checks the given source file's hash before creating anything, and rebuilds the target from
@@ -17,14 +19,17 @@ from __future__ import annotations
 import secrets
 import shutil
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from avobuild.bundle.keys import Keyring, PrivateKey
-from avobuild.bundle.manifest import EMPTY_SHA256, BundleType, ImageRef, Manifest
+from avobuild.bundle.crypt import DecryptionKey
+from avobuild.bundle.keys import Keyring
+from avobuild.bundle.manifest import EMPTY_SHA256, BundleType, ImageRef, Manifest, Policy
 from avobuild.bundle.reader import BundleReader
+from avobuild.bundle.sign import KeySigner
+from avobuild.bundle.signing import SigningMaterial
 from avobuild.bundle.writer import ImageSource, write_bundle
 from avobuild.delta.apply import ChunkStream, apply_to_file, image_chunks
 from avobuild.delta.encode import DEFAULT_DELTA_LEVEL, DeltaSummary, encode_delta
@@ -64,15 +69,22 @@ def read_manifest(reader: BundleReader, keyring: Keyring | None) -> Manifest:
 
 
 def extract_images(
-    bundle: Path, directory: Path, keyring: Keyring | None, prefix: str
+    bundle: Path,
+    directory: Path,
+    keyring: Keyring | None,
+    prefix: str,
+    decryption: DecryptionKey | None = None,
 ) -> tuple[Manifest, dict[str, Path]]:
     """Unpack every image of a full bundle into `directory` as `<prefix>-<name>.img`.
 
-    With a keyring the signature is checked first; without one the manifest is taken as is
-    (for measuring), but every chunk and image is still checked against it.
+    With a keyring the signature is checked first (and `decryption` opens an encrypted
+    payload); without one the manifest is taken as is (for measuring), but every chunk and
+    image is still checked against it.
     """
     with BundleReader.open(bundle) as reader:
         manifest = read_manifest(reader, keyring)
+        if keyring is not None:
+            reader.unlock(decryption)
         if manifest.type is not BundleType.FULL:
             raise BundleError(
                 f"{bundle}: is a {manifest.type} bundle; deltas are made from full ones"
@@ -97,8 +109,10 @@ def create_delta_bundle(
     output: Path,
     work: Path,
     *,
-    private_key: PrivateKey,
+    signing: SigningMaterial,
     keyring: Keyring | None,
+    policy: Policy | None = None,
+    decryption: DecryptionKey | None = None,
     full_if_larger: bool = False,
     level: int = DEFAULT_DELTA_LEVEL,
     extent_size: int = DEFAULT_EXTENT_SIZE,
@@ -108,11 +122,14 @@ def create_delta_bundle(
 ) -> DeltaBundleResult:
     """Write the delta bundle from `old` to `new` (full bundles) to `output`.
 
-    If the delta bundle is not smaller than `new` and `full_if_larger` is set, `output`
-    becomes a copy of `new` instead; the result says which was written.
+    `signing` signs it (and encrypts its payload if it holds a content key); `policy` lines
+    that are set replace the new bundle's. `decryption` opens encrypted `old` and `new`
+    bundles. If the delta bundle is not smaller than `new` and `full_if_larger` is set,
+    `output` becomes a copy of `new` instead; the result says which was written.
     """
-    old_manifest, old_images = extract_images(old, work, keyring, "old")
-    new_manifest, new_images = extract_images(new, work, keyring, "new")
+    old_manifest, old_images = extract_images(old, work, keyring, "old", decryption)
+    new_manifest, new_images = extract_images(new, work, keyring, "new", decryption)
+    delta_policy = _override(new_manifest.policy, policy or Policy())
     empty = work / "empty.img"
     empty.write_bytes(b"")
     sources = []
@@ -154,11 +171,15 @@ def create_delta_bundle(
         version=new_manifest.version,
         compatible=new_manifest.compatible,
         build_date=new_manifest.build_date,
-        private_key=private_key,
+        signers=signing.signers,
+        certificates=signing.certificates,
+        unsigned=signing.unsigned,
+        encryption_key=signing.content_key,
+        recipients=signing.recipients,
         chunk_size=new_manifest.chunk_size,
         level=STREAM_BUNDLE_LEVEL,
         threads=threads,
-        policy=new_manifest.policy if not new_manifest.policy.empty else None,
+        policy=delta_policy,
     )
     full_size = new.stat().st_size
     delta_size = output.stat().st_size
@@ -168,6 +189,18 @@ def create_delta_bundle(
         wrote_full = True
     return DeltaBundleResult(
         None if wrote_full else manifest, full_size, delta_size, wrote_full, tuple(summaries)
+    )
+
+
+def _override(policy: Policy, changes: Policy) -> Policy:
+    """`policy` with every line `changes` sets replaced."""
+    return replace(
+        policy,
+        **{
+            field.name: getattr(changes, field.name)
+            for field in fields(changes)
+            if getattr(changes, field.name) is not None
+        },
     )
 
 
@@ -190,7 +223,9 @@ def measure_delta(
         new,
         work / "measured-delta.avb",
         work,
-        private_key=ed25519.Ed25519PrivateKey.generate(),
+        signing=SigningMaterial(
+            (KeySigner(ed25519.Ed25519PrivateKey.generate()),), (), False, None, ()
+        ),
         keyring=keyring,
         level=level,
         progress=progress,
@@ -213,6 +248,7 @@ def apply_delta_bundle(
     sources: Mapping[str, Path],
     outputs: Mapping[str, Path],
     *,
+    decryption: DecryptionKey | None = None,
     progress: StepProgress = _no_progress,
 ) -> dict[str, ImageRef]:
     """Rebuild the images named in `outputs` from their `sources`; return what was built.
@@ -221,6 +257,7 @@ def apply_delta_bundle(
     """
     with BundleReader.open(bundle) as reader:
         reader.verify_signature(keyring)
+        reader.unlock(decryption)
         manifest = reader.manifest
         if manifest.type is not BundleType.DELTA:
             raise BundleError(f"{bundle}: is a {manifest.type} bundle, not a delta bundle")
