@@ -239,3 +239,70 @@ def test_fuzz_signature_block_lines(lines: list[tuple[str, str, bytes]]) -> None
     )
     with contextlib.suppress(SignatureError):
         parse_signature_block(text.encode())
+
+
+def test_the_reader_considers_a_bounded_number_of_lines(rich: Rich) -> None:
+    """docs/bundle-format.md 4.2: at most 256 lines after the first, each at most 22 KiB, 32
+    signatures, 32 certificates, 128 recipients. Lines are counted before any is parsed, so
+    12,787 garbage lines are refused by their number, not line by line."""
+    key_id = "a" * 64
+    garbage = "\x1b[2J" * 3 + "\n"
+    cases = [
+        ("avobuild-signatures 1\n" + garbage * 12787, "12787 lines after the first, more than"),
+        ("avobuild-signatures 1\n" + f"x {'a' * 78}\n" * 257, "257 lines after the first"),
+        ("avobuild-signatures 1\n" + f"x {'a' * (22 << 10)}\n", "over the line limit of 22528"),
+        ("avobuild-signatures 1\n" + "".join(
+            f"signature a {n:064x} AAAA\n" for n in range(33)), "more than 32 signatures"),
+        ("avobuild-signatures 1\n" + "".join(
+            f"recipient {key_id} rsa-oaep-sha256 AAAA\n" for _ in range(129)),
+         "more than 128 recipients"),
+    ]  # fmt: skip
+    for text, message in cases:
+        with pytest.raises(SignatureError, match=message):
+            parse_signature_block(text.encode())
+    within = "avobuild-signatures 1\n" + f"x {'a' * 78}\n" * 256
+    assert len(parse_signature_block(within.encode()).extra_lines) == 256
+    # In a bundle: the same refusal, naming the bundle, before the manifest is looked at.
+    manifest_size = int(rich.data[12:22])
+    manifest = rich.data[HEADER_SIZE : HEADER_SIZE + manifest_size]
+    block = cases[0][0].encode()
+    data = b"AVOBUNDLE 1 %010d %010d\n" % (manifest_size, len(block)) + manifest + block
+    with pytest.raises(SignatureError, match=r"^hostile\.avb: signature block has 12787 lines"):
+        BundleReader.from_stream(io.BytesIO(data), "hostile.avb")
+
+
+@pytest.mark.parametrize(
+    ("where", "text"),
+    [
+        ("header", b"AVOBUNDLE 1 \x1b[31m\xff\xfe000 0000000100\n"),
+        ("block", b"avobuild-signatures 1\n\x1b]0;owned\x07 x\n"),
+        ("block-field", b"avobuild-signatures 1\nsignature \x1b[2J" + b"A" * 5000 + b" x y\n"),
+        ("manifest", b"avobuild-manifest 1\ntype \x1b[31m" + b"B" * 5000 + b"\n"),
+        ("delta", b"avobuild-delta 1\nsource 0 " + b"0" * 64 + b"\ntarget 0 "
+         + b"0" * 64 + b"\nzero \x1b[2J 1\nend 1\n"),
+    ],
+)  # fmt: skip
+def test_untrusted_text_is_never_echoed_raw(where: str, text: bytes) -> None:
+    """Control characters, non-ASCII bytes and very long values reach a message escaped and
+    cut (errors.shown), so a hostile bundle cannot drive a terminal or bloat a log."""
+    from avobuild.bundle.header import parse_header
+    from avobuild.bundle.manifest import parse_manifest
+    from avobuild.delta.apply import ChunkStream, read_delta_header, replay_delta
+    from avobuild.delta.apply import Region as DeltaRegion
+
+    with pytest.raises(BundleError) as caught:
+        if where == "header":
+            parse_header(text)
+        elif where.startswith("block"):
+            parse_signature_block(text)
+        elif where == "manifest":
+            parse_manifest(text)
+        else:
+            stream = ChunkStream(iter([text]))
+            source, target = read_delta_header(stream, "d")
+            replay_delta(stream, "d", DeltaRegion(-1, 0, "s"), source,
+                         DeltaRegion(-1, 0, "t"), target)  # fmt: skip
+    message = str(caught.value)
+    assert all(" " <= character <= "~" for character in message), message
+    assert len(message) < 400, message
+    assert "\\x1b" in message

@@ -30,6 +30,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,7 @@ TAG_SIZE = 16
 OVERHEAD = NONCE_SIZE + TAG_SIZE
 ALGORITHM = "aes-256-gcm"
 WRAP_INFO = b"avobuild key wrap"
+_KEY_ID = re.compile(r"[0-9a-f]{64}", re.ASCII)
 _METHODS = {
     "rsa-oaep-sha256": None,
     "ecdh-p256-hkdf-sha256": ec.SECP256R1(),
@@ -169,9 +171,13 @@ def parse_recipient(line: str) -> RecipientEntry | None:
     fields = line.split(" ")
     if len(fields) != 4 or fields[0] != "recipient" or fields[2] not in _METHODS:
         return None
+    if not _KEY_ID.fullmatch(fields[1]):
+        return None
     try:
         value = base64.b64decode(fields[3], validate=True)
     except ValueError:
+        return None
+    if base64.b64encode(value).decode("ascii") != fields[3]:
         return None
     return RecipientEntry(fields[1], fields[2], value)
 

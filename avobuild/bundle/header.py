@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from avobuild.bundle.manifest import MAX_MANIFEST_SIZE
 from avobuild.bundle.sign import MAX_SIGNATURE_BLOCK_SIZE
-from avobuild.errors import BundleError
+from avobuild.errors import BundleError, shown
 
 MAGIC = b"AVOBUNDLE"
 FORMAT_VERSION = 1
@@ -39,19 +39,20 @@ def parse_header(data: bytes) -> BundleHeader:
     """Parse the 34-byte header and check the region sizes against the limits."""
     if not data.startswith(MAGIC + b" "):
         raise BundleError(
-            f"not an avobuild bundle: it starts with {data[:10]!r}, expected b'AVOBUNDLE '"
+            f"not an avobuild bundle: it starts with {shown(data[:10])}, expected 'AVOBUNDLE '"
         )
     version = data[10:11]
     if version != b"%d" % FORMAT_VERSION:
         raise BundleError(
-            f"unsupported bundle format version {version.decode('ascii', 'replace')!r} "
+            f"unsupported bundle format version {shown(version)} "
             f"(this avobuild reads version {FORMAT_VERSION}; a newer avobuild is needed)"
         )
     match = _HEADER.fullmatch(data)
     if match is None:
         raise BundleError(
-            f"malformed header {data!r}: expected 'AVOBUNDLE 1 ' then the manifest size and the "
-            "signature block size as 10 decimal digits each, separated by a space, then a newline"
+            f"malformed header {shown(data)}: expected 'AVOBUNDLE 1 ' then the manifest size "
+            "and the signature block size as 10 decimal digits each, separated by a space, then "
+            "a newline"
         )
     manifest_size = int(match.group(2))
     signature_block_size = int(match.group(3))

@@ -36,12 +36,14 @@ PrivateKey: TypeAlias = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey |
 PublicKey: TypeAlias = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 
 MIN_RSA_BITS = 3072
+# Larger keys only cost a verifier time (an attacker's certificate chain, too).
+MAX_RSA_BITS = 8192
 
 _PEM_BLOCK = re.compile(
     rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----", re.DOTALL | re.ASCII
 )
 _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)
-SUPPORTED_KEYS = "ed25519, ecdsa-p256, ecdsa-p384, rsa (3072 bits or more)"
+SUPPORTED_KEYS = "ed25519, ecdsa-p256, ecdsa-p384, rsa (3072 to 8192 bits)"
 
 
 class KeyAlgorithm(StrEnum):
@@ -121,6 +123,16 @@ def key_algorithm(key: PrivateKey | PublicKey) -> KeyAlgorithm:
     return KeyAlgorithm.ECDSA_P256
 
 
+def describe_key(key: object) -> str:
+    """A key's type for messages: 'RSA-2048', 'ECDSA secp521r1', 'Ed448'."""
+    return _describe(key)
+
+
+def is_supported_key(key: object) -> bool:
+    """True for the keys a signer (or a certificate of a chain) may have."""
+    return _supported(key)
+
+
 def _describe(key: object) -> str:
     if isinstance(key, rsa.RSAPrivateKey | rsa.RSAPublicKey):
         return f"RSA-{key.key_size}"
@@ -146,7 +158,7 @@ def _supported(key: object) -> bool:
     if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
         return isinstance(key.curve, ec.SECP256R1 | ec.SECP384R1)
     if isinstance(key, rsa.RSAPrivateKey | rsa.RSAPublicKey):
-        return key.key_size >= MIN_RSA_BITS
+        return MIN_RSA_BITS <= key.key_size <= MAX_RSA_BITS
     return False
 
 
@@ -358,8 +370,11 @@ def generate_private_key(algorithm: KeyAlgorithm, rsa_bits: int = MIN_RSA_BITS) 
         return ec.generate_private_key(ec.SECP256R1())
     if algorithm is KeyAlgorithm.ECDSA_P384:
         return ec.generate_private_key(ec.SECP384R1())
-    if rsa_bits < MIN_RSA_BITS:
-        raise KeyError_(f"RSA keys need at least {MIN_RSA_BITS} bits, got {rsa_bits}")
+    if not MIN_RSA_BITS <= rsa_bits <= MAX_RSA_BITS:
+        raise KeyError_(
+            f"RSA keys need at least {MIN_RSA_BITS} bits (and at most {MAX_RSA_BITS}), "
+            f"got {rsa_bits}"
+        )
     return rsa.generate_private_key(public_exponent=65537, key_size=rsa_bits)
 
 

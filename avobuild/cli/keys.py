@@ -21,7 +21,7 @@ def keys_generate(
         str,
         typer.Option("--type", help="ed25519, ecdsa-p256, ecdsa-p384 or rsa."),
     ] = "ed25519",
-    rsa_bits: Annotated[int, typer.Option(help="RSA key size (3072 or more).")] = 3072,
+    rsa_bits: Annotated[int, typer.Option(help="RSA key size (3072 to 8192).")] = 3072,
 ) -> None:
     """Generate a signing key pair (private key mode 0600)."""
     from avobuild.bundle.keys import KeyAlgorithm, generate_keypair
