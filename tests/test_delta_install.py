@@ -22,8 +22,9 @@ from avobuild.bundle.keys import (
     load_keyring,
     load_private_key,
 )
-from avobuild.bundle.manifest import BundleType
+from avobuild.bundle.manifest import BundleType, ImageRef
 from avobuild.bundle.reader import BundleReader
+from avobuild.bundle.writer import ImageSource, write_bundle
 from avobuild.disk.plan import plan_layout
 from avobuild.errors import BundleError, RecipeError
 from avobuild.image.factory import build_factory_image, build_slot_images
@@ -311,3 +312,67 @@ def test_delta_create_inherits_the_new_bundles_policy(tmp_path: Path) -> None:
         "delta", "create", "--from", bundles[0], "--to", bundles[1], "-o", delta, check=False
     )
     assert missing.returncode == RecipeError.exit_code and "--key, --pkcs11" in missing.stderr
+
+
+def _signed_delta(tmp_path: Path, name: str, stream: bytes, source: ImageRef, target: ImageRef,
+                  key: Path) -> Path:  # fmt: skip
+    """A delta bundle around a delta stream written by hand, signed by `key`."""
+    path = tmp_path / f"{name}.stream"
+    path.write_bytes(stream)
+    bundle = tmp_path / f"{name}.avb"
+    write_bundle(bundle, [ImageSource("rootfs", path, source=source, target=target)],
+                 name="testprod", version="2.0.0", compatible="testprod-x86_64",
+                 build_date=0, private_key=load_private_key(key), chunk_size=64 << 10)  # fmt: skip
+    return bundle
+
+
+def _data_stream(payload: bytes, target: bytes) -> tuple[bytes, ImageRef, ImageRef]:
+    """A delta from the empty image to `target` in one `data` operation carrying `payload`."""
+    import hashlib
+
+    from avobuild.bundle.manifest import EMPTY_SHA256
+
+    source = ImageRef(0, EMPTY_SHA256)
+    target_ref = ImageRef(len(target), hashlib.sha256(target).hexdigest())
+    text = (
+        f"avobuild-delta 1\nsource 0 {EMPTY_SHA256}\ntarget {len(target)} {target_ref.sha256}\n"
+        f"data 0 {len(target)} {len(payload)} {target_ref.sha256}\n"
+    ).encode()
+    return text + payload + b"end 1\n", source, target_ref
+
+
+@pytest.mark.parametrize("extra", ["trailing bytes", "a second frame", "a skippable frame"])
+def test_delta_apply_refuses_a_payload_that_is_more_than_one_frame(
+    releases: dict[str, Path], tmp_path: Path, extra: str
+) -> None:
+    """docs/delta-format.md 2.1: a payload is exactly one zstd frame; anything after it (or a
+    skippable frame before it) is refused, and no output is left behind."""
+    import struct
+
+    import zstandard
+
+    target = b"".join(b"block %d of the new image\n" % n for n in range(300))
+    frame = zstandard.ZstdCompressor(write_content_size=True).compress(target)
+    skippable = struct.pack("<II", 0x184D2A50, 4) + b"junk"
+    payload = {
+        "trailing bytes": frame + b"junk",
+        "a second frame": frame + frame,
+        "a skippable frame": frame + skippable,
+    }[extra]
+    empty = tmp_path / "empty.img"
+    empty.write_bytes(b"")
+    good_stream, source, target_ref = _data_stream(frame, target)
+    good = _signed_delta(tmp_path, "good", good_stream, source, target_ref, releases["key"])
+    ok = tmp_path / "ok.img"
+    avobuild_cli("delta", "apply", good, "--keyring", releases["keyring"],
+                 "--source", f"rootfs={empty}", "--output", f"rootfs={ok}")  # fmt: skip
+    assert ok.read_bytes() == target
+    stream, source, target_ref = _data_stream(payload, target)
+    bad = _signed_delta(tmp_path, "bad", stream, source, target_ref, releases["key"])
+    output = tmp_path / "out.img"
+    refused = avobuild_cli("delta", "apply", bad, "--keyring", releases["keyring"],
+                           "--source", f"rootfs={empty}", "--output", f"rootfs={output}",
+                           check=False)  # fmt: skip
+    assert refused.returncode == BundleError.exit_code
+    assert "the operation's payload" in refused.stderr, refused.stderr
+    assert not output.exists() and not list(tmp_path.glob(".out.img*"))

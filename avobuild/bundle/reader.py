@@ -48,6 +48,21 @@ def decode_chunk(
         if len(stored) != data_size:
             raise BundleError(f"holds {len(stored)} bytes, expected {data_size}")
         return stored
+    return decode_frame(stored, data_size, decompressor)
+
+
+# The magic number that starts a zstd frame (RFC 8878, 3.1.1), as it is stored.
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def decode_frame(
+    stored: bytes, data_size: int, decompressor: zstandard.ZstdDecompressor
+) -> bytes:
+    """Exactly one zstd frame declaring `data_size` bytes, decoded: a skippable frame, a second
+    frame or any byte after the frame is refused (bundle chunks and delta payloads alike).
+    Errors are phrased to follow the name of what was decoded ("chunk 3 …: is not …")."""
+    if not stored.startswith(ZSTD_MAGIC):
+        raise BundleError("is not a zstd frame (it does not start with the frame magic number)")
     try:
         declared = zstandard.get_frame_parameters(stored).content_size
     except zstandard.ZstdError as error:

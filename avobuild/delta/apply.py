@@ -24,6 +24,7 @@ from pathlib import Path
 import zstandard
 
 from avobuild.bundle.manifest import ChunkEntry, ImageEntry, ImageRef
+from avobuild.bundle.reader import decode_frame
 from avobuild.delta.stream import (
     MAX_LINE,
     Op,
@@ -325,17 +326,9 @@ def _decompress(
     decompressor: zstandard.ZstdDecompressor, payload: bytes, op: Op, where: str
 ) -> bytes:
     try:
-        declared = zstandard.get_frame_parameters(payload).content_size
-        if declared != op.length:
-            raise BundleError(
-                f"{where}: zstd frame declares {declared} bytes, expected {op.length}"
-            )
-        data = decompressor.decompress(payload, max_output_size=op.length)
-    except zstandard.ZstdError as error:
-        raise BundleError(f"{where}: cannot decode the operation's zstd frame: {error}") from None
-    if len(data) != op.length:
-        raise BundleError(f"{where}: decoded {len(data)} bytes, expected {op.length}")
-    return data
+        return decode_frame(payload, op.length, decompressor)
+    except BundleError as error:
+        raise BundleError(f"{where}: the operation's payload {error}") from None
 
 
 def _pread(region: Region, offset: int, size: int) -> bytes:
