@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import threading
 import tracemalloc
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -30,7 +30,7 @@ from avobuild.errors import BundleError, CompatibilityError
 from avobuild.image.factory import build_factory_image, build_slot_images
 from avobuild.model.layout import Slot
 from avobuild.model.recipe import load_recipe
-from avobuild.update.install import install_bundle, read_boot_state
+from avobuild.update.install import install_bundle, read_boot_state, write_boot_state
 
 CHUNK = 64 << 10
 
@@ -107,6 +107,8 @@ def test_security_version_is_anti_rollback(setup: Setup, tmp_path: Path) -> None
     install_bundle(five, disk, setup.keyring)
     state = read_boot_state(disk)
     assert (state.security_version, state.slots[Slot.B].security_version) == (0, 5)
+    # The trial boot of B fails and the device falls back to A, as its bootloader does.
+    write_boot_state(disk, replace(state, primary=Slot.A))
     install_bundle(four, disk, setup.keyring, confirm=True)
     assert read_boot_state(disk).security_version == 4
     result = install_bundle(five, disk, setup.keyring, confirm=True)
@@ -126,7 +128,7 @@ def test_compatible_patterns(setup: Setup, tmp_path: Path) -> None:
         bundle = make_bundle(setup, tmp_path / "p.avb", compatible=pattern)
         with BundleReader.open(bundle) as reader:
             assert reader.manifest_bytes.startswith(b"avobuild-manifest 2\n")
-        install_bundle(bundle, disk, setup.keyring)
+        install_bundle(bundle, disk, setup.keyring, confirm=True)
     other = make_bundle(setup, tmp_path / "o.avb", compatible="otherprod-*")
     error = refused(setup, disk, other)
     assert "bundle is for 'otherprod-*' (pattern) but" in str(error)
@@ -143,6 +145,7 @@ def test_min_applier_version_and_expiry(setup: Setup, tmp_path: Path) -> None:
         make_bundle(setup, tmp_path / "ok.avb", policy=Policy(min_applier_version="0.1")),
         disk,
         setup.keyring,
+        confirm=True,
     )
     expiring = make_bundle(setup, tmp_path / "e.avb", policy=Policy(expires=1800000000))
     error = refused(setup, disk, expiring, now=1800000001)
@@ -202,8 +205,9 @@ def test_install_from_a_pipe(setup: Setup, tmp_path: Path) -> None:
 def test_refused_streaming_install_leaves_running_slot_and_data(
     setup: Setup, tmp_path: Path
 ) -> None:
-    """A chunk tampered with late in the stream: earlier chunks already reached slot B, but
-    the boot state, slot A and the data partition are untouched and A still boots."""
+    """A chunk tampered with late in the stream: earlier chunks already reached slot B, which
+    the boot state marked incomplete before the first of them; slot A, its boot entry and the
+    data partition are untouched and A still boots."""
     disk = fresh_disk(setup, tmp_path)
     data = bytearray(make_bundle(setup, tmp_path / "s.avb").read_bytes())
     data[-100] ^= 0x10
@@ -213,9 +217,10 @@ def test_refused_streaming_install_leaves_running_slot_and_data(
         install_bundle(Path("<stdin>"), disk, setup.keyring, stream=io.BytesIO(bytes(data)))
     after = partitions(disk)
     for label in before:
-        if label != "system-b":
+        if label not in ("system-b", "boot"):
             assert before[label] == after[label], label
-    assert read_boot_state(disk) == state_before
+    assert read_boot_state(disk) == state_before.with_incomplete(Slot.B)
+    assert "slot B: (incomplete" in avobuild_cli("status", "--disk", disk).stdout
     # Refused before the first write: a bad signature writes nothing at all.
     data = bytearray(make_bundle(setup, tmp_path / "s.avb").read_bytes())
     data[40] ^= 0x01

@@ -55,9 +55,7 @@ def decode_chunk(
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
-def decode_frame(
-    stored: bytes, data_size: int, decompressor: zstandard.ZstdDecompressor
-) -> bytes:
+def decode_frame(stored: bytes, data_size: int, decompressor: zstandard.ZstdDecompressor) -> bytes:
     """Exactly one zstd frame declaring `data_size` bytes, decoded: a skippable frame, a second
     frame or any byte after the frame is refused (bundle chunks and delta payloads alike).
     Errors are phrased to follow the name of what was decoded ("chunk 3 …: is not …")."""

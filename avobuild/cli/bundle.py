@@ -175,14 +175,21 @@ def bundle_verify(
     bundle: Annotated[Path, typer.Argument(help="The .avb bundle, or - for standard input.")],
     keyring: KeyringOption,
     decryption_key: DecryptionKeyOption = None,
+    security_floor: Annotated[
+        int | None,
+        typer.Option(help="Refuse a security-version below this (a device's anti-rollback floor)."),
+    ] = None,
 ) -> None:
-    """Check the signatures, then every chunk and image hash, writing nothing.
+    """Check the signatures, then every chunk and image hash, writing nothing; then the policy
+    lines that need no device (expires against the clock, security-version against
+    --security-floor), saying which lines it did not check.
 
     The bundle is read once, sequentially, so it may come from a pipe.
     """
     from avobuild.bundle.crypt import load_decryption_key
     from avobuild.bundle.keys import load_keyring
     from avobuild.bundle.reader import BundleReader
+    from avobuild.update.policy import evaluate_policy
 
     trusted = load_keyring(keyring)
     if str(bundle) == "-":
@@ -193,6 +200,7 @@ def bundle_verify(
         reader.verify_signature(trusted)
         if decryption_key is not None:
             reader.unlock(load_decryption_key(decryption_key))
+        verdicts = evaluate_policy(reader.manifest, security_floor=security_floor)
         reader.verify_payload()
         manifest = reader.manifest
         signers = ", ".join(signer.key_id for signer in reader.signers)
@@ -200,6 +208,9 @@ def bundle_verify(
         f"{reader.name}: OK: {manifest.name} {manifest.version} for {manifest.compatible}, "
         f"signed by {signers}"
     )
+    for verdict in verdicts:
+        state = "checked" if verdict.checked else "NOT checked"
+        out.print(f"  policy {verdict.line}: {state} ({verdict.why})")
 
 
 @bundle_app.command("digest")

@@ -201,11 +201,15 @@ def replay_delta(
     name: str,
     source: Region,
     source_ref: ImageRef,
-    target: Region,
+    target: Region | None,
     target_ref: ImageRef,
     progress: ApplyProgress | None = None,
 ) -> ImageRef:
-    """Apply the operations after the header; check the end line and the target hash."""
+    """Apply the operations after the header; check the end line and the target hash.
+
+    With `target` None nothing is written: every operation is still parsed, bounded, read
+    from the source, decoded and checked against its hash, and the rebuilt target's hash is
+    checked, so a stream that passes will apply without an error (`check_delta`)."""
     decompressor = zstandard.ZstdDecompressor()
     target_hash = hashlib.sha256()
     position = 0
@@ -265,7 +269,7 @@ def _apply_op(
     where: str,
     source: Region,
     source_ref: ImageRef,
-    target: Region,
+    target: Region | None,
     target_hash: hashlib._Hash,
     decompressor: zstandard.ZstdDecompressor,
 ) -> None:
@@ -341,12 +345,29 @@ def _pread(region: Region, offset: int, size: int) -> bytes:
     return data
 
 
-def _write(region: Region, offset: int, data: bytes) -> None:
+def _write(region: Region | None, offset: int, data: bytes) -> None:
+    if region is None:
+        return
     view = memoryview(data)
     while view:
         written = os.pwrite(region.fd, view, region.offset + offset)
         view = view[written:]
         offset += written
+
+
+def check_delta(
+    stream: ChunkStream,
+    name: str,
+    source: Region,
+    expected: tuple[ImageRef, ImageRef],
+    progress: ApplyProgress | None = None,
+) -> None:
+    """Validate a whole delta stream against its source without writing anything: the header
+    against the manifest's refs, every operation's grammar, bounds and tiling (so no extent
+    lies outside the target or the source, and none overlaps another), every payload as one
+    zstd frame, every hash, and the end. An installer reading a file runs this first."""
+    source_ref, target_ref = read_checked_header(stream, name, expected)
+    replay_delta(stream, name, source, source_ref, None, target_ref, progress)
 
 
 def apply_delta_file(
