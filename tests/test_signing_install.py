@@ -295,3 +295,53 @@ def test_encrypted_bundle_installs_only_with_its_key(setup: Setup, tmp_path: Pat
         assert part is not None
         handle.seek(table.offset(part))
         assert handle.read(len(expected)) == expected
+
+
+def test_bundle_verify_judges_the_policy_it_can_and_says_what_it_did_not(
+    setup: Setup, tmp_path: Path
+) -> None:
+    bundle = make_bundle(setup, tmp_path / "p.avb", compatible="testprod-*",
+                         policy=Policy(security_version=3, min_applier_version="0.1",
+                                       expires=4000000000))  # fmt: skip
+    plain = avobuild_cli("bundle", "verify", bundle, "--keyring", setup.keyring).stdout
+    assert plain.startswith(f"{bundle}: OK: testprod 2.0.0")
+    assert "policy expires 4000000000: checked (not expired at" in plain
+    assert "policy security-version 3: NOT checked (no security floor was given)" in plain
+    assert "policy min-applier-version 0.1: NOT checked" in plain
+    assert "policy compatible testprod-*: NOT checked" in plain
+    floor = avobuild_cli("bundle", "verify", bundle, "--keyring", setup.keyring,
+                         "--security-floor", "3").stdout  # fmt: skip
+    assert "policy security-version 3: checked (not below 3)" in floor
+    below = avobuild_cli("bundle", "verify", bundle, "--keyring", setup.keyring,
+                         "--security-floor", "4", check=False)  # fmt: skip
+    assert below.returncode == CompatibilityError.exit_code and ": OK" not in below.stdout
+    assert "security version 3, lower than 4" in below.stderr
+    expired = make_bundle(setup, tmp_path / "e.avb", policy=Policy(expires=1700000000))
+    refused = avobuild_cli("bundle", "verify", expired, "--keyring", setup.keyring, check=False)
+    assert refused.returncode == CompatibilityError.exit_code
+    assert "expired at 1700000000" in refused.stderr and refused.stdout == ""
+
+
+def test_version_order_is_dpkgs(tmp_path: Path) -> None:
+    """docs/bundle-format.md 3.7: the downgrade check orders versions as dpkg does (whole
+    strings, no epoch or revision); dpkg itself is the oracle on seeded random versions."""
+    import random
+
+    from avobuild.update.policy import compare_versions
+
+    rng = random.Random(1207)
+    alphabet = "0123456789.~+abZ"
+    pairs = [("1.0~rc1", "1.0"), ("1.0", "1.0.0"), ("1.9", "1.10"), ("1.01", "1.1")]
+    for _ in range(150):
+        pairs.append(tuple(  # type: ignore[arg-type]
+            str(rng.randrange(3)) + "".join(rng.choice(alphabet) for _ in range(rng.randrange(7)))
+            for _ in range(2)
+        ))  # fmt: skip
+    for left, right in pairs:
+        dpkg = [
+            subprocess.run(["dpkg", "--compare-versions", left, relation, right],
+                           check=False).returncode == 0
+            for relation in ("lt", "eq")
+        ]  # fmt: skip
+        expected = -1 if dpkg[0] else 0 if dpkg[1] else 1
+        assert compare_versions(left, right) == expected, (left, right)
