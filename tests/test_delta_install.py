@@ -376,3 +376,36 @@ def test_delta_apply_refuses_a_payload_that_is_more_than_one_frame(
     assert refused.returncode == BundleError.exit_code
     assert "the operation's payload" in refused.stderr, refused.stderr
     assert not output.exists() and not list(tmp_path.glob(".out.img*"))
+
+
+def test_a_delta_of_encrypted_bundles_is_encrypted_too(tmp_path: Path) -> None:
+    """The delta of an encrypted bundle carries its content: delta create refuses to write it
+    in the clear, and with a key it is encrypted and rebuilds the new image."""
+    key = Path(__file__).resolve().parent.parent / "keys-example" / "insecure-example.key.pem"
+    content_key = tmp_path / "content.key"
+    content_key.write_text("ab" * 32 + "\n")
+    rng = random.Random(77)
+    old_image = rng.randbytes(200_000)
+    images = {"1": old_image, "2": old_image[:100_000] + rng.randbytes(1000) + old_image[101_000:]}
+    bundles = []
+    for version, data in images.items():
+        (tmp_path / f"{version}.img").write_bytes(data)
+        bundle = tmp_path / f"v{version}.avb"
+        avobuild_cli("bundle", "create", "--image", f"rootfs={tmp_path / f'{version}.img'}",
+                     "--name", "p", "--version", version, "--compatible", "dev", "--key", key,
+                     "--encryption-key", content_key, "-o", bundle)  # fmt: skip
+        bundles.append(bundle)
+    delta = tmp_path / "d.avb"
+    clear = avobuild_cli("delta", "create", "--from", bundles[0], "--to", bundles[1], "-o", delta,
+                         "--key", key, "--decryption-key", content_key, check=False)  # fmt: skip
+    assert clear.returncode == BundleError.exit_code and "encrypt the delta too" in clear.stderr
+    assert not delta.exists()
+    avobuild_cli("delta", "create", "--from", bundles[0], "--to", bundles[1], "-o", delta,
+                 "--key", key, "--decryption-key", content_key,
+                 "--encryption-key", content_key)  # fmt: skip
+    output = tmp_path / "new.img"
+    public = key.with_name("insecure-example.pub.pem")
+    source = tmp_path / "1.img"
+    avobuild_cli("delta", "apply", delta, "--keyring", public, "--decryption-key", content_key,
+                 "--source", f"rootfs={source}", "--output", f"rootfs={output}")  # fmt: skip
+    assert output.read_bytes() == images["2"]

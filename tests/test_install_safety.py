@@ -113,6 +113,7 @@ SECOND_OPERATIONS = {
     "extent past the target": "zero 101 4097",
     "extra field": "zero 101 4096 7",
     "copy past the source": f"copy 101 4096 999999999999 {'0' * 64}",
+    "number over 2^63 - 1": "zero 101 9223372036854775808",
 }
 
 

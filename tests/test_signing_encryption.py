@@ -212,3 +212,24 @@ def test_openssl_unwraps_an_ec_recipient_key(tmp_path: Path, material: dict[str,
     key = run("enc", "-d", "-aes-256-ctr", "-K", mask.hex(), "-iv", "00" * 16,
               "-in", tmp_path / "wrapped.bin")  # fmt: skip
     assert key == KEY
+
+
+def test_content_key_files_are_32_bytes_or_64_hex_digits(tmp_path: Path) -> None:
+    """bundle-format.md 5.1: exactly 32 raw bytes, or 64 hex digits with only whitespace
+    around them (what `openssl rand -hex 32 > FILE` writes); anything else is refused."""
+    from avobuild.bundle.crypt import load_content_key
+
+    path = tmp_path / "k"
+    for data, expected in (
+        (KEY, KEY),
+        (KEY.hex().encode() + b"\n", KEY),
+        (KEY.hex().upper().encode(), KEY),
+        (b"  " + KEY.hex().encode() + b"\r\n", KEY),
+    ):
+        path.write_bytes(data)
+        assert load_content_key(path) == expected
+    spaced = " ".join(KEY.hex()[index : index + 2] for index in range(0, 64, 2)).encode()
+    for data in (spaced[:64], KEY + b"\n", KEY.hex().encode()[:62], b"g" * 64):
+        path.write_bytes(data)
+        with pytest.raises(KeyError_, match="32 bytes, raw or as 64 hex digits"):
+            load_content_key(path)

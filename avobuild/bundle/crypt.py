@@ -53,6 +53,7 @@ OVERHEAD = NONCE_SIZE + TAG_SIZE
 ALGORITHM = "aes-256-gcm"
 WRAP_INFO = b"avobuild key wrap"
 _KEY_ID = re.compile(r"[0-9a-f]{64}", re.ASCII)
+_HEX_KEY = re.compile(rb"[ \t\r\n]*[0-9a-fA-F]{64}[ \t\r\n]*")
 _METHODS = {
     "rsa-oaep-sha256": None,
     "ecdh-p256-hkdf-sha256": ec.SECP256R1(),
@@ -65,19 +66,16 @@ def key_commitment(key: bytes) -> str:
 
 
 def load_content_key(path: Path) -> bytes:
-    """A key file: 32 raw bytes, or 64 hex digits (and an optional newline)."""
+    """A key file: exactly 32 raw bytes, or 64 hex digits (either case) with nothing but
+    ASCII whitespace around them (`openssl rand -hex 32` writes one LF after them)."""
     try:
         data = path.read_bytes()
     except OSError as error:
         raise KeyError_(f"{path}: cannot read encryption key: {error.strerror or error}") from None
     if len(data) == KEY_SIZE:
         return data
-    text = data.strip()
-    if len(text) == 2 * KEY_SIZE:
-        try:
-            return bytes.fromhex(text.decode("ascii"))
-        except (UnicodeDecodeError, ValueError):
-            pass
+    if _HEX_KEY.fullmatch(data):
+        return bytes.fromhex(data.strip().decode("ascii"))
     raise KeyError_(
         f"{path}: an encryption key file holds 32 bytes, raw or as 64 hex digits "
         "(e.g. 'openssl rand -hex 32')"

@@ -129,6 +129,11 @@ def create_delta_bundle(
     """
     old_manifest, old_images = extract_images(old, work, keyring, "old", decryption)
     new_manifest, new_images = extract_images(new, work, keyring, "new", decryption)
+    if new_manifest.encryption is not None and signing.content_key is None:
+        raise BundleError(
+            f"{new}: is encrypted, and a delta holds its content; encrypt the delta too "
+            "(--encrypt-for or --encryption-key)"
+        )
     delta_policy = _override(new_manifest.policy, policy or Policy())
     empty = work / "empty.img"
     empty.write_bytes(b"")

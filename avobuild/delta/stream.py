@@ -25,6 +25,8 @@ BLOCK_SIZE = 4096
 # an applier must hold in memory for one operation (plus the payload, bounded below).
 MAX_EXTENT = 16 << 20
 MAX_LINE = 512
+# Every number is at most what 64-bit signed shell arithmetic holds, as in the manifest.
+MAX_NUMBER = (1 << 63) - 1
 
 _NUMBER = r"(0|[1-9][0-9]{0,18})"
 _SHA = r"([0-9a-f]{64})"
@@ -117,7 +119,7 @@ def parse_magic(line: str) -> None:
 
 def parse_ref(line: str, keyword: str) -> ImageRef:
     match = _REF.fullmatch(line)
-    if match is None or match.group(1) != keyword:
+    if match is None or match.group(1) != keyword or int(match.group(2)) > MAX_NUMBER:
         raise BundleError(f"expected a {keyword!r} line (size and sha256), got {shown(line, 120)}")
     return ImageRef(int(match.group(2)), match.group(3))
 
@@ -131,7 +133,11 @@ def parse_op(line: str) -> Op | int:
     keyword = line.partition(" ")[0]
     pattern = _LINES.get(keyword)
     match = pattern.fullmatch(line) if pattern is not None else None
-    if match is None:
+    # Numbers have at most 19 digits (hashes have 64), so 19-digit values above 2^63 - 1 are
+    # the only numbers the grammar lets through that the format forbids.
+    if match is None or any(
+        len(value) <= 19 and int(value) > MAX_NUMBER for value in match.groups()
+    ):
         raise BundleError(f"malformed delta operation {shown(line, 120)}")
     values = match.groups()
     if keyword == "end":
