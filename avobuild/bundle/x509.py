@@ -4,7 +4,11 @@ A signature block may carry `certificate <key-id> <base64-DER>` lines: the signe
 certificate and its intermediates. A signature whose key is not in the keyring is trusted when
 a certificate for its key chains to a keyring anchor with:
 
-* each link issued by the next (issuer name and signature), at most MAX_DEPTH links;
+* each link issued by the next (issuer name and signature), at most MAX_DEPTH certificates
+  from the block (the anchor is not counted); block certificates sharing a subject are set
+  aside, so each certificate has at most one possible issuer in the block;
+* every certificate, anchor included, with a key a signer may have, and every one below the
+  anchor signed with SHA-256/384/512 or Ed25519;
 * every issuer a CA (basicConstraints CA:TRUE, keyCertSign if keyUsage is present, path
   length respected);
 * every certificate valid at the verification time, or at the bundle's build-date when the
@@ -13,8 +17,9 @@ a certificate for its key chains to a keyring anchor with:
   (if extendedKeyUsage is present);
 * no critical extension this module does not understand.
 
-These are the checks `openssl verify -CAfile ANCHORS -untrusted CHAIN [-attime T]` makes on
-the chain; the usage checks are those of RFC 5280 4.2.1.3 and 4.2.1.12.
+These are the checks `openssl verify -auth_level 2 -verify_depth 7 -CAfile ANCHORS -untrusted
+CHAIN [-attime T]` makes on the chain, with a stricter key rule (RSA of 3072 bits or more,
+where level 2 takes 2048); the usage checks are those of RFC 5280 4.2.1.3 and 4.2.1.12.
 """
 
 from __future__ import annotations

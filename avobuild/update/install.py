@@ -102,8 +102,8 @@ def check_target_slot(state: BootState, disk: Path) -> Slot:
             f"the only confirmed slot, and slot {active.value} "
             f"({state.slots[active].version or 'no version'}) has not been confirmed yet; "
             f"an install would overwrite slot {target.value}. Boot and confirm slot "
-            f"{active.value} first (or install with --confirm when preloading); nothing was "
-            "written"
+            f"{active.value} first (when preloading disk images, install with --confirm, which "
+            "confirms each install at once); nothing was written"
         )
     return target
 
