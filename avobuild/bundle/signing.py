@@ -63,8 +63,6 @@ class SigningPlan:
     def __post_init__(self) -> None:
         if self.unsigned and self.has_signers:
             raise BundleError("an unsigned bundle cannot be given signing keys")
-        if len(set(self.keys)) != len(self.keys):
-            raise BundleError("a signing key is given twice")
 
     @classmethod
     def from_recipe(cls, signing: SigningConfig) -> SigningPlan:

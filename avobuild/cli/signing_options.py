@@ -9,6 +9,7 @@ library receives them as values.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -95,12 +96,12 @@ def signing_plan(
             raise RecipeError(
                 f"{path}: [signing] key: missing, and no --key, --pkcs11 or --unsigned was given"
             )
-        return SigningPlan(
-            keys=table.keys,
-            pkcs11=table.pkcs11,
-            pkcs11_module=pkcs11_module or table.pkcs11_module or module,
+        from_recipe = SigningPlan.from_recipe(table)
+        return replace(
+            from_recipe,
+            pkcs11_module=pkcs11_module or from_recipe.pkcs11_module or module,
             pkcs11_pin=pin,
-            certificates=tuple(certificates or table.certificates),
+            certificates=tuple(certificates or from_recipe.certificates),
             recipients=tuple(encrypt_for or ()),
             encryption_key=encryption_key,
         )
