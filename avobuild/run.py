@@ -64,7 +64,7 @@ TOOLS: dict[str, Tool] = {
         Tool("openssl", "check signatures independently", "openssl"),
         Tool("zstd", "decompress bundle chunks", "zstd"),
         Tool("busybox", "provide a userland for images and the applier", "busybox-static"),
-        Tool("xorriso", "build and inspect ISO 9660 media", "xorriso"),
+        Tool("xorriso", "inspect ISO 9660 media independently (tests)", "xorriso", ToolUse.TEST),
         Tool("env", "run mksquashfs and mkfs.erofs without SOURCE_DATE_EPOCH", "coreutils"),
         Tool("resize2fs", "carry ext4 resizing into recovery systems", "e2fsprogs"),
         Tool("tune2fs", "carry ext4 tuning into recovery systems", "e2fsprogs"),

@@ -166,9 +166,9 @@ def test_doctor_separates_build_tools_from_test_tools(tmp_path: Path) -> None:
 
 
 def test_doctor_fails_on_a_missing_build_tool(tmp_path: Path) -> None:
-    result = _doctor_without("xorriso", tmp_path)
+    result = _doctor_without("mksquashfs", tmp_path)
     build, _test = result.stdout.split("test-only tools")
-    assert "MISSING xorriso      needed to build and inspect ISO 9660 media" in build
+    assert "MISSING mksquashfs   needed to build squashfs images" in build
     assert result.returncode == ToolMissing.exit_code
 
 
