@@ -316,6 +316,7 @@ def test_device_lifecycle(tmp_path: Path) -> None:
         Device(machine).booted("A", "1.0.0")
     phase("restored disk boots A 1.0.0")
 
+    # Durations are printed (docs/demo-device.md quotes them), not asserted: the machines
+    # this runs on are shared.
     for name, at in phases:
         print(f"{at:7.1f} s  {name}")
-    assert phases[-1][1] < 20 * 60

@@ -96,9 +96,9 @@ def check_target_tools(recipe: Recipe) -> None:
 def slot_partitions(recipe: Recipe) -> tuple[SlotPartition, ...]:
     plan = plan_layout(recipe.layout)
     found: list[SlotPartition] = []
-    for image, slot_class in IMAGE_SLOT_CLASS.items():
+    for image in IMAGE_SLOT_CLASS:
         for slot in Slot:
-            placed = plan.by_role(Role(f"{slot_class}-{slot.value.lower()}"))
+            placed = plan.slot_partition(image, slot)
             if placed is None:
                 continue
             found.append(

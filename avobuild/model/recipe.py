@@ -163,11 +163,7 @@ def load_recipe(path: Path) -> Recipe:
     compatible = product.string(
         "compatible", pattern=NAME_PATTERN, what=_name_rule("a compatible string")
     )
-    arch_name = product.string("architecture")
-    if arch_name not in {arch.value for arch in Architecture}:
-        product.fail(
-            "architecture", "one of " + ", ".join(a.value for a in Architecture), arch_name
-        )
+    architecture = product.enum("architecture", Architecture)
     layout_path = product.path_value("layout")
     assert layout_path is not None
     seed = product.string("seed", default=name)
@@ -231,7 +227,7 @@ def load_recipe(path: Path) -> Recipe:
         name=name,
         version=version,
         compatible=compatible,
-        architecture=Architecture(arch_name),
+        architecture=architecture,
         layout=layout,
         rootfs=rootfs_source,
         rootfs_files=files,
@@ -283,11 +279,9 @@ def _read_tree_source(table: Table) -> TreeSource:
         if not archive.is_file():
             table.fail("archive", "an existing tar archive file", str(archive))
         path, kind = archive, TreeKind.ARCHIVE
-    ownership_name = table.string("ownership", default=Ownership.PRESERVE.value)
-    if ownership_name not in {choice.value for choice in Ownership}:
-        table.fail("ownership", '"preserve" or "root"', ownership_name)
+    ownership = table.enum("ownership", Ownership, default=Ownership.PRESERVE)
     xattrs = table.boolean("xattrs", default=True)
-    return TreeSource(path, kind, Ownership(ownership_name), xattrs)
+    return TreeSource(path, kind, ownership, xattrs)
 
 
 def _read_file_entry(table: Table) -> FileEntry:
@@ -308,11 +302,11 @@ def _read_file_entry(table: Table) -> FileEntry:
 def _read_extension(table: Table) -> Extension:
     name = table.string("name", pattern=EXTENSION_NAME, what="an extension name (a-z, 0-9, _.-)")
     source = _read_tree_source(table)
-    fs_name = table.string("filesystem", default="squashfs")
-    if fs_name not in (FsType.SQUASHFS.value, FsType.EROFS.value):
-        table.fail("filesystem", '"squashfs" or "erofs"', fs_name)
+    filesystem = table.enum(
+        "filesystem", FsType, default=FsType.SQUASHFS, choices=(FsType.SQUASHFS, FsType.EROFS)
+    )
     table.check_unknown()
-    return Extension(name, source, FsType(fs_name))
+    return Extension(name, source, filesystem)
 
 
 _CONSOLE = re.compile(r"(ttyS|ttyAMA|ttyUSB|hvc|tty)[0-9]{1,2}(,[0-9]{4,7}(n8)?)?")
@@ -374,11 +368,7 @@ def _read_recovery(table: Table) -> RecoveryConfig:
     modules = table.path_value("modules", required=False)
     if modules is not None and not modules.is_dir():
         table.fail("modules", "an existing directory of kernel modules", str(modules))
-    names = table.string_list("tools") if "tools" in table else ["storage"]
-    known = {tool.value for tool in ToolSet}
-    for name in names:
-        if name not in known:
-            table.fail("tools", "tool sets among " + ", ".join(sorted(known)), name)
+    tools = table.enum_list("tools", ToolSet, default=(ToolSet.STORAGE,), what="tool sets")
     console = table.string(
         "console",
         default="ttyS0,115200",
@@ -398,7 +388,7 @@ def _read_recovery(table: Table) -> RecoveryConfig:
     return RecoveryConfig(
         kernel=kernel,
         modules=modules,
-        tools=tuple(ToolSet(name) for name in dict.fromkeys(names)),
+        tools=tuple(dict.fromkeys(tools)),
         console=console,
         cmdline=cmdline,
         firmware=firmware,
