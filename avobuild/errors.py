@@ -14,9 +14,11 @@ class AvobuildError(Exception):
 
 
 class RecipeError(AvobuildError):
-    """A recipe or layout file is malformed or inconsistent."""
+    """A recipe or layout file is malformed or inconsistent (also: a bad command-line value).
 
-    exit_code = 2
+    Not 2: that is typer's exit code for a command line it cannot parse."""
+
+    exit_code = 11
 
 
 class ToolMissing(AvobuildError):
@@ -83,3 +85,31 @@ class InstallError(AvobuildError):
     """The target disk or device cannot take the bundle (layout, sizes, boot state)."""
 
     exit_code = 10
+
+
+# Untrusted text (from a bundle, a certificate, a delta stream) reaches messages only through
+# `shown`: quoted, every character outside printable ASCII escaped, and cut to a bounded
+# length, so a hostile value can neither drive a terminal, forge a log line nor make a message
+# (or the JSON it ends up in) huge.
+SHOWN_LIMIT = 80
+
+
+def shown(value: str | bytes, limit: int = SHOWN_LIMIT, *, quoted: bool = True) -> str:
+    """`value` as a quoted (or not), escaped, length-bounded string for an error message."""
+    text = value.decode("latin-1") if isinstance(value, bytes) else value
+    escaped = "".join(_escape(character) for character in text[:limit])
+    more = len(text) - limit
+    return (f"'{escaped}'" if quoted else escaped) + (
+        f" (and {more} more characters)" if more > 0 else ""
+    )
+
+
+def _escape(character: str) -> str:
+    if character in "'\\":
+        return "\\" + character
+    if " " <= character <= "~":
+        return character
+    code = ord(character)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"

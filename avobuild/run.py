@@ -8,6 +8,7 @@ failure raises `ToolFailed` carrying a command line the user can paste and rerun
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import os
 import shlex
@@ -25,6 +26,13 @@ from avobuild.errors import ToolFailed, ToolMissing
 log = logging.getLogger("avobuild.run")
 
 
+class ToolUse(enum.StrEnum):
+    """Who needs a tool: avobuild itself on a build host, or only its test suite."""
+
+    BUILD = "build"
+    TEST = "test"
+
+
 @dataclass(frozen=True)
 class Tool:
     """A host tool: its executable name, why avobuild needs it and the Debian package with it."""
@@ -32,6 +40,7 @@ class Tool:
     name: str
     purpose: str
     package: str
+    use: ToolUse = ToolUse.BUILD
 
 
 # The host tools avobuild may run. Keeping them in one table lets `avobuild doctor`, the
@@ -46,7 +55,7 @@ TOOLS: dict[str, Tool] = {
         Tool("fsck.vfat", "check FAT filesystems", "dosfstools"),
         Tool("mcopy", "copy files into FAT filesystems", "mtools"),
         Tool("mmd", "create directories in FAT filesystems", "mtools"),
-        Tool("mtype", "read files from FAT filesystems", "mtools"),
+        Tool("mtype", "read files from FAT filesystems", "mtools", ToolUse.TEST),
         Tool("mdir", "list FAT filesystems", "mtools"),
         Tool("mksquashfs", "build squashfs images", "squashfs-tools"),
         Tool("unsquashfs", "read squashfs images", "squashfs-tools"),
@@ -55,21 +64,36 @@ TOOLS: dict[str, Tool] = {
         Tool("openssl", "check signatures independently", "openssl"),
         Tool("zstd", "decompress bundle chunks", "zstd"),
         Tool("busybox", "provide a userland for images and the applier", "busybox-static"),
-        Tool("xorriso", "build and inspect ISO 9660 media", "xorriso"),
+        Tool("xorriso", "inspect ISO 9660 media independently (tests)", "xorriso", ToolUse.TEST),
         Tool("env", "run mksquashfs and mkfs.erofs without SOURCE_DATE_EPOCH", "coreutils"),
         Tool("resize2fs", "carry ext4 resizing into recovery systems", "e2fsprogs"),
         Tool("tune2fs", "carry ext4 tuning into recovery systems", "e2fsprogs"),
         Tool("blkid", "carry block device probing into recovery systems", "util-linux"),
         Tool("smartctl", "carry disk health checks into recovery systems", "smartmontools"),
         Tool("grub-mkimage", "build GRUB EFI images for USB and PXE recovery", "grub-common"),
-        Tool("cpio", "list initramfs archives independently (tests)", "cpio"),
-        Tool("qemu-system-x86_64", "boot recovery media in tests", "qemu-system-x86"),
+        Tool("cpio", "list initramfs archives independently (tests)", "cpio", ToolUse.TEST),
+        Tool("qemu-system-x86_64", "boot recovery media in tests", "qemu-system-x86", ToolUse.TEST),
         Tool("mkimage", "compile the U-Boot boot script of the applier", "u-boot-tools"),
-        Tool("mkenvimage", "check U-Boot environment images (tests)", "u-boot-tools"),
-        Tool("grub-editenv", "check GRUB environment blocks (tests)", "grub-common"),
-        Tool("grub-script-check", "check the applier's grub.cfg syntax (tests)", "grub-common"),
-        Tool("fw_printenv", "read U-Boot environments like a device (tests)", "libubootenv-tool"),
-        Tool("fw_setenv", "write U-Boot environments like a device (tests)", "libubootenv-tool"),
+        Tool("mkenvimage", "check U-Boot environment images (tests)", "u-boot-tools", ToolUse.TEST),
+        Tool("grub-editenv", "check GRUB environment blocks (tests)", "grub-common", ToolUse.TEST),
+        Tool(
+            "grub-script-check",
+            "check the applier's grub.cfg syntax (tests)",
+            "grub-common",
+            ToolUse.TEST,
+        ),
+        Tool(
+            "fw_printenv",
+            "read U-Boot environments like a device (tests)",
+            "libubootenv-tool",
+            ToolUse.TEST,
+        ),
+        Tool(
+            "fw_setenv",
+            "write U-Boot environments like a device (tests)",
+            "libubootenv-tool",
+            ToolUse.TEST,
+        ),
     )
 }
 

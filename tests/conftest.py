@@ -11,11 +11,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 REPO = Path(__file__).resolve().parent.parent
 BUSYBOX = Path("/bin/busybox")
 
 os.environ.setdefault("SOURCE_DATE_EPOCH", "1767225600")
+
+# The one hypothesis profile: the same examples on every run and machine (derandomized, no
+# example database, so nothing is written outside tmp_path), no timing-based failures.
+settings.register_profile("avobuild", derandomize=True, database=None, deadline=None)
+settings.load_profile("avobuild")
 
 
 def avobuild_cli(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -18,14 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import avobuild_cli, write_product
+from conftest import Product, avobuild_cli, write_product
 
-from avobuild.applier.render import render_applier
+from avobuild.applier.render import SCRIPT_PATH, render_applier
 from avobuild.boot.grubenv import parse_grubenv, render_grubenv
 from avobuild.boot.state import BOOT_STATE_PATH, BootState
 from avobuild.boot.trial import trial_boot
 from avobuild.bundle.keys import generate_keypair
 from avobuild.disk.plan import DiskPlan, plan_layout
+from avobuild.errors import RecipeError
 from avobuild.fs import read_vfat_file
 from avobuild.image.factory import build_factory_image, build_slot_images
 from avobuild.model.layout import Role, Slot
@@ -95,7 +96,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
     avobuild_cli("bundle", "create", v2.recipe, "-o", bundle, "--chunk-size", "512K")
     slot_image = build_slot_images(load_recipe(v2.recipe), root / "work2")["rootfs"].read_bytes()
     rendered = root / "rendered"
-    render_applier(recipe, rendered)
+    render_applier(recipe, rendered, test_hooks=True)
     plan = plan_layout(recipe.layout)
     boot = plan.by_role(Role.BOOT)
     assert boot is not None
@@ -866,3 +867,313 @@ def test_delta_for_another_source_is_refused_untouched(
     assert result.returncode == 4
     assert "needs a source the running slot does not hold" in result.stderr
     assert sha256(device.disk.read_bytes()) == disk_before
+
+
+@pytest.fixture(scope="module")
+def big_op_deltas(setup: Setup, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Deltas from slot A whose one copy (or zero) operation is 20 MiB, more than the tmpfs."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from hostile_bundles import Op, delta_draft, ed25519_signer, frame, stream_bytes
+    from hostile_bundles import Ref as StreamRef
+
+    from avobuild.bundle.keys import load_private_key
+
+    directory = tmp_path_factory.mktemp("big-ops")
+    key = load_private_key(setup.root / "product" / "keys" / "bundle-signing.key.pem")
+    assert isinstance(key, ed25519.Ed25519PrivateKey)
+    source = device_slot_a(setup)
+    big = 20 << 20
+    patch = random.Random(9).randbytes(4096)
+    rest = len(source) - big - len(patch)
+    layouts = {
+        "copy": (
+            [Op(f"copy 0 {big} 0 {sha256(source[:big])}".encode())],
+            source[:big],
+            [Op(f"zero {big + len(patch)} {rest}".encode())],
+            bytes(rest),
+        ),
+        "zero": (
+            [Op(f"zero 0 {big}".encode())],
+            bytes(big),
+            [Op(f"copy {big + len(patch)} {rest} 0 {sha256(source[:rest])}".encode())],
+            source[:rest],
+        ),
+    }
+    bundles = {}
+    for name, (before, head, after, tail) in layouts.items():
+        payload = frame(patch)
+        middle = Op(f"data {big} 4096 {len(payload)} {sha256(patch)}".encode(), payload)
+        target = head + patch + tail
+        source_ref, target_ref = (
+            StreamRef(len(source), sha256(source)),
+            StreamRef(len(target), sha256(target)),
+        )
+        stream = stream_bytes(source_ref, target_ref, [*before, middle, *after])
+        draft = delta_draft(stream, source_ref, target_ref, (ed25519_signer(key),))
+        draft.lines[2:5] = [b"name testprod", b"version 2.0.0", b"compatible testprod-x86_64"]
+        bundles[name] = directory / f"{name}.avb"
+        bundles[name].write_bytes(draft.render())
+        (directory / f"{name}.target").write_bytes(target)
+    return bundles
+
+
+def device_slot_a(setup: Setup) -> bytes:
+    return read_range(setup.factory, *_span(setup, Role.SYSTEM_A))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a size-limited tmpfs needs root")
+@pytest.mark.parametrize("operation", ["copy", "zero"])
+@pytest.mark.parametrize("streaming", [False, True], ids=["file", "stdin"])
+def test_delta_install_needs_at_most_16_mib_of_temporary_space(
+    device: Device, big_op_deltas: dict[str, Path], tmp_path: Path, streaming: bool, operation: str
+) -> None:
+    """Copy and zero operations go from device to device, so a delta whose one operation is
+    20 MiB installs with $TMPDIR on a 16 MiB tmpfs (the applier once staged each operation
+    there: the demo's delta needed 128 MiB)."""
+    bundle = big_op_deltas[operation]
+    work = tmp_path / "tmpfs"
+    work.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(work)], check=True)
+    try:
+        if streaming:
+            device.run("apply", "-", stdin=bundle.read_bytes(), AVO_TMPDIR=str(work))
+        else:
+            device.run("apply", "--bundle", bundle, AVO_TMPDIR=str(work))
+        assert list(work.iterdir()) == [], "the applier cleans up its work directory"
+    finally:
+        subprocess.run(["umount", str(work)], check=True)
+    target = bundle.with_suffix(".target").read_bytes()
+    assert device.partition(Role.SYSTEM_B)[: len(target)] == target
+
+
+def _mbr_disk(disk: Path) -> None:
+    """An MBR partition table where the GPT was: a Linux partition record, no GPT header."""
+    with disk.open("r+b") as handle:
+        handle.seek(446)
+        handle.write(bytes([0, 0, 0, 0, 0x83, 0, 0, 0]) + (2048).to_bytes(4, "little") * 2)
+        handle.seek(512)
+        handle.write(bytes(512))
+
+
+def _truncated_disk(disk: Path) -> None:
+    with disk.open("r+b") as handle:
+        handle.truncate(disk.stat().st_size - (6 << 20))  # inside the data partition
+
+
+def _moved_partition(disk: Path) -> None:
+    """Entry 3 (system-b) starts 1 MiB later; CRCs are not the applier's business."""
+    with disk.open("r+b") as handle:
+        handle.seek(1024 + 2 * 128 + 32)
+        first = int.from_bytes(handle.read(8), "little")
+        handle.seek(1024 + 2 * 128 + 32)
+        handle.write((first + 2048).to_bytes(8, "little"))
+
+
+def _renamed_partition(disk: Path) -> None:
+    with disk.open("r+b") as handle:
+        handle.seek(1024 + 2 * 128 + 56)
+        handle.write("system-x".encode("utf-16-le"))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_mbr_disk, "its protective-MBR (byte offset 450) differs"),
+        (_truncated_disk, "shorter than its partition table says"),
+        (_moved_partition, "its GPT-entry-3 (byte offset 1280) differs"),
+        (_renamed_partition, "its GPT-entry-3 (byte offset 1280) differs"),
+    ],
+    ids=["mbr", "truncated", "moved", "renamed"],
+)
+@pytest.mark.parametrize("streaming", [False, True], ids=["file", "stdin"])
+def test_disk_not_holding_the_rendered_layout_is_refused_before_any_write(
+    setup: Setup, device: Device, damage: object, message: str, streaming: bool
+) -> None:
+    assert callable(damage)
+    damage(device.disk)
+    size_before = device.disk.stat().st_size
+    disk_before = sha256(device.disk.read_bytes())
+    if streaming:
+        result = device.run("apply", "-", stdin=setup.bundle.read_bytes(), check=False)
+    else:
+        result = device.run("apply", "--bundle", setup.bundle, check=False)
+    assert result.returncode == 1 and message in result.stderr, result.stderr
+    assert "nothing was written" in result.stderr
+    assert device.disk.stat().st_size == size_before, "a refused disk image never grows"
+    assert sha256(device.disk.read_bytes()) == disk_before
+    assert device.grubenv.read_bytes() == setup.grubenv
+
+
+def _fake_block_devices(device: Device, setup: Setup, *, shift: int = 0) -> None:
+    """/sys/class/block entries for each partition, as the kernel shows them (512-byte units)."""
+    for part in setup.plan.partitions:
+        entry = device.sys / "class" / "block" / f"vda{part.number}"
+        entry.mkdir(parents=True)
+        (entry / "uevent").write_text(f"DEVNAME=vda{part.number}\nPARTNAME={part.spec.label}\n")
+        start = part.offset // 512 + (shift if part.spec.label == "system-b" else 0)
+        (entry / "start").write_text(f"{start}\n")
+        (entry / "size").write_text(f"{part.size // 512}\n")
+
+
+@pytest.mark.parametrize("shift", [0, 2048])
+def test_partition_devices_are_checked_by_their_kernel_geometry(
+    setup: Setup, device: Device, shift: int
+) -> None:
+    """Without AVO_DISK each slot is a partition device found by name in sysfs; its start and
+    size there must be the layout's."""
+    _fake_block_devices(device, setup, shift=shift)
+    result = device.run("validate", "--bundle", setup.bundle, check=False, AVO_DISK="")
+    if shift:
+        assert result.returncode == 1
+        assert "/dev/vda3 (system-b): not where the layout puts it" in result.stderr
+    else:
+        assert result.returncode == 0, result.stderr
+        assert "image rootfs" in result.stdout and "-> system-b" in result.stdout
+
+
+def _with_block(setup: Setup, tmp_path: Path, extra: bytes) -> Path:
+    """The bundle with lines added to its (unsigned) signature block."""
+    data = setup.bundle.read_bytes()
+    manifest_size, block_size = int(data[12:22]), int(data[23:33])
+    block = data[34 + manifest_size : 34 + manifest_size + block_size] + extra
+    path = tmp_path / "hostile.avb"
+    path.write_bytes(
+        b"AVOBUNDLE 1 %010d %010d\n" % (manifest_size, len(block))
+        + data[34 : 34 + manifest_size]
+        + block
+        + data[34 + manifest_size + block_size :]
+    )
+    return path
+
+
+HOSTILE_BLOCKS = {
+    "escape-key-id": b"signature ed25519 \x1b]0;owned\x07\x1b[2J" + b"a" * 40 + b" AAAA\n",
+    "0xff": b'comment \xff\xfe"\\\n',
+    "12787-short-lines": b"".join(
+        b"signature e %s AAAA\n" % random.Random(line).randbytes(32).hex().encode()
+        for line in range(12787)
+    ),
+}
+
+
+@pytest.mark.parametrize("hostile", sorted(HOSTILE_BLOCKS))
+def test_untrusted_text_is_never_echoed_raw_and_state_stays_small(
+    setup: Setup, device: Device, tmp_path: Path, hostile: str
+) -> None:
+    bundle = _with_block(setup, tmp_path, HOSTILE_BLOCKS[hostile][: (1 << 20) - 300])
+    for _ in range(3):  # refused again and again: nothing accumulates beyond the bounds
+        result = device.run("apply", "--bundle", bundle, check=False)
+        assert result.returncode == 3
+    outputs = [result.stderr.encode("latin-1"), (device.state / "state").read_bytes()]
+    outputs.append((device.state / "history").read_bytes())
+    for output in outputs:
+        assert not set(output) - set(b"\t\n" + bytes(range(0x20, 0x7F))), output[:300]
+    assert len(result.stderr) <= 1100
+    assert (device.state / "state").stat().st_size < 4096
+    assert (device.state / "history").stat().st_size < 4096
+    report = json.loads(device.run("report", "--format", "json").stdout)
+    assert report["state"] == "Failed"
+
+
+def test_history_is_rotated_and_report_is_valid_json_whatever_it_holds(device: Device) -> None:
+    device.state.mkdir(parents=True)
+    # Lines as an older applier (or a damaged file) may have left them: raw bytes, quotes,
+    # backslashes, escapes, a huge detail.
+    hostile = (
+        b'2026-01-01T00:00:00Z\tapply\t2.0.0 "quoted" back\\slash \x1b[31mred \xff\xfe\x00nul\n'
+        b"2026-01-02T00:00:00Z\tstate\t" + b"x" * 5000 + b"\n"
+        b'2026-01-03T00:00:00Z\t"event\t\\detail\\\n'
+    )
+    (device.state / "history").write_bytes(hostile * 30)
+    (device.state / "state").write_bytes(b'state=Idle\nreason=a "b" \\c \x1b\xff\n')
+    report = json.loads(device.run("report", "--format", "json").stdout)
+    assert len(report["events"]) >= 90  # busybox awk may end a record at a NUL byte
+    assert report["events"][0]["detail"].startswith('2.0.0 "quoted" back\\slash ?[31mred ??')
+    assert all(
+        set(event["detail"]) <= set(map(chr, range(0x20, 0x7F))) for event in report["events"]
+    )
+    # The next event rotates the oversized file; history keeps reading both generations.
+    device.run("backup", "--output", device.root / "b.tar")
+    assert (device.state / "history.1").read_bytes() == hostile * 30
+    assert (device.state / "history").read_bytes().count(b"\n") == 1
+    history = device.run("history", "--verbose").stdout
+    assert "\tbackup\t" in history and "\x1b" not in history and "\xff" not in history
+    report = json.loads(device.run("report", "--format", "json").stdout)
+    assert report["events"][-1]["event"] == "backup"
+
+
+MBR_APPLIER = '\n[applier]\ndisk = "/dev/mmcblk0"\n'
+
+
+def _mbr_product(root: Path) -> Product:
+    """The test product on an MBR: data and recovery become logical partitions 5 and 6."""
+    product = write_product(root / "product", version="1.0.0")
+    layout = product.layout.read_text().replace('table = "gpt"', 'table = "mbr"')
+    layout = layout.replace('"root-x86-64"', '"linux"').replace('"linux-generic"', '"linux"')
+    product.layout.write_text(layout)
+    return product
+
+
+@dataclass(frozen=True)
+class MbrSetup:
+    factory: Path
+    script: Path
+    grubenv: bytes
+    plan: DiskPlan
+
+
+@pytest.fixture(scope="module")
+def mbr_setup(tmp_path_factory: pytest.TempPathFactory) -> MbrSetup:
+    root = tmp_path_factory.mktemp("mbr")
+    product = _mbr_product(root)
+    with product.recipe.open("a") as handle:
+        handle.write(MBR_APPLIER)
+    recipe = load_recipe(product.recipe)
+    image = build_factory_image(recipe, root / "out", root / "work")
+    render_applier(recipe, root / "rendered")
+    plan = plan_layout(recipe.layout)
+    boot = plan.by_role(Role.BOOT)
+    assert boot is not None
+    grubenv = read_vfat_file(image.path, boot.offset, BOOT_STATE_PATH)
+    return MbrSetup(image.path, root / "rendered" / SCRIPT_PATH, grubenv, plan)
+
+
+def test_mbr_disk_is_checked_record_by_record(
+    setup: Setup, mbr_setup: MbrSetup, tmp_path: Path
+) -> None:
+    assert "TABLE_TYPE='mbr'" in mbr_setup.script.read_text()
+    device = Device(setup, tmp_path / "device")
+    shutil.copyfile(mbr_setup.factory, device.disk)
+    device.grubenv.write_bytes(mbr_setup.grubenv)
+
+    def apply(applier: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [f"{setup.busybox_path}/sh", str(applier), "apply", "--bundle", str(setup.bundle)],
+            capture_output=True, text=True, env=device.env(), check=False,
+        )  # fmt: skip
+
+    # The GPT product's applier on this disk: refused before any write.
+    before = sha256(device.disk.read_bytes())
+    refused = apply(setup.rendered / SCRIPT_PATH)
+    assert refused.returncode == 1 and "its protective-MBR" in refused.stderr, refused.stderr
+    assert sha256(device.disk.read_bytes()) == before
+    # A damaged EBR (the one of partition 6): refused too.
+    last = mbr_setup.plan.partitions[-1]
+    assert last.number == 6 and last.ebr_lba is not None
+    with device.disk.open("r+b") as handle:
+        handle.seek(last.ebr_lba * 512 + 446 + 8)  # the start LBA of its record
+        handle.write(b"\x01")
+    damaged = apply(mbr_setup.script)
+    assert damaged.returncode == 1 and "its EBR-6" in damaged.stderr, damaged.stderr
+    # The disk as built: the update installs into slot B (partition 3).
+    shutil.copyfile(mbr_setup.factory, device.disk)
+    assert apply(mbr_setup.script).returncode == 0
+    slot_b = mbr_setup.plan.by_role(Role.SYSTEM_B)
+    assert slot_b is not None and slot_b.number == 3
+    assert read_range(device.disk, slot_b.offset, len(setup.slot_image)) == setup.slot_image
+
+
+def test_mbr_layout_needs_the_applier_disk(tmp_path: Path) -> None:
+    product = _mbr_product(tmp_path)
+    with pytest.raises(RecipeError, match=r"\[applier\] disk: missing; the partitions of an MBR"):
+        render_applier(load_recipe(product.recipe), tmp_path / "out")

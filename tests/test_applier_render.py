@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import Product, avobuild_cli
 
-from avobuild.applier.render import render_applier, sh_quote
+from avobuild.applier.render import render_applier
+from avobuild.applier.scripts import sh_quote
 from avobuild.boot.grubenv import render_grubenv
 from avobuild.boot.state import factory_state
 from avobuild.boot.trial import trial_boot

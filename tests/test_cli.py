@@ -5,15 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import stat
 import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import Product, avobuild_cli
+from conftest import REPO, Product, avobuild_cli
 
-from avobuild.errors import ToolMissing
-from avobuild.run import which
+from avobuild.errors import AvobuildError, RecipeError, ToolMissing
+from avobuild.run import TOOLS, which
 
 
 def test_version_and_help() -> None:
@@ -113,7 +114,7 @@ def test_bundle_create_argument_errors(
         "bundle", "create", *args, "--version", "1", "--compatible", "c",
         "--key", product.private_key, "-o", tmp_path / "x.avb", check=False,
     )  # fmt: skip
-    assert result.returncode == 2
+    assert result.returncode == RecipeError.exit_code
     assert message in result.stderr
     assert not (tmp_path / "x.avb").exists()
 
@@ -139,3 +140,48 @@ def test_doctor_lists_tools() -> None:
     result = avobuild_cli("doctor")
     assert "ok      mke2fs" in result.stdout
     assert "MISSING" not in result.stdout
+
+
+def _doctor_without(tool: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """`avobuild doctor` with a PATH holding every installed tool but `tool`."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in TOOLS:
+        found = shutil.which(name)
+        if name != tool and found is not None:
+            (bin_dir / name).symlink_to(found)
+    exe = REPO / ".venv" / "bin" / "avobuild"
+    return subprocess.run(
+        [str(exe), "doctor"], capture_output=True, text=True, check=False,
+        env={"PATH": str(bin_dir)},
+    )  # fmt: skip
+
+
+def test_doctor_separates_build_tools_from_test_tools(tmp_path: Path) -> None:
+    result = _doctor_without("cpio", tmp_path)
+    build, test = result.stdout.split("test-only tools")
+    assert "MISSING cpio" in test and "MISSING" not in build
+    assert result.returncode == 0, "a missing test-only tool is no error"
+    assert "ok      mke2fs" in build and "ok      qemu-system-x86_64" in test
+
+
+def test_doctor_fails_on_a_missing_build_tool(tmp_path: Path) -> None:
+    result = _doctor_without("mksquashfs", tmp_path)
+    build, _test = result.stdout.split("test-only tools")
+    assert "MISSING mksquashfs   needed to build squashfs images" in build
+    assert result.returncode == ToolMissing.exit_code
+
+
+def test_exit_codes_are_distinct_and_not_typers_usage_code() -> None:
+    codes = [family.exit_code for family in _error_families(AvobuildError)]
+    assert len(codes) == len(set(codes)), codes
+    assert 2 not in codes
+    usage = avobuild_cli("bundle", "create", "--no-such-option", check=False)
+    assert usage.returncode == 2 != RecipeError.exit_code
+
+
+def _error_families(base: type[AvobuildError]) -> list[type[AvobuildError]]:
+    families = [base]
+    for child in base.__subclasses__():
+        families.extend(_error_families(child))
+    return families

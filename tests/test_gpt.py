@@ -793,15 +793,13 @@ def _check_read(data: bytes) -> None:
         assert before_last < after_first
 
 
-@settings(derandomize=True, max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(st.binary(max_size=8 * 512))
 def test_reader_on_random_bytes(data: bytes) -> None:
     _check_read(data)
 
 
-@settings(
-    derandomize=True, max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+@settings(max_examples=600, suppress_health_check=[HealthCheck.too_slow])
 @given(
     mutations=st.lists(
         st.tuples(st.integers(0, 1), st.integers(0, 1 << 20), st.integers(0, 255)),

@@ -13,6 +13,7 @@ from conftest import REPO, Product, avobuild_cli, file_sha256, write_product
 
 from avobuild.boot.grubenv import parse_grubenv
 from avobuild.disk.plan import plan_layout
+from avobuild.errors import RecipeError
 from avobuild.image.factory import FactoryImage, build_factory_image
 from avobuild.model.layout import Role
 from avobuild.model.recipe import load_recipe
@@ -194,7 +195,7 @@ def test_recipe_error_exit_code(tmp_path: Path) -> None:
     product = write_product(tmp_path / "p", seed=8)
     product.layout.write_text(product.layout.read_text().replace('"24M"', '"huge"', 1))
     result = avobuild_cli("image", product.recipe, "-o", tmp_path / "out", check=False)
-    assert result.returncode == 2
+    assert result.returncode == RecipeError.exit_code == 11
     assert "Traceback" not in result.stderr
     assert f"{product.layout}: [partition.system-a] size: expected a size" in " ".join(
         result.stderr.split()

@@ -181,3 +181,27 @@ def test_install_command_line(setup: dict[str, Path], tmp_path: Path) -> None:
     )
     assert refused.returncode == 7
     assert "Traceback" not in refused.stderr
+
+
+def test_one_slot_resolution_for_installer_and_renderer(setup: dict[str, Path]) -> None:
+    """The installer (reading the disk's GPT) and the applier renderer (placing the layout)
+    resolve every bundle image of every slot to the same partition."""
+    from avobuild.applier.render import slot_partitions
+    from avobuild.disk.gpt import read_gpt
+    from avobuild.update.target import slot_target
+
+    recipe = load_recipe(setup["recipe"])
+    with setup["disk"].open("rb") as handle:
+        table = read_gpt(handle)
+    rendered = {(part.image, part.slot): part for part in slot_partitions(recipe)}
+    assert set(rendered) == {("rootfs", "A"), ("rootfs", "B")}
+    for (image, slot), part in rendered.items():
+        for layout in (None, recipe.layout):
+            target = slot_target(table, setup["disk"], layout, image, Slot(slot))
+            assert (target.label, target.offset, target.size) == (
+                part.label, part.offset, part.size
+            )  # fmt: skip
+    with pytest.raises(CompatibilityError, match="known images: rootfs, kernel, extensions"):
+        slot_target(table, setup["disk"], None, "firmware", Slot.B)
+    with pytest.raises(CompatibilityError, match="needs a partition labelled 'kernel-b'"):
+        slot_target(table, setup["disk"], None, "kernel", Slot.B)

@@ -1168,7 +1168,7 @@ def test_every_layout_key_is_documented() -> None:
     source = (REPO / "avobuild" / "model" / "layout.py").read_text()
     keys = set(
         re.findall(
-            r"\.(?:string|optional_string|integer|boolean|size|optional_size|path_value|untyped)"
+            r"\.(?:string|optional_string|enum|optional_enum|integer|boolean|size|optional_size|path_value|untyped)"
             r'\(\s*"([a-z-]+)"',
             source,
         )

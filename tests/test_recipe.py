@@ -28,7 +28,7 @@ def test_product_recipe_loads(product: Product) -> None:
     assert recipe.kernel == product.kernel.resolve()
     assert [ext.name for ext in recipe.extensions] == ["tools"]
     assert recipe.rootfs_files[0].mode == 0o755
-    assert recipe.layout.slot_partition("rootfs", Slot.B).label == "system-b"  # type: ignore[union-attr]
+    assert plan_layout(recipe.layout).slot_partition("rootfs", Slot.B).spec.label == "system-b"  # type: ignore[union-attr]
 
 
 def test_shipped_layout_plan() -> None:

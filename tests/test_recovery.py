@@ -165,7 +165,7 @@ def test_initramfs_holds_busybox_tools_and_menu(product: Product, tmp_path: Path
     inittab = members["etc/inittab"].data.decode()
     assert "ttyS0::respawn:/usr/sbin/avocado-recovery menu" in inittab
     conf = members["etc/avobuild/recovery.conf"].data.decode()
-    assert "AVO_MODE=usb" in conf and "AVO_LABEL_SYSTEM_A=system-a" in conf
+    assert "AVO_MODE='usb'" in conf and "AVO_LABEL_SYSTEM_A='system-a'" in conf
     menu = members["usr/sbin/avocado-recovery"].data.decode()
     for item in ("1. Restore factory image", "2. Repair boot partition", "3. Reset configuration"):
         assert item in menu
@@ -182,13 +182,20 @@ def test_initramfs_holds_busybox_tools_and_menu(product: Product, tmp_path: Path
     assert again.read_bytes() == output.read_bytes()
 
 
+def sourced(script: str, names: list[str]) -> dict[str, str]:
+    """The values of shell variables `names` after busybox sh sources `script`."""
+    program = script + "".join(f'printf "%s\\n" "${name}"\n' for name in names)
+    result = subprocess.run(
+        ["busybox", "sh", "-c", program], capture_output=True, text=True, check=True
+    )
+    return dict(zip(names, result.stdout.splitlines(), strict=True))
+
+
 def test_recovery_conf_geometry(product: Product) -> None:
     recipe = load_recipe(product.recipe)
-    values = dict(
-        line.split("=", 1)
-        for line in render_recovery_conf(recipe, Mode.PARTITION).splitlines()
-        if "=" in line and not line.startswith("#")
-    )
+    names = ["AVO_BLOCK_SIZE", "AVO_BOOT_OFFSET_BLOCKS", "AVO_BOOT_SIZE_BLOCKS", "AVO_MODE"]
+    values = sourced(render_recovery_conf(recipe, Mode.PARTITION), names)
+    assert values["AVO_MODE"] == "partition"
     block = int(values["AVO_BLOCK_SIZE"])
     assert block == 1 << 20
     assert int(values["AVO_BOOT_OFFSET_BLOCKS"]) * block == 1 << 20

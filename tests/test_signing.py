@@ -22,7 +22,7 @@ from conftest import avobuild_cli, write_product
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from avobuild.bundle.format import HEADER_SIZE, BundleReader, ImageSource, write_bundle
+from avobuild.bundle.header import HEADER_SIZE, render_header
 from avobuild.bundle.keys import (
     KeyAlgorithm,
     PrivateKey,
@@ -31,6 +31,7 @@ from avobuild.bundle.keys import (
     load_keyring,
     load_private_key,
 )
+from avobuild.bundle.reader import BundleReader
 from avobuild.bundle.resign import read_signed_parts, resign_bundle
 from avobuild.bundle.sign import (
     KeySigner,
@@ -41,6 +42,7 @@ from avobuild.bundle.sign import (
     render_signature_block,
     sign_data,
 )
+from avobuild.bundle.writer import ImageSource, write_bundle
 from avobuild.errors import BundleError, KeyError_, SignatureError
 
 SEED = 3003
@@ -530,19 +532,21 @@ def test_raw_ecdsa_signatures_are_converted_to_der(
 )
 def test_raw_ecdsa_starting_like_der_is_still_converted(algorithm: SignatureAlgorithm) -> None:
     """One raw r||s in 256 begins with 0x30, the DER SEQUENCE tag (a token signature once
-    failed that way); DER input of the raw length is kept as it is."""
+    failed that way); DER input of the raw length is kept as it is (both with the low s)."""
     from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
     from avobuild.bundle.sign import raw_ecdsa_to_der, to_der_signature
 
     half = 32 if algorithm is SignatureAlgorithm.ECDSA_P256_SHA256 else 48
+    order = CURVE_ORDERS[algorithm]
     rng = random.Random(20261127)
     for _ in range(50):
         r = int.from_bytes(b"\x30" + rng.randbytes(half - 1), "big")
-        s = int.from_bytes(rng.randbytes(half), "big") or 1
+        s = int.from_bytes(rng.randbytes(half), "big") % order or 1
         raw = r.to_bytes(half, "big") + s.to_bytes(half, "big")
-        assert to_der_signature(algorithm, raw) == encode_dss_signature(r, s)
-        assert raw_ecdsa_to_der(algorithm, raw) == encode_dss_signature(r, s)
+        stored = encode_dss_signature(r, min(s, order - s))
+        assert to_der_signature(algorithm, raw) == stored
+        assert raw_ecdsa_to_der(algorithm, raw) == stored
     # a canonical DER signature exactly 2 * half bytes long (two (half - 3)-byte INTEGERs and
     # six bytes of tags and lengths) stays DER
     value = int.from_bytes(b"\x01" * (half - 3), "big")
@@ -551,6 +555,76 @@ def test_raw_ecdsa_starting_like_der_is_still_converted(algorithm: SignatureAlgo
     assert to_der_signature(algorithm, der) == der
     with pytest.raises(SignatureError, match="r\\|\\|s"):
         raw_ecdsa_to_der(algorithm, b"\x01" * (2 * half - 1))
+
+
+def _curve_order(curve: str) -> int:
+    """The group order n of a named curve, as openssl prints it (independent of the code)."""
+    text = openssl("ecparam", "-name", curve, "-param_enc", "explicit", "-text", "-noout").stdout
+    digits = text.split("Order:", 1)[1].split("Cofactor:", 1)[0]
+    return int("".join(character for character in digits if character in "0123456789abcdef"), 16)
+
+
+CURVE_ORDERS = {
+    SignatureAlgorithm.ECDSA_P256_SHA256: _curve_order("prime256v1"),
+    SignatureAlgorithm.ECDSA_P384_SHA384: _curve_order("secp384r1"),
+}
+
+
+@pytest.mark.parametrize("algorithm", [KeyAlgorithm.ECDSA_P256, KeyAlgorithm.ECDSA_P384])
+def test_ecdsa_signatures_have_one_spelling_the_low_s(
+    tmp_path: Path,
+    keypairs: dict[KeyAlgorithm, KeyPair],
+    images: list[ImageSource],
+    algorithm: KeyAlgorithm,
+) -> None:
+    """avobuild writes s <= n/2 (the key file, a token's raw r||s, an attached openssl
+    signature); readers refuse the other spelling (r, n - s), which openssl also accepts."""
+    from cryptography.hazmat.primitives.asymmetric.utils import (
+        decode_dss_signature,
+        encode_dss_signature,
+    )
+
+    from avobuild.bundle.resign import attach_signature, write_with_block
+
+    pair = keypairs[algorithm]
+    signature_algorithm = SignatureAlgorithm(
+        "ecdsa-p256-sha256" if algorithm is KeyAlgorithm.ECDSA_P256 else "ecdsa-p384-sha384"
+    )
+    order = CURVE_ORDERS[signature_algorithm]
+    data = b"the same bytes"
+    spellings = {decode_dss_signature(sign_data(pair.private_key, data))[1] for _ in range(40)}
+    assert all(s <= order // 2 for s in spellings) and len(spellings) == 40
+    # an openssl signature until it comes out high, attached: stored low, and it verifies
+    unsigned = make_bundle(tmp_path / "u.avb", images, unsigned=True)
+    (tmp_path / "tbs.bin").write_bytes(split(unsigned)[0])
+    while True:
+        openssl_sign(signature_algorithm, pair.private_path, tmp_path / "tbs.bin",
+                     tmp_path / "sig.der")  # fmt: skip
+        made = (tmp_path / "sig.der").read_bytes()
+        r, s = decode_dss_signature(made)
+        if s > order // 2:
+            break
+    entry = attach_signature(unsigned, tmp_path / "s.avb", made, pair.public_path)
+    assert decode_dss_signature(entry.signature) == (r, order - s)
+    verify(tmp_path / "s.avb", pair.public_path)
+    (tmp_path / "low.bin").write_bytes(entry.signature)
+    assert openssl_verify(signature_algorithm, pair.public_path, tmp_path / "tbs.bin",
+                          tmp_path / "low.bin").returncode == 0  # fmt: skip
+    # the high spelling of the same signature, put into a bundle by hand, is refused
+    parts = read_signed_parts(tmp_path / "s.avb")
+    high = SignatureEntry(entry.algorithm, entry.key_id, encode_dss_signature(r, s))
+    block = SignatureBlock((high,))
+    with pytest.raises(SignatureError, match="must use the low s"):
+        write_with_block(unsigned, tmp_path / "high.avb", parts, block)
+    text = (
+        f"avobuild-signatures 1\nsignature {entry.algorithm} {entry.key_id} "
+        f"{base64.b64encode(high.signature).decode()}\n"
+    ).encode()
+    head = render_header(len(parts.manifest_bytes), len(text))
+    payload = (tmp_path / "s.avb").read_bytes()[parts.payload_offset :]
+    (tmp_path / "high.avb").write_bytes(head + parts.manifest_bytes + text + payload)
+    with pytest.raises(SignatureError, match="must use the low s"):
+        verify(tmp_path / "high.avb", pair.public_path)
 
 
 def test_unsigned_needs_to_be_asked_for(tmp_path: Path, images: list[ImageSource]) -> None:
@@ -831,3 +905,56 @@ def test_offline_signing_of_the_digest_only(
     attach_signature(unsigned, tmp_path / "s.avb", (tmp_path / "sig.bin").read_bytes(),
                      pair.public_path)  # fmt: skip
     verify(tmp_path / "s.avb", pair.public_path)
+
+
+def test_a_signing_plan_signs_any_bytes_like_a_manifest(
+    tmp_path: Path, keypairs: dict[KeyAlgorithm, KeyPair], softhsm: Token
+) -> None:
+    """The repository index of issue 16 signs its own bytes with `plan.sign`: the same block,
+    verified by the same code, by key files and token keys; the PIN and module are values."""
+    from dataclasses import FrozenInstanceError
+
+    from avobuild.bundle.signing import SigningPlan
+    from avobuild.bundle.verify import verify_all_signatures
+
+    plan = SigningPlan(
+        keys=(keypairs[KeyAlgorithm.ED25519].private_path,),
+        pkcs11=("pkcs11:token=release;object=p256",),
+        pkcs11_module=softhsm.module,
+        pkcs11_pin="1234",
+    )
+    assert "1234" not in repr(plan)
+    with pytest.raises(FrozenInstanceError):
+        plan.unsigned = True  # type: ignore[misc]
+    data = b"index 1\nbundle demo-2.0.avb 1234 " + b"a" * 64 + b"\n"
+    block = plan.sign(data)
+    ring = load_keyring(
+        write_toml_keyring(
+            tmp_path / "ring.toml",
+            [keypairs[KeyAlgorithm.ED25519].public_path, softhsm.public_keys["p256"]],
+            2,
+        )
+    )
+    assert len(verify_all_signatures(data, block, ring)) == 2
+    with pytest.raises(SignatureError, match="does not match"):
+        verify_all_signatures(data + b"x", block, ring)
+    with pytest.raises(BundleError, match="cannot be given signing keys"):
+        SigningPlan(keys=plan.keys, unsigned=True)
+
+
+def test_the_library_never_reads_the_pkcs11_environment(
+    softhsm: Token, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the command line reads AVOBUILD_PKCS11_MODULE/PIN; a library caller passes them."""
+    from avobuild.bundle.pkcs11 import Pkcs11Signer
+
+    monkeypatch.setenv("AVOBUILD_PKCS11_MODULE", str(softhsm.module))
+    monkeypatch.setenv("AVOBUILD_PKCS11_PIN", "1234")
+    with pytest.raises(KeyError_, match="no PKCS#11 module"):
+        Pkcs11Signer("pkcs11:token=release;object=p256")
+    # Without the PIN the private key stays invisible (a public session), whatever the
+    # environment holds.
+    with pytest.raises(KeyError_, match=r"no private and public key pair|cannot open the token"):
+        Pkcs11Signer("pkcs11:token=release;object=p256", softhsm.module)
+    with Pkcs11Signer("pkcs11:token=release;object=p256", softhsm.module, "1234") as signer:
+        assert signer.key_id == key_id(signer.public_key)

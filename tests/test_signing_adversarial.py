@@ -18,10 +18,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_signing_certificates import BUILD_DATE, NOW, make_certificate, pem
 
-from avobuild.bundle.format import HEADER_SIZE, BundleReader, ImageSource, write_bundle
+from avobuild.bundle.header import HEADER_SIZE
 from avobuild.bundle.keys import KeyAlgorithm, Keyring, generate_private_key, load_keyring
 from avobuild.bundle.manifest import Policy
+from avobuild.bundle.reader import BundleReader
 from avobuild.bundle.sign import KeySigner, parse_signature_block
+from avobuild.bundle.writer import ImageSource, write_bundle
 from avobuild.bundle.x509 import certificate_entry
 from avobuild.errors import BundleError, SignatureError
 
@@ -88,7 +90,7 @@ def rich(tmp_path_factory: pytest.TempPathFactory) -> Rich:
 def read(data: bytes, keyring: Keyring) -> None:
     reader = BundleReader.from_stream(io.BytesIO(data), "mutated.avb")
     reader.verify_signature(keyring, now=NOW)
-    reader.unlock(content_key=KEY)
+    reader.unlock(KEY)
     reader.verify_payload()
 
 
@@ -120,7 +122,7 @@ def test_payload_flips_are_refused_before_the_chunk_is_released(rich: Rich) -> N
         mutated[start + rng.randrange(size)] ^= 1 << rng.randrange(8)
         reader = BundleReader.from_stream(io.BytesIO(bytes(mutated)), "p.avb")
         reader.verify_signature(rich.keyring, now=NOW)
-        reader.unlock(content_key=KEY)
+        reader.unlock(KEY)
         released = []
         with pytest.raises(BundleError, match=f"chunk {index} of image {image} at byte offset"):
             for entry, chunk, _ in reader.iter_chunks():
@@ -194,7 +196,7 @@ def mutate(data: bytes, start: int, end: int, operations: list[tuple[str, float,
     return data[:start] + bytes(region) + data[end:]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(operations=mutations, whole=st.booleans())
 def test_fuzz_the_rich_reader(
     rich: Rich, operations: list[tuple[str, float, int]], whole: bool
@@ -217,7 +219,7 @@ def test_fuzz_the_rich_reader(
     assert data == rich.data
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(
     lines=st.lists(
         st.tuples(
@@ -237,3 +239,70 @@ def test_fuzz_signature_block_lines(lines: list[tuple[str, str, bytes]]) -> None
     )
     with contextlib.suppress(SignatureError):
         parse_signature_block(text.encode())
+
+
+def test_the_reader_considers_a_bounded_number_of_lines(rich: Rich) -> None:
+    """docs/bundle-format.md 4.2: at most 256 lines after the first, each at most 22 KiB, 32
+    signatures, 32 certificates, 128 recipients. Lines are counted before any is parsed, so
+    12,787 garbage lines are refused by their number, not line by line."""
+    key_id = "a" * 64
+    garbage = "\x1b[2J" * 3 + "\n"
+    cases = [
+        ("avobuild-signatures 1\n" + garbage * 12787, "12787 lines after the first, more than"),
+        ("avobuild-signatures 1\n" + f"x {'a' * 78}\n" * 257, "257 lines after the first"),
+        ("avobuild-signatures 1\n" + f"x {'a' * (22 << 10)}\n", "over the line limit of 22528"),
+        ("avobuild-signatures 1\n" + "".join(
+            f"signature a {n:064x} AAAA\n" for n in range(33)), "more than 32 signatures"),
+        ("avobuild-signatures 1\n" + "".join(
+            f"recipient {key_id} rsa-oaep-sha256 AAAA\n" for _ in range(129)),
+         "more than 128 recipients"),
+    ]  # fmt: skip
+    for text, message in cases:
+        with pytest.raises(SignatureError, match=message):
+            parse_signature_block(text.encode())
+    within = "avobuild-signatures 1\n" + f"x {'a' * 78}\n" * 256
+    assert len(parse_signature_block(within.encode()).extra_lines) == 256
+    # In a bundle: the same refusal, naming the bundle, before the manifest is looked at.
+    manifest_size = int(rich.data[12:22])
+    manifest = rich.data[HEADER_SIZE : HEADER_SIZE + manifest_size]
+    block = cases[0][0].encode()
+    data = b"AVOBUNDLE 1 %010d %010d\n" % (manifest_size, len(block)) + manifest + block
+    with pytest.raises(SignatureError, match=r"^hostile\.avb: signature block has 12787 lines"):
+        BundleReader.from_stream(io.BytesIO(data), "hostile.avb")
+
+
+@pytest.mark.parametrize(
+    ("where", "text"),
+    [
+        ("header", b"AVOBUNDLE 1 \x1b[31m\xff\xfe000 0000000100\n"),
+        ("block", b"avobuild-signatures 1\n\x1b]0;owned\x07 x\n"),
+        ("block-field", b"avobuild-signatures 1\nsignature \x1b[2J" + b"A" * 5000 + b" x y\n"),
+        ("manifest", b"avobuild-manifest 1\ntype \x1b[31m" + b"B" * 5000 + b"\n"),
+        ("delta", b"avobuild-delta 1\nsource 0 " + b"0" * 64 + b"\ntarget 0 "
+         + b"0" * 64 + b"\nzero \x1b[2J 1\nend 1\n"),
+    ],
+)  # fmt: skip
+def test_untrusted_text_is_never_echoed_raw(where: str, text: bytes) -> None:
+    """Control characters, non-ASCII bytes and very long values reach a message escaped and
+    cut (errors.shown), so a hostile bundle cannot drive a terminal or bloat a log."""
+    from avobuild.bundle.header import parse_header
+    from avobuild.bundle.manifest import parse_manifest
+    from avobuild.delta.apply import ChunkStream, read_delta_header, replay_delta
+    from avobuild.delta.apply import Region as DeltaRegion
+
+    with pytest.raises(BundleError) as caught:
+        if where == "header":
+            parse_header(text)
+        elif where.startswith("block"):
+            parse_signature_block(text)
+        elif where == "manifest":
+            parse_manifest(text)
+        else:
+            stream = ChunkStream(iter([text]))
+            source, target = read_delta_header(stream, "d")
+            replay_delta(stream, "d", DeltaRegion(-1, 0, "s"), source,
+                         DeltaRegion(-1, 0, "t"), target)  # fmt: skip
+    message = str(caught.value)
+    assert all(" " <= character <= "~" for character in message), message
+    assert len(message) < 400, message
+    assert "\\x1b" in message

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import random
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +21,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from avobuild.bundle.format import BundleReader, ImageSource, write_bundle
 from avobuild.bundle.keys import load_keyring
+from avobuild.bundle.reader import BundleReader
 from avobuild.bundle.resign import read_signed_parts, write_with_block
-from avobuild.bundle.sign import SignatureBlock
+from avobuild.bundle.sign import CertificateEntry, SignatureBlock
+from avobuild.bundle.writer import ImageSource, write_bundle
 from avobuild.bundle.x509 import certificate_entry
 from avobuild.errors import SignatureError
 
@@ -295,3 +297,123 @@ def test_unreadable_certificates_only_fail_their_signer(
         )
     )
     verify(tmp_path / "g.avb", tmp_path / "both.pem")
+
+
+def _rsa_certificate(
+    name: str, key: object, issuer: tuple[x509.Certificate, object], *, ca: bool,
+    digest: hashes.HashAlgorithm | None = None,
+) -> x509.Certificate:  # fmt: skip
+    """Like make_certificate, for an RSA subject key or an RSA issuer key, with a chosen hash."""
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer[0].subject)
+        .public_key(key.public_key())  # type: ignore[attr-defined]
+        .serial_number(random.Random(name).getrandbits(64))
+        .not_valid_before(at(BUILD_DATE - 86400))
+        .not_valid_after(at(BUILD_DATE + 3 * 365 * 86400))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    return builder.sign(issuer[1], digest or hashes.SHA256())  # type: ignore[arg-type]
+
+
+def test_every_certificate_of_a_chain_needs_a_strong_key_and_hash(
+    tmp_path: Path, pki: Pki, image: ImageSource
+) -> None:
+    """An RSA-1024 intermediate and a SHA-1 signature break a chain, in avobuild and in openssl
+    (at security level 2); the signer keys' rules hold for every certificate."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    weak_key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    weak_ca = _rsa_certificate("Weak CA", weak_key, (pki.intermediate, pki.intermediate_key),
+                               ca=True)  # fmt: skip
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = _rsa_certificate("through-weak", key, (weak_ca, weak_key), ca=False)
+    bundle = tmp_path / "weak.avb"
+    write_bundle(bundle, [image], name="demo", version="1.0", compatible="acme",
+                 build_date=BUILD_DATE, private_key=key, chunk_size=64 << 10,
+                 certificates=[_entry(c) for c in (leaf, weak_ca, pki.intermediate)])  # fmt: skip
+    with pytest.raises(SignatureError, match=r"CN=Weak CA has a RSA-1024 key, which a chain"):
+        verify(bundle, pki.files / "root.pem")
+    (tmp_path / "untrusted.pem").write_bytes(pem(weak_ca, pki.intermediate))
+    (tmp_path / "leaf.pem").write_bytes(pem(leaf))
+    refused = subprocess.run(
+        ["openssl", "verify", "-auth_level", "2", "-CAfile", str(pki.files / "root.pem"),
+         "-untrusted", str(tmp_path / "untrusted.pem"), str(tmp_path / "leaf.pem")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert refused.returncode != 0 and "too weak" in refused.stdout + refused.stderr
+    # cryptography refuses to make a SHA-1 signature; openssl still can (valid from today)
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))  # fmt: skip
+    (tmp_path / "ca.key.pem").write_bytes(pki.intermediate_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))  # fmt: skip
+    for command in (
+        ["req", "-new", "-key", "key.pem", "-subj", "/CN=sha1-signed", "-out", "leaf.csr"],
+        ["x509", "-req", "-in", "leaf.csr", "-CA", str(pki.files / "intermediate.pem"),
+         "-CAkey", "ca.key.pem", "-sha1", "-days", "30", "-set_serial", "77", "-out", "sha1.pem"],
+    ):  # fmt: skip
+        subprocess.run(["openssl", *command], cwd=tmp_path, check=True, capture_output=True)
+    sha1 = x509.load_pem_x509_certificate((tmp_path / "sha1.pem").read_bytes())
+    bundle = signed(tmp_path / "sha1.avb", image, key, [sha1, pki.intermediate])
+    with pytest.raises(
+        SignatureError, match="CN=sha1-signed is signed with SHA1; expected SHA-256"
+    ):
+        verify(bundle, pki.files / "root.pem", now=int(time.time()))
+    assert openssl_verify(pki, tmp_path / "sha1.pem", "-auth_level", "2").returncode != 0
+    # the same chain with a strong intermediate verifies
+    good = _rsa_certificate("through-good", key, (pki.intermediate, pki.intermediate_key),
+                            ca=False)  # fmt: skip
+    verify(signed(tmp_path / "good.avb", image, key, [good, pki.intermediate]),
+           pki.files / "root.pem")  # fmt: skip
+
+
+def test_a_certificate_is_carried_once_and_subjects_are_unique(
+    tmp_path: Path, pki: Pki, image: ImageSource
+) -> None:
+    """The same DER under a second key-id is refused by the parser; two certificates with one
+    subject are set aside, so no chain goes through them (bounded work for a hostile block)."""
+    from avobuild.bundle.sign import parse_signature_block
+
+    bundle = signed(tmp_path / "b.avb", image, pki.leaf_key, [pki.leaf, pki.intermediate])
+    parts = read_signed_parts(bundle)
+    leaf, intermediate = parts.block.certificates
+    twice = SignatureBlock(parts.block.signatures, (), (leaf, CertificateEntry("b" * 64, leaf.der)))
+    with pytest.raises(SignatureError, match=r"the same certificate twice \(identical DER"):
+        parse_signature_block(_raw_block(twice))
+    other_key = ec.generate_private_key(ec.SECP256R1())
+    namesake = make_certificate("Acme Release CA", other_key, (pki.root, pki.intermediate_key),
+                                ca=True)  # fmt: skip
+    crowded = SignatureBlock(parts.block.signatures, (),
+                             (leaf, intermediate, certificate_entry(namesake)))  # fmt: skip
+    write_with_block(bundle, tmp_path / "crowded.avb", parts, crowded)
+    with pytest.raises(SignatureError, match="no issuer 'CN=Acme Release CA' found"):
+        verify(tmp_path / "crowded.avb", pki.files / "root.pem")
+
+
+def _entry(certificate: x509.Certificate) -> CertificateEntry:
+    """A certificate line for any certificate (the writer's `certificate_entry` refuses weak
+    keys, as it should)."""
+    import hashlib
+
+    spki = certificate.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return CertificateEntry(
+        hashlib.sha256(spki).hexdigest(), certificate.public_bytes(serialization.Encoding.DER)
+    )
+
+
+def _raw_block(block: SignatureBlock) -> bytes:
+    """The block's text, written by hand (the renderer refuses what the parser refuses)."""
+    import base64
+
+    lines = ["avobuild-signatures 1"]
+    lines += [f"signature {s.algorithm} {s.key_id} {base64.b64encode(s.signature).decode()}"
+              for s in block.signatures]  # fmt: skip
+    lines += [f"certificate {c.key_id} {base64.b64encode(c.der).decode()}"
+              for c in block.certificates]  # fmt: skip
+    return "".join(line + "\n" for line in lines).encode()

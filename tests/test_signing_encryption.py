@@ -14,8 +14,14 @@ from pathlib import Path
 import pytest
 from conftest import avobuild_cli
 
-from avobuild.bundle.crypt import key_commitment, parse_recipient, render_recipient, wrap_key
-from avobuild.bundle.format import HEADER_SIZE, BundleReader, ImageSource, write_bundle
+from avobuild.bundle.crypt import (
+    DecryptionKey,
+    key_commitment,
+    parse_recipient,
+    render_recipient,
+    wrap_key,
+)
+from avobuild.bundle.header import HEADER_SIZE
 from avobuild.bundle.keys import (
     KeyAlgorithm,
     generate_keypair,
@@ -23,7 +29,9 @@ from avobuild.bundle.keys import (
     load_private_key,
     load_public_key,
 )
+from avobuild.bundle.reader import BundleReader
 from avobuild.bundle.resign import read_signed_parts, write_with_block
+from avobuild.bundle.writer import ImageSource, write_bundle
 from avobuild.errors import BundleError, KeyError_
 
 CHUNK = 64 << 10
@@ -57,10 +65,10 @@ def create(material: dict[str, Path], output: Path, *options: str | Path) -> Pat
     return output
 
 
-def read_images(bundle: Path, material: dict[str, Path], **unlock: object) -> bytes:
+def read_images(bundle: Path, material: dict[str, Path], key: DecryptionKey) -> bytes:
     with BundleReader.open(bundle) as reader:
         reader.verify_signature(load_keyring(material["signer.pub"]))
-        reader.unlock(**unlock)  # type: ignore[arg-type]
+        reader.unlock(key)
         return b"".join(data for _, _, data in reader.iter_chunks())
 
 
@@ -73,7 +81,7 @@ def test_key_file_encryption_and_the_openssl_ctr_oracle(
     data = bundle.read_bytes()
     assert b"secret firmware text" not in data
     plain = material["image"].read_bytes()
-    assert read_images(bundle, material, content_key=KEY) == plain
+    assert read_images(bundle, material, KEY) == plain
 
     refused = avobuild_cli("bundle", "verify", bundle, "--keyring", material["signer.pub"],
                            check=False)  # fmt: skip
@@ -90,7 +98,7 @@ def test_key_file_encryption_and_the_openssl_ctr_oracle(
     assert text.startswith("avobuild-manifest 2\n")
     assert f"encryption aes-256-gcm {key_commitment(KEY)}\nimage rootfs" in text
     with pytest.raises(BundleError, match="not the one the signed manifest commits to"):
-        read_images(bundle, material, content_key=bytes(32))
+        read_images(bundle, material, bytes(32))
     # The on-target way: chunk hash first, then AES-256-CTR from counter 2, then zstd.
     image = manifest.images[0]
     for chunk in image.chunks[:2]:
@@ -114,9 +122,9 @@ def test_recipients_unwrap_their_key(tmp_path: Path, material: dict[str, Path]) 
                     "--encrypt-for", material["ec.pub"])  # fmt: skip
     plain = material["image"].read_bytes()
     for name in ("rsa", "ec"):
-        assert read_images(bundle, material, private_key=load_private_key(material[name])) == plain
+        assert read_images(bundle, material, load_private_key(material[name])) == plain
     with pytest.raises(KeyError_, match="not encrypted for key"):
-        read_images(bundle, material, private_key=load_private_key(material["other"]))
+        read_images(bundle, material, load_private_key(material["other"]))
     # openssl unwraps the RSA recipient's key: its commitment is the manifest's.
     parts = read_signed_parts(bundle)
     (line,) = [x for x in parts.block.extra_lines if "rsa-oaep-sha256" in x]
@@ -137,7 +145,7 @@ def test_recipients_unwrap_their_key(tmp_path: Path, material: dict[str, Path]) 
     block = type(parts.block)(parts.block.signatures, lines, parts.block.certificates)
     write_with_block(bundle, tmp_path / "forged.avb", parts, block)
     with pytest.raises(BundleError, match="is not the one the signed manifest commits to"):
-        read_images(tmp_path / "forged.avb", material, private_key=load_private_key(material["ec"]))
+        read_images(tmp_path / "forged.avb", material, load_private_key(material["ec"]))
 
 
 def test_tampered_ciphertext_is_refused_before_decryption(
@@ -154,7 +162,7 @@ def test_tampered_ciphertext_is_refused_before_decryption(
         mutated[rng.randrange(payload, len(data))] ^= 0x04
         (tmp_path / "m.avb").write_bytes(bytes(mutated))
         with pytest.raises(BundleError, match="sha256 mismatch"):
-            read_images(tmp_path / "m.avb", material, content_key=KEY)
+            read_images(tmp_path / "m.avb", material, KEY)
 
 
 def test_encrypted_bundle_needs_a_recipient_key_type(
@@ -204,3 +212,24 @@ def test_openssl_unwraps_an_ec_recipient_key(tmp_path: Path, material: dict[str,
     key = run("enc", "-d", "-aes-256-ctr", "-K", mask.hex(), "-iv", "00" * 16,
               "-in", tmp_path / "wrapped.bin")  # fmt: skip
     assert key == KEY
+
+
+def test_content_key_files_are_32_bytes_or_64_hex_digits(tmp_path: Path) -> None:
+    """bundle-format.md 5.1: exactly 32 raw bytes, or 64 hex digits with only whitespace
+    around them (what `openssl rand -hex 32 > FILE` writes); anything else is refused."""
+    from avobuild.bundle.crypt import load_content_key
+
+    path = tmp_path / "k"
+    for data, expected in (
+        (KEY, KEY),
+        (KEY.hex().encode() + b"\n", KEY),
+        (KEY.hex().upper().encode(), KEY),
+        (b"  " + KEY.hex().encode() + b"\r\n", KEY),
+    ):
+        path.write_bytes(data)
+        assert load_content_key(path) == expected
+    spaced = " ".join(KEY.hex()[index : index + 2] for index in range(0, 64, 2)).encode()
+    for data in (spaced[:64], KEY + b"\n", KEY.hex().encode()[:62], b"g" * 64):
+        path.write_bytes(data)
+        with pytest.raises(KeyError_, match="32 bytes, raw or as 64 hex digits"):
+            load_content_key(path)

@@ -15,21 +15,22 @@ import shutil
 import subprocess
 import threading
 import tracemalloc
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 from conftest import REPO, avobuild_cli, write_product
 
-from avobuild.bundle.format import BundleReader, ImageSource, write_bundle
 from avobuild.bundle.keys import load_keyring, load_private_key
 from avobuild.bundle.manifest import Compression, Policy
+from avobuild.bundle.reader import BundleReader
+from avobuild.bundle.writer import ImageSource, write_bundle
 from avobuild.disk.gpt import read_gpt
 from avobuild.errors import BundleError, CompatibilityError
 from avobuild.image.factory import build_factory_image, build_slot_images
 from avobuild.model.layout import Slot
 from avobuild.model.recipe import load_recipe
-from avobuild.update.install import install_bundle, read_boot_state
+from avobuild.update.install import install_bundle, read_boot_state, write_boot_state
 
 CHUNK = 64 << 10
 
@@ -106,6 +107,8 @@ def test_security_version_is_anti_rollback(setup: Setup, tmp_path: Path) -> None
     install_bundle(five, disk, setup.keyring)
     state = read_boot_state(disk)
     assert (state.security_version, state.slots[Slot.B].security_version) == (0, 5)
+    # The trial boot of B fails and the device falls back to A, as its bootloader does.
+    write_boot_state(disk, replace(state, primary=Slot.A))
     install_bundle(four, disk, setup.keyring, confirm=True)
     assert read_boot_state(disk).security_version == 4
     result = install_bundle(five, disk, setup.keyring, confirm=True)
@@ -125,7 +128,7 @@ def test_compatible_patterns(setup: Setup, tmp_path: Path) -> None:
         bundle = make_bundle(setup, tmp_path / "p.avb", compatible=pattern)
         with BundleReader.open(bundle) as reader:
             assert reader.manifest_bytes.startswith(b"avobuild-manifest 2\n")
-        install_bundle(bundle, disk, setup.keyring)
+        install_bundle(bundle, disk, setup.keyring, confirm=True)
     other = make_bundle(setup, tmp_path / "o.avb", compatible="otherprod-*")
     error = refused(setup, disk, other)
     assert "bundle is for 'otherprod-*' (pattern) but" in str(error)
@@ -142,6 +145,7 @@ def test_min_applier_version_and_expiry(setup: Setup, tmp_path: Path) -> None:
         make_bundle(setup, tmp_path / "ok.avb", policy=Policy(min_applier_version="0.1")),
         disk,
         setup.keyring,
+        confirm=True,
     )
     expiring = make_bundle(setup, tmp_path / "e.avb", policy=Policy(expires=1800000000))
     error = refused(setup, disk, expiring, now=1800000001)
@@ -201,8 +205,9 @@ def test_install_from_a_pipe(setup: Setup, tmp_path: Path) -> None:
 def test_refused_streaming_install_leaves_running_slot_and_data(
     setup: Setup, tmp_path: Path
 ) -> None:
-    """A chunk tampered with late in the stream: earlier chunks already reached slot B, but
-    the boot state, slot A and the data partition are untouched and A still boots."""
+    """A chunk tampered with late in the stream: earlier chunks already reached slot B, which
+    the boot state marked incomplete before the first of them; slot A, its boot entry and the
+    data partition are untouched and A still boots."""
     disk = fresh_disk(setup, tmp_path)
     data = bytearray(make_bundle(setup, tmp_path / "s.avb").read_bytes())
     data[-100] ^= 0x10
@@ -212,9 +217,10 @@ def test_refused_streaming_install_leaves_running_slot_and_data(
         install_bundle(Path("<stdin>"), disk, setup.keyring, stream=io.BytesIO(bytes(data)))
     after = partitions(disk)
     for label in before:
-        if label != "system-b":
+        if label not in ("system-b", "boot"):
             assert before[label] == after[label], label
-    assert read_boot_state(disk) == state_before
+    assert read_boot_state(disk) == state_before.with_incomplete(Slot.B)
+    assert "slot B: (incomplete" in avobuild_cli("status", "--disk", disk).stdout
     # Refused before the first write: a bad signature writes nothing at all.
     data = bytearray(make_bundle(setup, tmp_path / "s.avb").read_bytes())
     data[40] ^= 0x01
@@ -289,3 +295,53 @@ def test_encrypted_bundle_installs_only_with_its_key(setup: Setup, tmp_path: Pat
         assert part is not None
         handle.seek(table.offset(part))
         assert handle.read(len(expected)) == expected
+
+
+def test_bundle_verify_judges_the_policy_it_can_and_says_what_it_did_not(
+    setup: Setup, tmp_path: Path
+) -> None:
+    bundle = make_bundle(setup, tmp_path / "p.avb", compatible="testprod-*",
+                         policy=Policy(security_version=3, min_applier_version="0.1",
+                                       expires=4000000000))  # fmt: skip
+    plain = avobuild_cli("bundle", "verify", bundle, "--keyring", setup.keyring).stdout
+    assert plain.startswith(f"{bundle}: OK: testprod 2.0.0")
+    assert "policy expires 4000000000: checked (not expired at" in plain
+    assert "policy security-version 3: NOT checked (no security floor was given)" in plain
+    assert "policy min-applier-version 0.1: NOT checked" in plain
+    assert "policy compatible testprod-*: NOT checked" in plain
+    floor = avobuild_cli("bundle", "verify", bundle, "--keyring", setup.keyring,
+                         "--security-floor", "3").stdout  # fmt: skip
+    assert "policy security-version 3: checked (not below 3)" in floor
+    below = avobuild_cli("bundle", "verify", bundle, "--keyring", setup.keyring,
+                         "--security-floor", "4", check=False)  # fmt: skip
+    assert below.returncode == CompatibilityError.exit_code and ": OK" not in below.stdout
+    assert "security version 3, lower than 4" in below.stderr
+    expired = make_bundle(setup, tmp_path / "e.avb", policy=Policy(expires=1700000000))
+    refused = avobuild_cli("bundle", "verify", expired, "--keyring", setup.keyring, check=False)
+    assert refused.returncode == CompatibilityError.exit_code
+    assert "expired at 1700000000" in refused.stderr and refused.stdout == ""
+
+
+def test_version_order_is_dpkgs(tmp_path: Path) -> None:
+    """docs/bundle-format.md 3.7: the downgrade check orders versions as dpkg does (whole
+    strings, no epoch or revision); dpkg itself is the oracle on seeded random versions."""
+    import random
+
+    from avobuild.update.policy import compare_versions
+
+    rng = random.Random(1207)
+    alphabet = "0123456789.~+abZ"
+    pairs = [("1.0~rc1", "1.0"), ("1.0", "1.0.0"), ("1.9", "1.10"), ("1.01", "1.1")]
+    for _ in range(150):
+        pairs.append(tuple(  # type: ignore[arg-type]
+            str(rng.randrange(3)) + "".join(rng.choice(alphabet) for _ in range(rng.randrange(7)))
+            for _ in range(2)
+        ))  # fmt: skip
+    for left, right in pairs:
+        dpkg = [
+            subprocess.run(["dpkg", "--compare-versions", left, relation, right],
+                           check=False).returncode == 0
+            for relation in ("lt", "eq")
+        ]  # fmt: skip
+        expected = -1 if dpkg[0] else 0 if dpkg[1] else 1
+        assert compare_versions(left, right) == expected, (left, right)

@@ -1,37 +1,60 @@
 """Render the on-target applier for one product: script, configuration, units, boot scripts.
 
 `render_applier(recipe, output)` writes a directory tree meant to be copied onto the device's
-root filesystem (docs/applier.md lists every file). Values reach the templates only after the
-recipe validated them, and the `sh` filter single-quotes each one and refuses anything outside
-a quote-free character set, so nothing in a recipe can inject shell or GRUB syntax.
+root filesystem (docs/applier.md lists every file). The script is linked (`scripts.py`) from
+its rendered configuration (`templates/avocado-update.sh.j2`) and the static code in
+`shell/`. Values reach the templates only after the recipe validated them, and the `sh`
+filter single-quotes each one and refuses anything outside a quote-free character set, so
+nothing in a recipe can inject shell or GRUB syntax.
+
+The power-loss test hook (`shell/test-hooks.sh`) is linked in only with `test_hooks=True`,
+which the test suite passes; a production applier never holds it.
 """
 
 from __future__ import annotations
 
 import os
-import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import jinja2
-
 from avobuild import __version__
+from avobuild.applier.scripts import applier_templates, library_parts, link_program, shell_source
+from avobuild.applier.scripts import sh_quote as sh_quote  # re-exported: device/boot.py uses it
 from avobuild.boot.state import factory_state
 from avobuild.boot.uboot import render_uboot_env
 from avobuild.bundle.keys import load_keyring, public_key_pem
-from avobuild.bundle.sign import signature_algorithm
-from avobuild.disk.gpt import derive_guid
+from avobuild.bundle.manifest import MAX_MANIFEST_SIZE
+from avobuild.bundle.sign import (
+    MAX_BLOCK_LINES,
+    MAX_CERTIFICATE_SIZE,
+    MAX_CERTIFICATES,
+    MAX_LINE_SIZE,
+    MAX_RECIPIENTS,
+    MAX_SIGNATURE_BLOCK_SIZE,
+    MAX_SIGNATURES,
+    signature_algorithm,
+)
+from avobuild.delta.stream import MAX_EXTENT, MAX_LINE
+from avobuild.disk.gpt import ENTRY_SIZE, derive_guid
 from avobuild.disk.plan import plan_layout
+from avobuild.disk.table import write_partition_table
 from avobuild.errors import RecipeError
 from avobuild.model.applier import ApplierConfig, Bootloader, InitSystem
 from avobuild.model.boot import UBOOT_ENV_FILE, UBOOT_SCRIPT_FILE, UbootEnv
-from avobuild.model.layout import IMAGE_SLOT_CLASS, Role, Slot
+from avobuild.model.layout import IMAGE_SLOT_CLASS, Role, Slot, TableType
 from avobuild.model.recipe import Recipe
 from avobuild.run import run
 
-_SH_SAFE = re.compile(r"[A-Za-z0-9._+~:@/,{}?=&%-]*")
 SCRIPT_PATH = "usr/sbin/avocado-update"
+INIT_SCRIPT_PATH = "etc/init.d/S45avocado-update"
 FW_CONFIG_PATH = "/etc/fw_env.config"
+# The code of avocado-update after its configuration and the shared library, in order.
+APPLIER_PARTS = ("state.sh", "bundle.sh", "delta.sh", "verbs.sh", "health.sh", "main.sh")
+# What the applier keeps on the data partition: each state value and history entry is cut to
+# MAX_STATE_ENTRY bytes; past MAX_HISTORY bytes the history rotates (one old file is kept).
+MAX_STATE_ENTRY = 512
+MAX_HISTORY = 65536
 
 
 @dataclass(frozen=True)
@@ -49,25 +72,6 @@ class SlotPartition:
 class RenderedApplier:
     root: Path
     files: tuple[Path, ...]
-
-
-def sh_quote(value: object) -> str:
-    """A single-quoted shell word; refuses characters that would need more than quotes."""
-    text = "" if value is None else str(value)
-    if not _SH_SAFE.fullmatch(text):
-        raise RecipeError(f"applier: value {text!r} contains characters unsafe for the script")
-    return f"'{text}'"
-
-
-def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.PackageLoader("avobuild.applier", "templates"),
-        undefined=jinja2.StrictUndefined,
-        autoescape=False,
-        keep_trailing_newline=True,
-    )
-    env.filters["sh"] = sh_quote
-    return env
 
 
 def check_target_tools(recipe: Recipe) -> None:
@@ -93,9 +97,9 @@ def check_target_tools(recipe: Recipe) -> None:
 def slot_partitions(recipe: Recipe) -> tuple[SlotPartition, ...]:
     plan = plan_layout(recipe.layout)
     found: list[SlotPartition] = []
-    for image, slot_class in IMAGE_SLOT_CLASS.items():
+    for image in IMAGE_SLOT_CLASS:
         for slot in Slot:
-            placed = plan.by_role(Role(f"{slot_class}-{slot.value.lower()}"))
+            placed = plan.slot_partition(image, slot)
             if placed is None:
                 continue
             found.append(
@@ -127,11 +131,21 @@ def trusted_key_files(recipe: Recipe) -> list[Path]:
     )
 
 
-def render_applier(recipe: Recipe, output: Path) -> RenderedApplier:
-    """Render the applier tree for `recipe` into `output` (a root filesystem overlay)."""
+def render_applier(recipe: Recipe, output: Path, *, test_hooks: bool = False) -> RenderedApplier:
+    """Render the applier tree for `recipe` into `output` (a root filesystem overlay).
+
+    `test_hooks` links the power-loss hook of the test suite into the script; never for a
+    device.
+    """
     check_target_tools(recipe)
     config = recipe.applier
-    env = _environment()
+    if recipe.layout.table is TableType.MBR and config.disk is None:
+        raise RecipeError(
+            f"{recipe.path}: [applier] disk: missing; the partitions of an MBR layout "
+            f"({recipe.layout.path}) have no names to find them by, so the applier addresses "
+            'them by offset on the disk: set it, e.g. disk = "/dev/mmcblk0"'
+        )
+    env = applier_templates()
     parts = slot_partitions(recipe)
     system = {p.slot: p for p in parts if p.image == "rootfs"}
     boot = plan_layout(recipe.layout).by_role(Role.BOOT)
@@ -160,9 +174,16 @@ def render_applier(recipe: Recipe, output: Path) -> RenderedApplier:
         "rollback": recipe.rollback,
         "config": config,
         "signature_threshold": signature_threshold(recipe),
+        "limits": applier_limits(),
+        "table": expected_partition_table(recipe),
     }
+    hooks = shell_source("test-hooks.sh" if test_hooks else "hooks.sh")
+    script = link_program(
+        env.get_template("avocado-update.sh.j2").render(values),
+        (*library_parts(), hooks, *(shell_source(name) for name in APPLIER_PARTS)),
+    )
     files: dict[str, str] = {
-        SCRIPT_PATH: env.get_template("avocado-update.sh.j2").render(values),
+        SCRIPT_PATH: script,
         "etc/avocado/rollback.yaml": env.get_template("rollback.yaml.j2").render(values),
         "etc/avocado/post-update.d/README": env.get_template("post-update.README.j2").render(
             values
@@ -172,7 +193,7 @@ def render_applier(recipe: Recipe, output: Path) -> RenderedApplier:
         for unit in ("avocado-update-boot.service", "avocado-update-health.service"):
             files[f"usr/lib/systemd/system/{unit}"] = env.get_template(unit + ".j2").render(values)
     else:
-        files["etc/init.d/S45avocado-update"] = env.get_template("init.sh.j2").render(values)
+        files[INIT_SCRIPT_PATH] = shell_source("S45avocado-update.sh")
     if config.bootloader is Bootloader.GRUB:
         files["boot/efi/EFI/BOOT/grub.cfg"] = env.get_template("grub.cfg.j2").render(values)
     else:
@@ -186,13 +207,80 @@ def render_applier(recipe: Recipe, output: Path) -> RenderedApplier:
         path = output / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-        mode = 0o755 if relative in (SCRIPT_PATH, "etc/init.d/S45avocado-update") else 0o644
+        mode = 0o755 if relative in (SCRIPT_PATH, INIT_SCRIPT_PATH) else 0o644
         path.chmod(mode)
         written.append(path)
     written += _write_keys(recipe, output / "etc/avocado/keys")
     if config.bootloader is Bootloader.UBOOT:
         written += _write_uboot_files(recipe, config, output)
     return RenderedApplier(output, tuple(sorted(written)))
+
+
+def applier_limits() -> dict[str, int]:
+    """The format limits the shell reader enforces: the Python reader's own constants."""
+    return {
+        "manifest_size": MAX_MANIFEST_SIZE,
+        "signature_block_size": MAX_SIGNATURE_BLOCK_SIZE,
+        "signature_lines": MAX_BLOCK_LINES,
+        "signature_line": MAX_LINE_SIZE,
+        "signatures": MAX_SIGNATURES,
+        "recipients": MAX_RECIPIENTS,
+        "certificates": MAX_CERTIFICATES,
+        "certificate_size": MAX_CERTIFICATE_SIZE,
+        "delta_line": MAX_LINE,
+        "delta_extent": MAX_EXTENT,
+        "state_entry": MAX_STATE_ENTRY,
+        "history_size": MAX_HISTORY,
+    }
+
+
+@dataclass(frozen=True)
+class ExpectedTable:
+    """What the applier checks the disk against before its first write (docs/applier.md).
+
+    `checks`: "OFFSET:HEX:WHAT" per byte range of the table a factory image of the recipe
+    holds, comma-separated (GPT: the protective MBR's type byte and boot signature, the
+    header's signature, revision and size, its entry array's place, and every partition's
+    entry; MBR: the disk signature and records of sector 0 and of every EBR). Nothing that
+    depends on the size of the disk is compared, so a disk larger than the image passes.
+    `partitions`: "LABEL:OFFSET:SIZE" per partition; `end`: where the last one ends.
+    """
+
+    table: str
+    checks: str
+    partitions: str
+    end: int
+
+
+def expected_partition_table(recipe: Recipe) -> ExpectedTable:
+    """The partition table a factory image of `recipe` holds, written by the factory's own
+    writer (disk/table.py) into a sparse scratch file and read back."""
+    plan = plan_layout(recipe.layout)
+    sector = plan.layout.sector_size
+    if plan.layout.table is TableType.GPT:
+        areas = [(450, 1, "protective-MBR"), (510, 2, "boot-signature")]
+        areas += [(sector, 16, "GPT-header"), (sector + 72, 16, "GPT-entry-array")]
+        areas += [
+            (2 * sector + (part.number - 1) * ENTRY_SIZE, ENTRY_SIZE, f"GPT-entry-{part.number}")
+            for part in plan.partitions
+        ]
+    else:
+        areas = [(440, 72, "MBR")]
+        areas += [
+            (part.ebr_lba * sector + 446, 66, f"EBR-{part.number}")
+            for part in plan.partitions
+            if part.ebr_lba is not None
+        ]
+    with tempfile.TemporaryFile() as scratch:
+        scratch.truncate(plan.disk_size)
+        write_partition_table(scratch, plan, recipe.seed)
+        checks = []
+        for offset, size, what in areas:
+            scratch.seek(offset)
+            checks.append(f"{offset}:{scratch.read(size).hex()}:{what}")
+    labels = [f"{part.spec.label}:{part.offset}:{part.size}" for part in plan.partitions]
+    end = max(part.offset + part.size for part in plan.partitions)
+    return ExpectedTable(plan.layout.table.value, ",".join(checks), ",".join(labels), end)
 
 
 def signature_threshold(recipe: Recipe) -> int:

@@ -1,7 +1,7 @@
 """Boot-loader files from Debian packages, and GRUB EFI images built from them.
 
 Everything a medium boots with comes from packages installed on the build host (isolinux,
-syslinux-common, pxelinux, grub-efi-amd64-bin, grub-efi-arm64-bin, ipxe); nothing is
+syslinux-common, pxelinux, grub-efi-amd64-bin, grub-efi-arm64-bin); nothing is
 downloaded. GRUB images are made with `grub-mkimage`, which gives identical bytes for
 identical modules and config, with every module built in so the image needs no module
 directory at boot.
@@ -20,8 +20,6 @@ ISOLINUX_BIN = ("/usr/lib/ISOLINUX/isolinux.bin", "isolinux")
 ISOHYBRID_MBR = ("/usr/lib/ISOLINUX/isohdpfx.bin", "isolinux")
 LDLINUX_C32 = ("/usr/lib/syslinux/modules/bios/ldlinux.c32", "syslinux-common")
 PXELINUX_0 = ("/usr/lib/PXELINUX/pxelinux.0", "pxelinux")
-IPXE_EFI = ("/usr/lib/ipxe/ipxe.efi", "ipxe")
-IPXE_UNDI = ("/usr/lib/ipxe/undionly.kpxe", "ipxe")
 GRUB_EFI_DIR = ("/usr/lib/grub/x86_64-efi", "grub-efi-amd64-bin")
 # Per architecture: grub-mkimage's format, its module directory (and package), and the
 # removable-media file name UEFI firmware boots (UEFI spec 3.5.1.1).

@@ -14,6 +14,8 @@ Variables (all prefixed `avo_`, documented in docs/architecture.md):
                           security-version are refused (absent: 0)
   avo_<S>_security_version  security-version of the bundle installed in slot S (absent: 0);
                           confirming slot S raises the floor to it
+  avo_<S>_incomplete      1 while an install into slot S is under way or was cut short
+                          (absent otherwise): the slot holds no usable system
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class SlotState:
     tries: int
     version: str
     security_version: int = 0
+    incomplete: bool = False
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,14 @@ class BootState:
         )
         return replace(self, primary=slot, slots=slots)
 
+    def with_incomplete(self, slot: Slot) -> BootState:
+        """Mark `slot` as being written: unconfirmed, no tries, no version. An installer does
+        this before its first write to the slot, so an interruption never leaves a slot
+        that looks bootable or confirmed while it holds part of another system."""
+        slots = dict(self.slots)
+        slots[slot] = SlotState(ok=False, tries=0, version="", incomplete=True)
+        return replace(self, slots=slots)
+
     def with_confirmed(self, slot: Slot) -> BootState:
         """Mark `slot` good; only now does the anti-rollback floor rise to its bundle's
         security version, so a failed trial boot can still fall back."""
@@ -78,6 +89,8 @@ class BootState:
             # Written only when set, so boot states without anti-rollback stay as they were.
             if state.security_version:
                 variables[f"avo_{slot.value}_security_version"] = str(state.security_version)
+            if state.incomplete:
+                variables[f"avo_{slot.value}_incomplete"] = "1"
         if self.security_version:
             variables["avo_security_version"] = str(self.security_version)
         return variables
@@ -109,6 +122,7 @@ class BootState:
                 tries=int(tries),
                 version=variables.get(f"avo_{slot.value}_version", ""),
                 security_version=number(f"avo_{slot.value}_security_version"),
+                incomplete=variables.get(f"avo_{slot.value}_incomplete") == "1",
             )
         return cls(Slot(primary), slots, get("avo_compatible"), number("avo_security_version"))
 

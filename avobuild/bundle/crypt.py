@@ -30,6 +30,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,12 +43,17 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from avobuild.bundle.keys import PrivateKey, PublicKey, key_id
 from avobuild.errors import BundleError, KeyError_
 
+# What opens an encrypted payload: a recipient's private key, or the 32-byte content key.
+DecryptionKey = PrivateKey | bytes
+
 KEY_SIZE = 32
 NONCE_SIZE = 12
 TAG_SIZE = 16
 OVERHEAD = NONCE_SIZE + TAG_SIZE
 ALGORITHM = "aes-256-gcm"
 WRAP_INFO = b"avobuild key wrap"
+_KEY_ID = re.compile(r"[0-9a-f]{64}", re.ASCII)
+_HEX_KEY = re.compile(rb"[ \t\r\n]*[0-9a-fA-F]{64}[ \t\r\n]*")
 _METHODS = {
     "rsa-oaep-sha256": None,
     "ecdh-p256-hkdf-sha256": ec.SECP256R1(),
@@ -60,19 +66,16 @@ def key_commitment(key: bytes) -> str:
 
 
 def load_content_key(path: Path) -> bytes:
-    """A key file: 32 raw bytes, or 64 hex digits (and an optional newline)."""
+    """A key file: exactly 32 raw bytes, or 64 hex digits (either case) with nothing but
+    ASCII whitespace around them (`openssl rand -hex 32` writes one LF after them)."""
     try:
         data = path.read_bytes()
     except OSError as error:
         raise KeyError_(f"{path}: cannot read encryption key: {error.strerror or error}") from None
     if len(data) == KEY_SIZE:
         return data
-    text = data.strip()
-    if len(text) == 2 * KEY_SIZE:
-        try:
-            return bytes.fromhex(text.decode("ascii"))
-        except (UnicodeDecodeError, ValueError):
-            pass
+    if _HEX_KEY.fullmatch(data):
+        return bytes.fromhex(data.strip().decode("ascii"))
     raise KeyError_(
         f"{path}: an encryption key file holds 32 bytes, raw or as 64 hex digits "
         "(e.g. 'openssl rand -hex 32')"
@@ -166,9 +169,13 @@ def parse_recipient(line: str) -> RecipientEntry | None:
     fields = line.split(" ")
     if len(fields) != 4 or fields[0] != "recipient" or fields[2] not in _METHODS:
         return None
+    if not _KEY_ID.fullmatch(fields[1]):
+        return None
     try:
         value = base64.b64decode(fields[3], validate=True)
     except ValueError:
+        return None
+    if base64.b64encode(value).decode("ascii") != fields[3]:
         return None
     return RecipientEntry(fields[1], fields[2], value)
 
@@ -192,7 +199,7 @@ def content_key_for(
     raise KeyError_(f"{source}: the bundle is not encrypted for key {identifier}")
 
 
-def load_decryption_key(path: Path) -> PrivateKey | bytes:
+def load_decryption_key(path: Path) -> DecryptionKey:
     """A recipient's private key (PEM), or a content key file (32 bytes, raw or hex)."""
     from avobuild.bundle.keys import load_private_key
 

@@ -36,12 +36,14 @@ PrivateKey: TypeAlias = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey |
 PublicKey: TypeAlias = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 
 MIN_RSA_BITS = 3072
+# Larger keys only cost a verifier time (an attacker's certificate chain, too).
+MAX_RSA_BITS = 8192
 
 _PEM_BLOCK = re.compile(
     rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----", re.DOTALL | re.ASCII
 )
 _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)
-SUPPORTED_KEYS = "ed25519, ecdsa-p256, ecdsa-p384, rsa (3072 bits or more)"
+SUPPORTED_KEYS = "ed25519, ecdsa-p256, ecdsa-p384, rsa (3072 to 8192 bits)"
 
 
 class KeyAlgorithm(StrEnum):
@@ -95,10 +97,6 @@ class Keyring:
     def find(self, key_id: str) -> TrustedKey | None:
         return next((key for key in self.keys if key.key_id == key_id), None)
 
-    @property
-    def key_ids(self) -> tuple[str, ...]:
-        return tuple(key.key_id for key in self.keys)
-
 
 def key_id(public_key: PublicKey) -> str:
     """Lowercase hex sha256 of the key's DER SubjectPublicKeyInfo."""
@@ -123,6 +121,16 @@ def key_algorithm(key: PrivateKey | PublicKey) -> KeyAlgorithm:
     if isinstance(key.curve, ec.SECP384R1):
         return KeyAlgorithm.ECDSA_P384
     return KeyAlgorithm.ECDSA_P256
+
+
+def describe_key(key: object) -> str:
+    """A key's type for messages: 'RSA-2048', 'ECDSA secp521r1', 'Ed448'."""
+    return _describe(key)
+
+
+def is_supported_key(key: object) -> bool:
+    """True for the keys a signer (or a certificate of a chain) may have."""
+    return _supported(key)
 
 
 def _describe(key: object) -> str:
@@ -150,7 +158,7 @@ def _supported(key: object) -> bool:
     if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
         return isinstance(key.curve, ec.SECP256R1 | ec.SECP384R1)
     if isinstance(key, rsa.RSAPrivateKey | rsa.RSAPublicKey):
-        return key.key_size >= MIN_RSA_BITS
+        return MIN_RSA_BITS <= key.key_size <= MAX_RSA_BITS
     return False
 
 
@@ -280,6 +288,16 @@ def load_certificates(path: Path) -> list[x509.Certificate]:
     return certificates
 
 
+def load_signer_identity(path: Path) -> tuple[PublicKey, list[x509.Certificate]]:
+    """A public key file, or a certificate file (signer first, then intermediates)."""
+    data = path.read_bytes() if path.is_file() else b""
+    if b"-----BEGIN CERTIFICATE-----" in data:
+        certificates = load_certificates(path)
+        public_key = check_public_key(certificates[0].public_key(), f"{path}: certificate 1")
+        return public_key, certificates
+    return load_public_key(path), []
+
+
 def load_keyring(path: Path) -> Keyring:
     """Load a keyring: a PEM file, a directory of *.pem files, or a TOML keyring file."""
     if path.is_dir():
@@ -332,9 +350,9 @@ def _load_toml_keyring(path: Path) -> Keyring:
         names = table.string_list("keys")
         if not names:
             table.fail("keys", "a non-empty list of PEM files (public keys or certificates)")
-        time_text = table.string("certificate-time", default=CertificateTime.NOW.value)
-        if time_text not in {member.value for member in CertificateTime}:
-            table.fail("certificate-time", "'now' or 'signing'", time_text)
+        certificate_time = table.enum(
+            "certificate-time", CertificateTime, default=CertificateTime.NOW
+        )
         table.check_unknown()
     except RecipeError as error:
         raise KeyError_(str(error)) from None
@@ -342,7 +360,7 @@ def _load_toml_keyring(path: Path) -> Keyring:
     for file in files:
         if not file.is_file():
             raise KeyError_(f"{path}: keys: {file}: no such file")
-    return _keyring_of(path, files, threshold, CertificateTime(time_text))
+    return _keyring_of(path, files, threshold, certificate_time)
 
 
 def generate_private_key(algorithm: KeyAlgorithm, rsa_bits: int = MIN_RSA_BITS) -> PrivateKey:
@@ -352,8 +370,11 @@ def generate_private_key(algorithm: KeyAlgorithm, rsa_bits: int = MIN_RSA_BITS) 
         return ec.generate_private_key(ec.SECP256R1())
     if algorithm is KeyAlgorithm.ECDSA_P384:
         return ec.generate_private_key(ec.SECP384R1())
-    if rsa_bits < MIN_RSA_BITS:
-        raise KeyError_(f"RSA keys need at least {MIN_RSA_BITS} bits, got {rsa_bits}")
+    if not MIN_RSA_BITS <= rsa_bits <= MAX_RSA_BITS:
+        raise KeyError_(
+            f"RSA keys need at least {MIN_RSA_BITS} bits (and at most {MAX_RSA_BITS}), "
+            f"got {rsa_bits}"
+        )
     return rsa.generate_private_key(public_exponent=65537, key_size=rsa_bits)
 
 

@@ -13,7 +13,8 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 
-from avobuild.errors import BundleError
+from avobuild.errors import BundleError, shown
+from avobuild.model.names import COMPATIBLE_GLOB, IDENTIFIER, IMAGE_NAME
 
 MANIFEST_VERSION = 1
 # Version 2 adds the policy lines (security-version, min-applier-version, expires), glob
@@ -29,16 +30,16 @@ DEFAULT_CHUNK_SIZE = 1 << 20
 MAX_DECIMAL = (1 << 63) - 1
 EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 
-_IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~:@-]{0,127}", re.ASCII)
-_IMAGE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}", re.ASCII)
+_IDENTIFIER = IDENTIFIER.pattern
+_IMAGE_NAME = IMAGE_NAME.pattern
 _DECIMAL = re.compile(r"0|[1-9][0-9]{0,18}", re.ASCII)
 _SHA256 = re.compile(r"[0-9a-f]{64}", re.ASCII)
-COMPATIBLE_PATTERN = _PATTERN = re.compile(r"[A-Za-z0-9*?][A-Za-z0-9._+~:@*?-]{0,127}", re.ASCII)
+COMPATIBLE_PATTERN = _PATTERN = COMPATIBLE_GLOB.pattern
 _APPLIER_VERSION = re.compile(r"(0|[1-9][0-9]{0,8})(\.(0|[1-9][0-9]{0,8})){0,3}", re.ASCII)
 
-IDENTIFIER_GRAMMAR = "[A-Za-z0-9][A-Za-z0-9._+~:@-]{0,127}"
-IMAGE_NAME_GRAMMAR = "[a-z0-9][a-z0-9_-]{0,31}"
-PATTERN_GRAMMAR = "[A-Za-z0-9*?][A-Za-z0-9._+~:@*?-]{0,127}"
+IDENTIFIER_GRAMMAR = IDENTIFIER.text
+IMAGE_NAME_GRAMMAR = IMAGE_NAME.text
+PATTERN_GRAMMAR = COMPATIBLE_GLOB.text
 APPLIER_VERSION_GRAMMAR = "N, N.N, N.N.N or N.N.N.N (decimal, no leading zeros)"
 
 
@@ -163,10 +164,6 @@ class Manifest:
     def payload_size(self) -> int:
         return sum(image.stored_size for image in self.images)
 
-    @property
-    def total_image_size(self) -> int:
-        return sum(image.size for image in self.images)
-
 
 def chunk_count(size: int, chunk_size: int) -> int:
     return -(-size // chunk_size)
@@ -192,7 +189,7 @@ def max_stored_size(data_size: int, compression: Compression, encrypted: bool = 
 def check_identifier(field: str, value: str) -> str:
     if not _IDENTIFIER.fullmatch(value):
         raise BundleError(
-            f"{field}: expected 1-128 characters matching {IDENTIFIER_GRAMMAR}, got {value!r}"
+            f"{field}: expected 1-128 characters matching {IDENTIFIER_GRAMMAR}, got {shown(value)}"
         )
     return value
 
@@ -202,14 +199,16 @@ def check_compatible(value: str) -> str:
     if not _PATTERN.fullmatch(value):
         raise BundleError(
             f"compatible: expected 1-128 characters matching {PATTERN_GRAMMAR} "
-            f"('*' and '?' are wildcards), got {value!r}"
+            f"('*' and '?' are wildcards), got {shown(value)}"
         )
     return value
 
 
 def check_applier_version(value: str) -> str:
     if not _APPLIER_VERSION.fullmatch(value):
-        raise BundleError(f"min-applier-version: expected {APPLIER_VERSION_GRAMMAR}, got {value!r}")
+        raise BundleError(
+            f"min-applier-version: expected {APPLIER_VERSION_GRAMMAR}, got {shown(value)}"
+        )
     return value
 
 
@@ -228,7 +227,8 @@ def check_policy(policy: Policy) -> Policy:
 def check_image_name(value: str) -> str:
     if not _IMAGE_NAME.fullmatch(value):
         raise BundleError(
-            f"image name: expected 1-32 characters matching {IMAGE_NAME_GRAMMAR}, got {value!r}"
+            f"image name: expected 1-32 characters matching {IMAGE_NAME_GRAMMAR}, "
+            f"got {shown(value)}"
         )
     return value
 
@@ -252,14 +252,14 @@ def _decimal(field: str, text: str) -> int:
     if not _DECIMAL.fullmatch(text) or int(text) > MAX_DECIMAL:
         raise BundleError(
             f"{field}: expected a decimal number without leading zeros, at most {MAX_DECIMAL}, "
-            f"got {text!r}"
+            f"got {shown(text)}"
         )
     return int(text)
 
 
 def _sha256(field: str, text: str) -> str:
     if not _SHA256.fullmatch(text):
-        raise BundleError(f"{field}: expected 64 lowercase hex digits (sha256), got {text!r}")
+        raise BundleError(f"{field}: expected 64 lowercase hex digits (sha256), got {shown(text)}")
     return text
 
 
@@ -366,10 +366,12 @@ _POLICY_KEYWORDS = ("security-version", "min-applier-version", "expires", "encry
 
 def _describe_keyword(keyword: str) -> str:
     if keyword in _FIXED_KEYWORDS or keyword in ("image", "chunk", "source", "target"):
-        return f"{keyword!r} (out of order or repeated)"
+        return f"{shown(keyword)} (out of order or repeated)"
     if keyword in _POLICY_KEYWORDS:
-        return f"{keyword!r} (out of order, repeated, or in a version 1 manifest)"
-    return f"unknown keyword {keyword!r} (not part of manifest version {MANIFEST_VERSION_POLICY})"
+        return f"{shown(keyword)} (out of order, repeated, or in a version 1 manifest)"
+    return (
+        f"unknown keyword {shown(keyword)} (not part of manifest version {MANIFEST_VERSION_POLICY})"
+    )
 
 
 def parse_manifest(data: bytes) -> Manifest:
@@ -400,17 +402,17 @@ def _parse_lines(lines: _Lines) -> Manifest:
     magic = lines.next()
     if magic[0] != "avobuild-manifest" or len(magic) != 2:
         raise BundleError(
-            f"expected 'avobuild-manifest {MANIFEST_VERSION}', got {' '.join(magic)!r}"
+            f"expected 'avobuild-manifest {MANIFEST_VERSION}', got {shown(' '.join(magic))}"
         )
     if magic[1] not in {str(version) for version in SUPPORTED_MANIFEST_VERSIONS}:
         raise BundleError(
-            f"unsupported manifest version {magic[1]!r} (this avobuild reads versions "
+            f"unsupported manifest version {shown(magic[1])} (this avobuild reads versions "
             f"{MANIFEST_VERSION} and {MANIFEST_VERSION_POLICY}; a newer avobuild is needed)"
         )
     manifest_version = int(magic[1])
     (type_value,) = lines.expect("type", 1)
     if type_value not in {member.value for member in BundleType}:
-        raise BundleError(f"type: expected 'full' or 'delta', got {type_value!r}")
+        raise BundleError(f"type: expected 'full' or 'delta', got {shown(type_value)}")
     bundle_type = BundleType(type_value)
     name = check_identifier("name", lines.expect("name", 1)[0])
     version = check_identifier("version", lines.expect("version", 1)[0])
@@ -426,13 +428,15 @@ def _parse_lines(lines: _Lines) -> Manifest:
     chunk_size = _chunk_size(lines.expect("chunk-size", 1)[0])
     (compression_text,) = lines.expect("compression", 1)
     if compression_text not in {member.value for member in Compression}:
-        raise BundleError(f"compression: expected 'zstd' or 'none', got {compression_text!r}")
+        raise BundleError(f"compression: expected 'zstd' or 'none', got {shown(compression_text)}")
     compression = Compression(compression_text)
     encryption = None
     if manifest_version >= MANIFEST_VERSION_POLICY and lines.peek() == "encryption":
         algorithm, commitment = lines.expect("encryption", 2)
         if algorithm != ENCRYPTION_ALGORITHM:
-            raise BundleError(f"encryption: expected {ENCRYPTION_ALGORITHM!r}, got {algorithm!r}")
+            raise BundleError(
+                f"encryption: expected {ENCRYPTION_ALGORITHM!r}, got {shown(algorithm)}"
+            )
         encryption = Encryption(_sha256("encryption: key commitment", commitment))
 
     images: list[ImageEntry] = []
@@ -489,7 +493,7 @@ def _chunk_size(text: str) -> int:
     except BundleError:
         raise BundleError(
             f"chunk-size: expected a power of two between {MIN_CHUNK_SIZE} and "
-            f"{MAX_CHUNK_SIZE}, got {text!r}"
+            f"{MAX_CHUNK_SIZE}, got {shown(text)}"
         ) from None
 
 
@@ -504,7 +508,7 @@ def _parse_image(
     name, size_text, digest_text, count_text = lines.expect("image", 4)
     check_image_name(name)
     if name in seen:
-        raise BundleError(f"image {name!r} is listed twice")
+        raise BundleError(f"image {shown(name)} is listed twice")
     size = _decimal(f"image {name}: size", size_text)
     digest = _sha256(f"image {name}: sha256", digest_text)
     count = _decimal(f"image {name}: chunk-count", count_text)
@@ -547,7 +551,9 @@ def _parse_chunk(
     where = f"chunk {index} of image {image}"
     owner, index_text, stored_text, digest_text = lines.expect("chunk", 4)
     if owner != image or index_text != str(index):
-        raise BundleError(f"expected the line of {where}, got chunk {index_text} of image {owner}")
+        raise BundleError(
+            f"expected the line of {where}, got chunk {shown(index_text)} of image {shown(owner)}"
+        )
     stored = _decimal(f"{where}: stored-size", stored_text)
     data_size = min(chunk_size, size - index * chunk_size)
     overhead = ENCRYPTION_OVERHEAD if encrypted else 0

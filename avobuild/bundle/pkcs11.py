@@ -4,8 +4,9 @@ The key is named by a PKCS#11 URI (RFC 7512), for example
 `pkcs11:token=release;object=bundle-2026?pin-source=file:/run/secrets/pin&module-path=/usr/lib/softhsm/libsofthsm2.so`.
 Path attributes used: `token` (label), `object` (key label), `id` (key CKA_ID, percent-encoded),
 `serial`. Query attributes: `module-path` (the PKCS#11 module), `pin-value` or `pin-source`
-(`file:` path). Without them the module comes from AVOBUILD_PKCS11_MODULE and the PIN from
-AVOBUILD_PKCS11_PIN, so a PIN need not appear on a command line.
+(`file:` path). Without them the module and the PIN are the values the caller gives (the
+command line takes them from --pkcs11-module, AVOBUILD_PKCS11_MODULE and AVOBUILD_PKCS11_PIN,
+so a PIN need not appear on a command line); this module never reads the environment.
 
 The token's public key object of the same label/id gives the key-id and the algorithm; the
 private key never leaves the token. Mechanisms: CKM_EDDSA (Ed25519, over the whole manifest),
@@ -16,7 +17,6 @@ CKM_RSA_PKCS_PSS over a SHA-256 digest with MGF1-SHA-256 and a 32-byte salt.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +29,6 @@ from avobuild.bundle.sign import SignatureAlgorithm, raw_ecdsa_to_der, signature
 from avobuild.errors import KeyError_
 
 URI_SCHEME = "pkcs11:"
-MODULE_VARIABLE = "AVOBUILD_PKCS11_MODULE"
-PIN_VARIABLE = "AVOBUILD_PKCS11_PIN"
 
 # DER of the CKA_EC_PARAMS named-curve OIDs (and the printable-string form some tokens use).
 _CURVES: dict[bytes, ec.EllipticCurve | None] = {
@@ -128,15 +126,15 @@ class Pkcs11Signer:
 
         parsed = parse_pkcs11_uri(uri)
         shown = uri.split("?", 1)[0]
-        module_path = parsed.module_path or module or _environment_path(MODULE_VARIABLE)
+        module_path = parsed.module_path or module
         if module_path is None:
             raise KeyError_(
                 f"{shown}: no PKCS#11 module: add module-path=… to the URI, pass "
-                f"--pkcs11-module or set {MODULE_VARIABLE}"
+                "--pkcs11-module or set AVOBUILD_PKCS11_MODULE"
             )
         if not module_path.is_file():
             raise KeyError_(f"{shown}: PKCS#11 module {module_path} not found")
-        user_pin = parsed.pin or pin or os.environ.get(PIN_VARIABLE)
+        user_pin = parsed.pin or pin
         try:
             library = pkcs11.lib(str(module_path))
             token = library.get_token(token_label=parsed.token, token_serial=_serial(parsed))
@@ -225,8 +223,3 @@ class Pkcs11Signer:
 
 def _serial(parsed: Pkcs11Uri) -> bytes | None:
     return parsed.serial.encode() if parsed.serial is not None else None
-
-
-def _environment_path(variable: str) -> Path | None:
-    value = os.environ.get(variable)
-    return Path(value) if value else None

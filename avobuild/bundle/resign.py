@@ -16,17 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-
-from avobuild.bundle.format import HEADER_SIZE, parse_header, render_header
-from avobuild.bundle.keys import (
-    Keyring,
-    PublicKey,
-    check_public_key,
-    key_id,
-    load_certificates,
-)
-from avobuild.bundle.keys import load_public_key as _load_public_key
+from avobuild.bundle.header import HEADER_SIZE, parse_header, render_header
+from avobuild.bundle.keys import Keyring, key_id, load_signer_identity
 from avobuild.bundle.manifest import parse_manifest
 from avobuild.bundle.sign import (
     CertificateEntry,
@@ -41,6 +32,7 @@ from avobuild.bundle.sign import (
     verify_data,
 )
 from avobuild.bundle.verify import verify_all_signatures
+from avobuild.bundle.x509 import certificate_entry
 from avobuild.errors import BundleError, KeyError_, SignatureError
 
 _COPY_BLOCK = 1 << 20
@@ -141,16 +133,6 @@ def resign_bundle(
     return block
 
 
-def load_signer_identity(path: Path) -> tuple[PublicKey, list[x509.Certificate]]:
-    """A public key file, or a certificate file (signer first, then intermediates)."""
-    data = path.read_bytes() if path.is_file() else b""
-    if b"-----BEGIN CERTIFICATE-----" in data:
-        certificates = load_certificates(path)
-        public_key = check_public_key(certificates[0].public_key(), f"{path}: certificate 1")
-        return public_key, certificates
-    return _load_public_key(path), []
-
-
 def attach_signature(
     bundle: Path, output: Path, signature: bytes, signer_file: Path
 ) -> SignatureEntry:
@@ -160,8 +142,6 @@ def attach_signature(
     are attached too). The signature must verify, so a wrong file is caught here and not on
     a device. ECDSA signatures may be DER or raw r||s.
     """
-    from avobuild.bundle.x509 import certificate_entry
-
     parts = read_signed_parts(bundle)
     try:
         public_key, certificates = load_signer_identity(signer_file)

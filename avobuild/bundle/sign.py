@@ -43,15 +43,22 @@ from avobuild.bundle.keys import (
     key_algorithm,
     key_id,
 )
-from avobuild.errors import SignatureError
+from avobuild.errors import SignatureError, shown
 
 SIGNATURES_VERSION = 1
 MAX_SIGNATURE_BLOCK_SIZE = 1 << 20
 ED25519_SIGNATURE_SIZE = 64
 PSS_SALT_LENGTH = 32
+# What a reader considers before authentication is bounded (docs/bundle-format.md 4.2), so
+# a hostile block costs about what an honest one does: lines after the first, the length of
+# a line (a 16 KiB certificate in base64 fits), and lines of each kind.
+MAX_BLOCK_LINES = 256
+MAX_LINE_SIZE = 22 << 10
+MAX_SIGNATURES = 32
 # Certificates a block may carry: a signer certificate and its intermediates, per signer.
 MAX_CERTIFICATES = 32
 MAX_CERTIFICATE_SIZE = 16 << 10
+MAX_RECIPIENTS = 128
 
 _KEYWORD = re.compile(r"[a-z][a-z0-9-]{0,31}", re.ASCII)
 _ALGORITHM = re.compile(r"[a-z0-9][a-z0-9-]{0,63}", re.ASCII)
@@ -98,7 +105,7 @@ def sign_data(private_key: PrivateKey, data: bytes) -> bytes:
     if isinstance(private_key, rsa.RSAPrivateKey):
         return private_key.sign(data, pss_padding(), hashes.SHA256())
     digest = hashes.SHA384() if isinstance(private_key.curve, ec.SECP384R1) else hashes.SHA256()
-    return private_key.sign(data, ec.ECDSA(digest))
+    return low_s(signature_algorithm(private_key), private_key.sign(data, ec.ECDSA(digest)))
 
 
 def verify_data(
@@ -133,6 +140,9 @@ class Signer(Protocol):
     @property
     def key_id(self) -> str: ...
 
+    @property
+    def public_key(self) -> PublicKey: ...
+
     def sign(self, data: bytes) -> bytes: ...
 
 
@@ -148,7 +158,11 @@ class KeySigner:
 
     @property
     def key_id(self) -> str:
-        return key_id(self.private_key.public_key())
+        return key_id(self.public_key)
+
+    @property
+    def public_key(self) -> PublicKey:
+        return self.private_key.public_key()
 
     def sign(self, data: bytes) -> bytes:
         return sign_data(self.private_key, data)
@@ -208,9 +222,6 @@ class VerifiedSigner:
     certificate_subject: str | None = None
 
 
-UNSIGNED_BLOCK = SignatureBlock(signatures=())
-
-
 def sign_manifest(manifest_bytes: bytes, private_key: PrivateKey) -> SignatureBlock:
     """A signature block holding one signature over `manifest_bytes` by `private_key`."""
     return sign_manifest_with(manifest_bytes, [KeySigner(private_key)])
@@ -258,6 +269,14 @@ def parse_signature_block(data: bytes) -> SignatureBlock:
         raise SignatureError(
             f"signature block is {len(data)} bytes, over the limit of {MAX_SIGNATURE_BLOCK_SIZE}"
         )
+    # Counted before anything is decoded or split, so a block of many tiny lines is refused
+    # for the price of one pass over its bytes.
+    line_count = data.count(b"\n")
+    if line_count > MAX_BLOCK_LINES + 1:
+        raise SignatureError(
+            f"signature block has {line_count - 1} lines after the first, more than the "
+            f"{MAX_BLOCK_LINES} a reader considers"
+        )
     try:
         text = data.decode("ascii")
     except UnicodeDecodeError as error:
@@ -272,24 +291,39 @@ def parse_signature_block(data: bytes) -> SignatureBlock:
     signatures: list[SignatureEntry] = []
     certificates: list[CertificateEntry] = []
     extra: list[str] = []
+    signers: set[str] = set()
+    certificate_ders: set[bytes] = set()
+    recipients = 0
     for number, line in enumerate(text[:-1].split("\n"), start=1):
         try:
+            if len(line) + 1 > MAX_LINE_SIZE:
+                raise SignatureError(
+                    f"{len(line) + 1} bytes, over the line limit of {MAX_LINE_SIZE}"
+                )
             fields = _split(line)
             if number == 1:
                 _check_first_line(fields)
             elif fields[0] == "signature":
+                if len(signatures) == MAX_SIGNATURES:
+                    raise SignatureError(f"more than {MAX_SIGNATURES} signatures")
                 entry = _parse_signature(fields)
-                if any(other.key_id == entry.key_id for other in signatures):
+                if entry.key_id in signers:
                     raise SignatureError(f"a second signature by key {entry.key_id}")
+                signers.add(entry.key_id)
                 signatures.append(entry)
             elif fields[0] == "certificate":
-                certificate = _parse_certificate(fields)
-                if certificate in certificates:
-                    raise SignatureError("the same certificate twice")
                 if len(certificates) == MAX_CERTIFICATES:
                     raise SignatureError(f"more than {MAX_CERTIFICATES} certificates")
+                certificate = _parse_certificate(fields)
+                if certificate.der in certificate_ders:
+                    raise SignatureError("the same certificate twice (identical DER bytes)")
+                certificate_ders.add(certificate.der)
                 certificates.append(certificate)
             else:
+                if fields[0] == "recipient":
+                    recipients += 1
+                    if recipients > MAX_RECIPIENTS:
+                        raise SignatureError(f"more than {MAX_RECIPIENTS} recipients")
                 extra.append(line)
         except SignatureError as error:
             raise SignatureError(f"signature block line {number}: {error}") from None
@@ -303,21 +337,21 @@ def _split(line: str) -> list[str]:
     if "" in fields:
         raise SignatureError("fields must be separated by exactly one space, with none at the ends")
     if not _KEYWORD.fullmatch(fields[0]):
-        raise SignatureError(f"expected a keyword matching [a-z][a-z0-9-]*, got {fields[0]!r}")
+        raise SignatureError(f"expected a keyword matching [a-z][a-z0-9-]*, got {shown(fields[0])}")
     for field in fields[1:]:
         if not _FIELD.fullmatch(field):
-            raise SignatureError(f"field {field!r} holds a control character")
+            raise SignatureError(f"field {shown(field)} holds a control character")
     return fields
 
 
 def _check_first_line(fields: list[str]) -> None:
     if fields[0] != "avobuild-signatures" or len(fields) != 2:
         raise SignatureError(
-            f"expected 'avobuild-signatures {SIGNATURES_VERSION}', got {' '.join(fields)!r}"
+            f"expected 'avobuild-signatures {SIGNATURES_VERSION}', got {shown(' '.join(fields))}"
         )
     if fields[1] != str(SIGNATURES_VERSION):
         raise SignatureError(
-            f"unsupported signature block version {fields[1]!r} "
+            f"unsupported signature block version {shown(fields[1])} "
             f"(this avobuild reads version {SIGNATURES_VERSION})"
         )
 
@@ -336,7 +370,7 @@ def _canonical_base64(what: str, encoded: str) -> bytes:
 def _check_key_id(what: str, identifier: str) -> str:
     if not _KEY_ID.fullmatch(identifier):
         raise SignatureError(
-            f"{what}: key-id: expected 64 lowercase hex digits, got {identifier!r}"
+            f"{what}: key-id: expected 64 lowercase hex digits, got {shown(identifier)}"
         )
     return identifier
 
@@ -349,7 +383,7 @@ def _parse_signature(fields: list[str]) -> SignatureEntry:
         )
     _, algorithm, identifier, encoded = fields
     if not _ALGORITHM.fullmatch(algorithm):
-        raise SignatureError(f"signature: algorithm {algorithm!r} is not a valid name")
+        raise SignatureError(f"signature: algorithm {shown(algorithm)} is not a valid name")
     _check_key_id("signature", identifier)
     raw = _canonical_base64("signature", encoded)
     if algorithm == SignatureAlgorithm.ED25519 and len(raw) != ED25519_SIGNATURE_SIZE:
@@ -371,12 +405,42 @@ def _is_canonical_der(signature: bytes) -> bool:
 
 
 def _check_ecdsa_der(algorithm: str, raw: bytes) -> None:
-    """An ECDSA signature must be canonical DER, so no byte of it can change unnoticed."""
-    if not _is_canonical_der(raw) or len(raw) > _ECDSA_MAX_DER[SignatureAlgorithm(algorithm)]:
+    """An ECDSA signature must be canonical DER with a low s, so that it has one spelling and
+    no byte of it can change unnoticed ((r, n - s) verifies just as (r, s) does)."""
+    known = SignatureAlgorithm(algorithm)
+    if not _is_canonical_der(raw) or len(raw) > _ECDSA_MAX_DER[known]:
         raise SignatureError(
             f"signature: an {algorithm} signature must be a DER ECDSA-Sig-Value "
             "(SEQUENCE of two INTEGERs, as 'openssl dgst -sign' writes it)"
         )
+    r, s = decode_dss_signature(raw)
+    order = _CURVE_ORDER[known]
+    if not 1 <= r < order or not 1 <= s < order:
+        raise SignatureError(f"signature: an {algorithm} signature needs 1 <= r, s < n")
+    if s > order // 2:
+        raise SignatureError(
+            f"signature: an {algorithm} signature must use the low s (s <= n/2, the spelling "
+            "avobuild writes; (r, n - s) is the same signature)"
+        )
+
+
+# The order n of the base point of each curve (SEC 2, 2.4.2 and 2.5.1).
+_CURVE_ORDER = {
+    SignatureAlgorithm.ECDSA_P256_SHA256: int(
+        "FFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551", 16
+    ),
+    SignatureAlgorithm.ECDSA_P384_SHA384: int(
+        "FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFC7634D81F4372DDF581A0DB248B0A77AECEC196ACCC52973",
+        16,
+    ),
+}
+
+
+def low_s(algorithm: SignatureAlgorithm, signature: bytes) -> bytes:
+    """The low-s spelling of a DER ECDSA signature: s replaced by n - s when s > n/2."""
+    r, s = decode_dss_signature(signature)
+    order = _CURVE_ORDER[algorithm]
+    return encode_dss_signature(r, order - s) if s > order // 2 else signature
 
 
 def _parse_certificate(fields: list[str]) -> CertificateEntry:
@@ -401,25 +465,31 @@ _ECDSA_RAW_HALF = {
 
 
 def raw_ecdsa_to_der(algorithm: SignatureAlgorithm, signature: bytes) -> bytes:
-    """A raw r||s ECDSA signature (what PKCS#11 CKM_ECDSA returns) as DER."""
+    """A raw r||s ECDSA signature (what PKCS#11 CKM_ECDSA returns) as DER, with a low s."""
     size = _ECDSA_RAW_HALF[algorithm]
     if len(signature) != 2 * size:
         raise SignatureError(
             f"a raw {algorithm} signature is {2 * size} bytes (r||s), got {len(signature)}"
         )
-    return encode_dss_signature(
+    der = encode_dss_signature(
         int.from_bytes(signature[:size], "big"), int.from_bytes(signature[size:], "big")
     )
+    return low_s(algorithm, der)
 
 
 def to_der_signature(algorithm: SignatureAlgorithm, signature: bytes) -> bytes:
-    """ECDSA signatures made elsewhere may be raw r||s (JOSE, some HSM tools) or DER: a
-    signature of the raw length that is not canonical DER is converted. (A raw r||s may well
-    begin with 0x30, the DER SEQUENCE tag, so the first byte alone decides nothing.)"""
+    """The stored spelling of an ECDSA signature made elsewhere: DER with a low s. It may come
+    as DER (openssl, high or low s) or raw r||s (JOSE, some HSM tools): a signature of the raw
+    length that is not canonical DER is converted. (A raw r||s may well begin with 0x30, the
+    DER SEQUENCE tag, so the first byte alone decides nothing.) Others are returned as given."""
     size = _ECDSA_RAW_HALF.get(algorithm)
-    if size is None or len(signature) != 2 * size or _is_canonical_der(signature):
+    if size is None:
         return signature
-    return raw_ecdsa_to_der(algorithm, signature)
+    if _is_canonical_der(signature):
+        return low_s(algorithm, signature)
+    if len(signature) == 2 * size:
+        return raw_ecdsa_to_der(algorithm, signature)
+    return signature
 
 
 # Looks up the manifest's build-date once the manifest bytes are authenticated by a signer;

@@ -14,7 +14,7 @@ from avobuild.bundle.sign import (
     VerifiedSigner,
     verify_data,
 )
-from avobuild.bundle.x509 import certificate_signer
+from avobuild.bundle.x509 import ChainContext, certificate_signer
 from avobuild.errors import SignatureError
 
 
@@ -44,6 +44,7 @@ def verify_all_signatures(
     if not block.signatures:
         raise SignatureError("the bundle is unsigned (its signature block holds no signature)")
     verified: list[VerifiedSigner] = []
+    context = ChainContext(block, keyring) if keyring.anchors and block.certificates else None
     untrusted: list[str] = []
     unsupported: list[str] = []
     problems: list[str] = []
@@ -62,9 +63,9 @@ def verify_all_signatures(
                 )
             verified.append(VerifiedSigner(entry.key_id, algorithm, trusted.source))
             continue
-        if keyring.anchors:
+        if context is not None:
             signer, problem = certificate_signer(
-                entry, algorithm, block, keyring, manifest_bytes, now, signing_time
+                entry, algorithm, context, manifest_bytes, now, signing_time
             )
             if signer is not None:
                 verified.append(signer)

@@ -4,7 +4,11 @@ A signature block may carry `certificate <key-id> <base64-DER>` lines: the signe
 certificate and its intermediates. A signature whose key is not in the keyring is trusted when
 a certificate for its key chains to a keyring anchor with:
 
-* each link issued by the next (issuer name and signature), at most MAX_DEPTH links;
+* each link issued by the next (issuer name and signature), at most MAX_DEPTH certificates
+  from the block (the anchor is not counted); block certificates sharing a subject are set
+  aside, so each certificate has at most one possible issuer in the block;
+* every certificate, anchor included, with a key a signer may have, and every one below the
+  anchor signed with SHA-256/384/512 or Ed25519;
 * every issuer a CA (basicConstraints CA:TRUE, keyCertSign if keyUsage is present, path
   length respected);
 * every certificate valid at the verification time, or at the bundle's build-date when the
@@ -13,8 +17,9 @@ a certificate for its key chains to a keyring anchor with:
   (if extendedKeyUsage is present);
 * no critical extension this module does not understand.
 
-These are the checks `openssl verify -CAfile ANCHORS -untrusted CHAIN [-attime T]` makes on
-the chain; the usage checks are those of RFC 5280 4.2.1.3 and 4.2.1.12.
+These are the checks `openssl verify -auth_level 2 -verify_depth 7 -CAfile ANCHORS -untrusted
+CHAIN [-attime T]` makes on the chain, with a stricter key rule (RSA of 3072 bits or more,
+where level 2 takes 2048); the usage checks are those of RFC 5280 4.2.1.3 and 4.2.1.12.
 """
 
 from __future__ import annotations
@@ -25,10 +30,19 @@ from datetime import UTC, datetime
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
 from cryptography.utils import CryptographyDeprecationWarning
-from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, SignatureAlgorithmOID
 
-from avobuild.bundle.keys import CertificateTime, Keyring, check_public_key, key_id
+from avobuild.bundle.keys import (
+    SUPPORTED_KEYS,
+    CertificateTime,
+    Keyring,
+    check_public_key,
+    describe_key,
+    is_supported_key,
+    key_id,
+)
 from avobuild.bundle.sign import (
     CertificateEntry,
     SignatureAlgorithm,
@@ -38,9 +52,12 @@ from avobuild.bundle.sign import (
     VerifiedSigner,
     verify_data,
 )
-from avobuild.errors import KeyError_, SignatureError
+from avobuild.errors import KeyError_, SignatureError, shown
 
+# Certificates from the block in one chain: the signer's and at most 7 intermediates (the
+# trust anchor from the keyring is not counted).
 MAX_DEPTH = 8
+_SIGNATURE_HASHES = (hashes.SHA256, hashes.SHA384, hashes.SHA512)
 _UNDERSTOOD = {
     ExtensionOID.BASIC_CONSTRAINTS,
     ExtensionOID.KEY_USAGE,
@@ -82,42 +99,143 @@ def _issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
 
 
 def _name(certificate: x509.Certificate) -> str:
+    """The subject for messages: untrusted text, so escaped and cut."""
     try:
-        return certificate.subject.rfc4514_string() or "(empty subject)"
+        subject = certificate.subject.rfc4514_string()
     except ValueError:
         return "(unreadable subject)"
+    return shown(subject, 120, quoted=False) if subject else "(empty subject)"
+
+
+class ChainContext:
+    """The certificates of one signature block judged against one keyring, loaded once.
+
+    Certificates whose subject name occurs more than once in the block are set aside (not
+    used as signer certificates nor as intermediates), so a certificate has at most one
+    possible issuer in the block; with the issuer checks memoized, building the chains of
+    every signer of a hostile block costs at most one signature check per certificate and
+    possible issuer, and a possible issuer with a key avobuild does not allow is never used to
+    check a signature at all.
+    """
+
+    def __init__(self, block: SignatureBlock, keyring: Keyring) -> None:
+        self.keyring = keyring
+        loaded = [(entry, _load(entry)) for entry in block.certificates]
+        subjects: dict[bytes, int] = {}
+        for _entry, certificate in loaded:
+            if certificate is not None:
+                subject = _subject_der(certificate)
+                subjects[subject] = subjects.get(subject, 0) + 1
+        self.loaded = loaded
+        self.ambiguous = {
+            entry.der
+            for entry, certificate in loaded
+            if certificate is not None and subjects[_subject_der(certificate)] > 1
+        }
+        self.anchors = [anchor.certificate for anchor in keyring.anchors]
+        self._issued: dict[tuple[x509.Certificate, x509.Certificate], bool] = {}
+
+    def issued_by(self, child: x509.Certificate, parent: x509.Certificate) -> bool:
+        pair = (child, parent)
+        if pair not in self._issued:
+            self._issued[pair] = _issued_by(child, parent)
+        return self._issued[pair]
+
+
+def _subject_der(certificate: x509.Certificate) -> bytes:
+    try:
+        return certificate.subject.public_bytes()
+    except ValueError:
+        return b""
 
 
 def build_chain(
-    leaf: x509.Certificate, intermediates: list[x509.Certificate], keyring: Keyring
+    leaf: x509.Certificate, intermediates: list[x509.Certificate], context: ChainContext
 ) -> list[x509.Certificate] | str:
-    """The chain leaf, intermediates…, anchor; or why there is none."""
-    anchors = [anchor.certificate for anchor in keyring.anchors]
-    if leaf in anchors:
+    """The chain leaf, intermediates…, anchor; or why there is none. At most MAX_DEPTH
+    certificates come from the block; the anchor, from the keyring, is not counted."""
+    if leaf in context.anchors:
         return [leaf]
     chain = [leaf]
     while len(chain) <= MAX_DEPTH:
         current = chain[-1]
-        for anchor in anchors:
-            if anchor.subject == current.issuer and _issued_by(current, anchor):
+        weak = hash_problem(current)
+        if weak is not None:
+            return weak
+        named = [
+            candidate
+            for candidate in (*context.anchors, *intermediates)
+            if candidate not in chain and candidate.subject == current.issuer
+        ]
+        for candidate in named:
+            problem = key_problem(candidate)
+            if problem is not None:
+                return problem
+        for anchor in (candidate for candidate in named if candidate in context.anchors):
+            if context.issued_by(current, anchor):
                 return [*chain, anchor]
         parent = next(
             (
                 candidate
-                for candidate in intermediates
-                if candidate not in chain
-                and candidate.subject == current.issuer
-                and _issued_by(current, candidate)
+                for candidate in named
+                if candidate not in context.anchors and context.issued_by(current, candidate)
             ),
             None,
         )
         if parent is None:
             return (
                 f"certificate {_name(leaf)} does not chain to a trust anchor of keyring "
-                f"{keyring.source} (no issuer {current.issuer.rfc4514_string()!r} found)"
+                f"{context.keyring.source} (no issuer "
+                f"{shown(current.issuer.rfc4514_string(), 120)} found)"
             )
         chain.append(parent)
-    return f"certificate {_name(leaf)}: chain longer than {MAX_DEPTH} certificates"
+    return f"certificate {_name(leaf)}: chain of more than {MAX_DEPTH} certificates"
+
+
+def key_problem(certificate: x509.Certificate) -> str | None:
+    """Why `certificate` may not be part of a chain because of its key, or None: every
+    certificate of a chain, anchor included, needs a key a signer may have."""
+    try:
+        key = certificate.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        return f"certificate {_name(certificate)} has an unreadable public key"
+    if not is_supported_key(key):
+        return (
+            f"certificate {_name(certificate)} has a {describe_key(key)} key, which a chain may "
+            f"not hold (allowed: {SUPPORTED_KEYS})"
+        )
+    return None
+
+
+def hash_problem(certificate: x509.Certificate) -> str | None:
+    """Why the signature on `certificate` is too weak, or None: SHA-256, SHA-384 or SHA-512
+    (or Ed25519, which hashes itself)."""
+    try:
+        algorithm = certificate.signature_hash_algorithm
+    except UnsupportedAlgorithm:
+        algorithm = None
+        if certificate.signature_algorithm_oid != SignatureAlgorithmOID.ED25519:
+            return f"certificate {_name(certificate)} is signed with an unknown algorithm"
+    if algorithm is not None and not isinstance(algorithm, _SIGNATURE_HASHES):
+        return (
+            f"certificate {_name(certificate)} is signed with {algorithm.name.upper()}; "
+            "expected SHA-256, SHA-384 or SHA-512"
+        )
+    return None
+
+
+def check_chain_strength(chain: list[x509.Certificate]) -> str | None:
+    """Why the chain's keys or signatures are too weak, or None (the anchor's own
+    signature does not matter: the keyring trusts it)."""
+    for certificate in chain:
+        problem = key_problem(certificate)
+        if problem is not None:
+            return problem
+    for certificate in chain[:-1]:
+        problem = hash_problem(certificate)
+        if problem is not None:
+            return problem
+    return None
 
 
 def _extension(certificate: x509.Certificate, extension_type: type[x509.ExtensionType]) -> object:
@@ -191,24 +309,32 @@ def check_validity(chain: list[x509.Certificate], at: int, what: str) -> str | N
 def certificate_signer(
     entry: SignatureEntry,
     algorithm: SignatureAlgorithm,
-    block: SignatureBlock,
-    keyring: Keyring,
+    context: ChainContext,
     manifest_bytes: bytes,
     now: int | None,
     signing_time: SigningTime | None,
 ) -> tuple[VerifiedSigner | None, str | None]:
-    """The signer of `entry` if a certificate in `block` makes it trusted, else why not.
+    """The signer of `entry` if a certificate of the block makes it trusted, else why not.
 
     (None, None) means the block has no certificate for the key: simply not trusted.
     """
-    leaves = [cert for cert in block.certificates if cert.key_id == entry.key_id]
+    keyring = context.keyring
+    leaves = [(raw, cert) for raw, cert in context.loaded if raw.key_id == entry.key_id]
     if not leaves:
         return None, None
-    loaded = [(_load(cert), cert) for cert in block.certificates]
-    others = [cert for cert, raw in loaded if cert is not None and raw not in leaves]
+    others = [
+        cert
+        for raw, cert in context.loaded
+        if cert is not None and raw.key_id != entry.key_id and raw.der not in context.ambiguous
+    ]
     problem: str | None = None
-    for raw in leaves:
-        leaf = _load(raw)
+    for raw, leaf in leaves:
+        if leaf is not None and raw.der in context.ambiguous:
+            problem = (
+                f"certificate {_name(leaf)} shares its subject with another certificate of the "
+                "block; such certificates are not used"
+            )
+            continue
         if leaf is None:
             problem = f"the certificate for key {entry.key_id} is not a readable X.509 certificate"
             continue
@@ -224,13 +350,13 @@ def certificate_signer(
             problem = f"certificate {_name(leaf)} is not for key {entry.key_id}"
             continue
         try:
-            chain = build_chain(leaf, others, keyring)
+            chain = build_chain(leaf, others, context)
         except ValueError as error:
-            chain = f"certificate for key {entry.key_id}: malformed: {error}"
+            chain = f"certificate for key {entry.key_id}: malformed: {shown(str(error), 200)}"
         if isinstance(chain, str):
             problem = chain
             continue
-        problem = check_usage(chain)
+        problem = check_chain_strength(chain) or check_usage(chain)
         if problem is not None:
             continue
         if not verify_data(algorithm, public_key, entry.signature, manifest_bytes):

@@ -25,7 +25,8 @@ for _module in pkgutil.iter_modules(__path__):
 def main() -> None:
     """Entry point: run the app, turn avobuild errors into messages and exit codes.
 
-    typer handles usage errors itself (exit code 2); our errors propagate out of it.
+    typer handles usage errors itself (exit code 2, which no AvobuildError uses); our errors
+    propagate out of it.
     """
     try:
         app()

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
-from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -21,29 +18,24 @@ from avobuild.cli.common import (
     step,
     work_directory,
 )
+from avobuild.cli.signing_options import (
+    CertificateOption,
+    EncryptForOption,
+    EncryptionKeyOption,
+    ExpiresOption,
+    KeyOption,
+    MinApplierVersionOption,
+    Pkcs11ModuleOption,
+    Pkcs11Option,
+    SecurityVersionOption,
+    policy_options,
+    signing_plan,
+)
 from avobuild.errors import RecipeError
 
 if TYPE_CHECKING:
-    from avobuild.bundle.sign import CertificateEntry, Signer
+    from avobuild.bundle.info import BundleInfo
 
-KeyOption = Annotated[
-    list[Path] | None,
-    typer.Option("--key", help="Private signing key, PEM (repeatable: one signature each)."),
-]
-Pkcs11Option = Annotated[
-    list[str] | None,
-    typer.Option("--pkcs11", help="Sign with a token key: a pkcs11: URI (repeatable)."),
-]
-Pkcs11ModuleOption = Annotated[
-    Path | None,
-    typer.Option(help="PKCS#11 module (.so), unless the URI has module-path=."),
-]
-CertificateOption = Annotated[
-    list[Path] | None,
-    typer.Option(
-        "--certificate", help="Signer certificate and intermediates (PEM) to carry (repeatable)."
-    ),
-]
 DecryptionKeyOption = Annotated[
     Path | None,
     typer.Option(help="For an encrypted payload: a recipient's private key, or the key file."),
@@ -93,37 +85,18 @@ def bundle_create(
     unsigned: Annotated[
         bool, typer.Option("--unsigned", help="Leave the bundle unsigned, for offline signing.")
     ] = False,
-    security_version: Annotated[
-        int | None, typer.Option(help="Anti-rollback security version (devices refuse lower).")
-    ] = None,
-    min_applier_version: Annotated[
-        str | None, typer.Option(help="Oldest applier version allowed to install, e.g. 1.2.")
-    ] = None,
-    expires: Annotated[
-        str | None,
-        typer.Option(help="Refuse installation after this time: seconds or ISO 8601 (UTC)."),
-    ] = None,
-    encrypt_for: Annotated[
-        list[Path] | None,
-        typer.Option(
-            "--encrypt-for",
-            help="Encrypt the payload for this recipient: RSA/EC public key or certificate "
-            "(repeatable).",
-        ),
-    ] = None,
-    encryption_key: Annotated[
-        Path | None,
-        typer.Option(help="Encrypt the payload with this key file (32 bytes, raw or hex)."),
-    ] = None,
+    security_version: SecurityVersionOption = None,
+    min_applier_version: MinApplierVersionOption = None,
+    expires: ExpiresOption = None,
+    encrypt_for: EncryptForOption = None,
+    encryption_key: EncryptionKeyOption = None,
     chunk_size: Annotated[str, typer.Option(help="Chunk size, e.g. 1M.")] = "1M",
     level: Annotated[int, typer.Option(help="zstd compression level (1-19).")] = 10,
     workdir: WorkdirOption = None,
 ) -> None:
     """Create a signed full bundle from a recipe or from prebuilt images."""
-    from avobuild.bundle.crypt import load_content_key
-    from avobuild.bundle.format import ImageSource, write_bundle
-    from avobuild.bundle.manifest import COMPATIBLE_PATTERN, Policy
-    from avobuild.bundle.resign import load_signer_identity
+    from avobuild.bundle.manifest import COMPATIBLE_PATTERN
+    from avobuild.bundle.writer import ImageSource, write_bundle
     from avobuild.image.rootfs import build_slot_images
     from avobuild.model.recipe import NAME_PATTERN, load_recipe
     from avobuild.model.tomlcheck import parse_size
@@ -133,51 +106,45 @@ def bundle_create(
         chunk_bytes = parse_size(chunk_size)
     except ValueError:
         raise RecipeError(f"--chunk-size: expected a size like 1M, got {chunk_size!r}") from None
+    loaded = None
+    prebuilt: list[tuple[str, Path]] = []
+    if recipe is not None:
+        if image:
+            raise RecipeError("give either a RECIPE or --image options, not both")
+        loaded = load_recipe(recipe)
+        name, version, compatible = loaded.name, loaded.version, loaded.compatible
+    else:
+        if not image:
+            raise RecipeError(
+                "give a RECIPE, or --image NAME=PATH with --name, --version, --compatible and --key"
+            )
+        prebuilt = _parse_images(image)
+        for option, value in (("--name", name), ("--version", version)):
+            if value is None or not NAME_PATTERN.fullmatch(value):
+                raise RecipeError(f"{option}: expected letters, digits and ._+~:@-, got {value!r}")
+        if compatible is None or not COMPATIBLE_PATTERN.fullmatch(compatible):
+            raise RecipeError(
+                f"--compatible: expected letters, digits and ._+~:@-, with * and ? as "
+                f"wildcards, got {compatible!r}"
+            )
+        if not key and not pkcs11 and not unsigned:
+            raise RecipeError("--key, --pkcs11 or --unsigned: required with --image")
+    assert name is not None and version is not None and compatible is not None
+    plan = signing_plan(
+        keys=key,
+        pkcs11=pkcs11,
+        pkcs11_module=pkcs11_module,
+        certificates=certificate,
+        encrypt_for=encrypt_for,
+        encryption_key=encryption_key,
+        unsigned=unsigned,
+        recipe=(recipe, loaded.signing) if recipe is not None and loaded is not None else None,
+    )
+    policy = policy_options(security_version, min_applier_version, expires)
     with work_directory(workdir) as work:
-        if recipe is not None:
-            if image:
-                raise RecipeError("give either a RECIPE or --image options, not both")
-            loaded = load_recipe(recipe)
-            images = list(build_slot_images(loaded, work, step).items())
-            name, version, compatible = loaded.name, loaded.version, loaded.compatible
-            if not key and not pkcs11 and not unsigned:
-                # the recipe's [signing] table: every key and token key signs
-                signing = loaded.signing
-                if not signing.keys and not signing.pkcs11:
-                    raise RecipeError(
-                        f"{recipe}: [signing] key: missing, and no --key, --pkcs11 or "
-                        "--unsigned was given"
-                    )
-                key = list(signing.keys)
-                pkcs11 = list(signing.pkcs11)
-                pkcs11_module = pkcs11_module or signing.pkcs11_module
-                certificate = certificate or list(signing.certificates)
-        else:
-            if not image:
-                raise RecipeError(
-                    "give a RECIPE, or --image NAME=PATH with --name, --version, "
-                    "--compatible and --key"
-                )
-            images = _parse_images(image)
-            for option, value in (("--name", name), ("--version", version)):
-                if value is None or not NAME_PATTERN.fullmatch(value):
-                    raise RecipeError(
-                        f"{option}: expected letters, digits and ._+~:@-, got {value!r}"
-                    )
-            if compatible is None or not COMPATIBLE_PATTERN.fullmatch(compatible):
-                raise RecipeError(
-                    f"--compatible: expected letters, digits and ._+~:@-, with * and ? as "
-                    f"wildcards, got {compatible!r}"
-                )
-            if not key and not pkcs11 and not unsigned:
-                raise RecipeError("--key, --pkcs11 or --unsigned: required with --image")
-        assert name is not None and version is not None and compatible is not None
-        policy = Policy(security_version, min_applier_version, _parse_time(expires))
+        images = list(build_slot_images(loaded, work, step).items()) if loaded else prebuilt
         sources = [ImageSource(image_name, path) for image_name, path in images]
-        with (
-            byte_progress("compressing") as update,
-            open_signers(key or [], pkcs11 or [], pkcs11_module) as signers,
-        ):
+        with byte_progress("compressing") as update, plan.open_material() as material:
             manifest = write_bundle(
                 output,
                 sources,
@@ -185,12 +152,12 @@ def bundle_create(
                 version=version,
                 compatible=compatible,
                 build_date=source_date_epoch(),
-                signers=signers,
-                certificates=_certificate_entries(certificate or []),
-                unsigned=unsigned,
+                signers=material.signers,
+                certificates=material.certificates,
+                unsigned=material.unsigned,
                 policy=policy,
-                encryption_key=load_content_key(encryption_key) if encryption_key else None,
-                recipients=[load_signer_identity(path)[0] for path in encrypt_for or []],
+                encryption_key=material.content_key,
+                recipients=material.recipients,
                 chunk_size=chunk_bytes,
                 level=level,
                 progress=update,
@@ -208,14 +175,21 @@ def bundle_verify(
     bundle: Annotated[Path, typer.Argument(help="The .avb bundle, or - for standard input.")],
     keyring: KeyringOption,
     decryption_key: DecryptionKeyOption = None,
+    security_floor: Annotated[
+        int | None,
+        typer.Option(help="Refuse a security-version below this (a device's anti-rollback floor)."),
+    ] = None,
 ) -> None:
-    """Check the signatures, then every chunk and image hash, writing nothing.
+    """Check the signatures, then every chunk and image hash, writing nothing; then the policy
+    lines that need no device (expires against the clock, security-version against
+    --security-floor), saying which lines it did not check.
 
     The bundle is read once, sequentially, so it may come from a pipe.
     """
     from avobuild.bundle.crypt import load_decryption_key
-    from avobuild.bundle.format import BundleReader
     from avobuild.bundle.keys import load_keyring
+    from avobuild.bundle.reader import BundleReader
+    from avobuild.update.policy import evaluate_policy
 
     trusted = load_keyring(keyring)
     if str(bundle) == "-":
@@ -225,11 +199,8 @@ def bundle_verify(
     with reader:
         reader.verify_signature(trusted)
         if decryption_key is not None:
-            key = load_decryption_key(decryption_key)
-            if isinstance(key, bytes):
-                reader.unlock(content_key=key)
-            else:
-                reader.unlock(private_key=key)
+            reader.unlock(load_decryption_key(decryption_key))
+        verdicts = evaluate_policy(reader.manifest, security_floor=security_floor)
         reader.verify_payload()
         manifest = reader.manifest
         signers = ", ".join(signer.key_id for signer in reader.signers)
@@ -237,6 +208,9 @@ def bundle_verify(
         f"{reader.name}: OK: {manifest.name} {manifest.version} for {manifest.compatible}, "
         f"signed by {signers}"
     )
+    for verdict in verdicts:
+        state = "checked" if verdict.checked else "NOT checked"
+        out.print(f"  policy {verdict.line}: {state} ({verdict.why})")
 
 
 @bundle_app.command("digest")
@@ -292,59 +266,21 @@ def bundle_resign(
     from avobuild.bundle.resign import resign_bundle
 
     trusted = load_keyring(keyring) if keyring is not None else None
-    with open_signers(key or [], pkcs11 or [], pkcs11_module) as signers:
+    plan = signing_plan(
+        keys=key, pkcs11=pkcs11, pkcs11_module=pkcs11_module, certificates=certificate
+    )
+    with plan.signers() as signers:
         block = resign_bundle(
             bundle,
             output,
             signers,
             replace=replace,
             remove=remove or [],
-            certificates=_certificate_entries(certificate or []),
+            certificates=plan.certificate_entries(),
             keyring=trusted,
         )
     for entry in block.signatures:
         out.print(f"{output}: {entry.algorithm} signature by key {entry.key_id}")
-
-
-@contextmanager
-def open_signers(keys: list[Path], uris: list[str], module: Path | None) -> Iterator[list[Signer]]:
-    """Signers for key files and PKCS#11 URIs; tokens are closed afterwards."""
-    from avobuild.bundle.keys import load_private_key
-    from avobuild.bundle.sign import KeySigner
-
-    signers: list[Signer] = [KeySigner(load_private_key(path)) for path in keys]
-    with ExitStack() as stack:
-        if uris:
-            from avobuild.bundle.pkcs11 import Pkcs11Signer
-
-            for uri in uris:
-                signers.append(stack.enter_context(Pkcs11Signer(uri, module)))
-        yield signers
-
-
-def _certificate_entries(paths: list[Path]) -> list[CertificateEntry]:
-    from avobuild.bundle.keys import load_certificates
-    from avobuild.bundle.x509 import certificate_entry
-
-    return [certificate_entry(cert) for path in paths for cert in load_certificates(path)]
-
-
-def _parse_time(text: str | None) -> int | None:
-    if text is None:
-        return None
-    if text.isdigit():
-        return int(text)
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise RecipeError(
-            f"--expires: expected seconds since 1970 or an ISO 8601 time, got {text!r}"
-        ) from None
-    if moment.tzinfo is None:
-        from datetime import UTC
-
-        moment = moment.replace(tzinfo=UTC)
-    return int(moment.timestamp())
 
 
 def _read_file(path: Path) -> bytes:
@@ -363,43 +299,95 @@ def bundle_info_command(
     ] = None,
 ) -> None:
     """Describe a bundle: product, version, images, chunks, signatures."""
-    from avobuild.bundle.format import BundleReader, bundle_info
+    from avobuild.bundle.info import bundle_info
     from avobuild.bundle.keys import load_keyring
+    from avobuild.bundle.reader import BundleReader
 
     with BundleReader.open(bundle) as reader:
         if keyring is not None:
             reader.verify_signature(load_keyring(keyring))
         info = bundle_info(reader)
     if as_json:
-        out.print(json.dumps(info, indent=2, sort_keys=True))
+        out.print(json.dumps(info_json(info), indent=2, sort_keys=True))
         return
     _print_info(info)
 
 
-def _print_info(info: dict[str, Any]) -> None:
-    verified = "verified" if info.get("signature_verified") else "NOT verified (use --keyring)"
-    out.print(f"name:        {info['name']}")
-    out.print(f"version:     {info['version']}")
-    out.print(f"compatible:  {info['compatible']}")
-    out.print(f"type:        {info.get('type', 'full')}")
-    out.print(f"build date:  {info['build_date']}")
-    out.print(f"chunk size:  {info['chunk_size']}")
-    out.print(f"compression: {info['compression']}")
-    for field, label in (
-        ("security_version", "security version"),
-        ("min_applier_version", "min applier"),
-        ("expires", "expires"),
-        ("encryption", "encryption"),
+def info_json(info: BundleInfo) -> dict[str, object]:
+    """The `bundle info --json` object (its keys and values are an interface: keep them)."""
+    return {
+        "file": info.file,
+        "format": info.format,
+        "type": info.type.value,
+        "name": info.name,
+        "version": info.version,
+        "compatible": info.compatible,
+        "build_date": info.build_date,
+        "manifest_version": info.manifest_version,
+        "security_version": info.security_version,
+        "min_applier_version": info.min_applier_version,
+        "expires": info.expires,
+        "encryption": info.encryption,
+        "chunk_size": info.chunk_size,
+        "compression": info.compression.value,
+        "images": [
+            {
+                "name": image.name,
+                "size": image.size,
+                "sha256": image.sha256,
+                "chunks": image.chunks,
+                "stored_size": image.stored_size,
+                **(
+                    {
+                        "source": {"size": image.source.size, "sha256": image.source.sha256},
+                        "target": {"size": image.target.size, "sha256": image.target.sha256},
+                    }
+                    if image.source is not None and image.target is not None
+                    else {}
+                ),
+            }
+            for image in info.images
+        ],
+        "signatures": [
+            {"algorithm": entry.algorithm, "key_id": entry.key_id, "supported": entry.supported}
+            for entry in info.signatures
+        ],
+        "certificates": list(info.certificates),
+        "signature_verified": info.signature_verified,
+        "signer": info.signer,
+        "signers": list(info.signers),
+        "manifest_size": info.manifest_size,
+        "signature_block_size": info.signature_block_size,
+        "payload_offset": info.payload_offset,
+        "payload_size": info.payload_size,
+        "total_size": info.total_size,
+    }
+
+
+def _print_info(info: BundleInfo) -> None:
+    verified = "verified" if info.signature_verified else "NOT verified (use --keyring)"
+    out.print(f"name:        {info.name}")
+    out.print(f"version:     {info.version}")
+    out.print(f"compatible:  {info.compatible}")
+    out.print(f"type:        {info.type.value}")
+    out.print(f"build date:  {info.build_date}")
+    out.print(f"chunk size:  {info.chunk_size}")
+    out.print(f"compression: {info.compression.value}")
+    for value, label in (
+        (info.security_version, "security version"),
+        (info.min_applier_version, "min applier"),
+        (info.expires, "expires"),
+        (info.encryption, "encryption"),
     ):
-        if info.get(field) is not None:
-            out.print(f"{label + ':':<12} {info[field]}")
+        if value is not None:
+            out.print(f"{label + ':':<12} {value}")
     out.print(f"signature:   {verified}")
-    for signature in info.get("signatures", []):
-        out.print(f"  {signature['algorithm']} key {signature['key_id']}")
-    for identifier in info.get("certificates", []):
+    for signature in info.signatures:
+        out.print(f"  {signature.algorithm} key {signature.key_id}")
+    for identifier in info.certificates:
         out.print(f"  certificate for key {identifier}")
-    for item in info.get("images", []):
+    for image in info.images:
         out.print(
-            f"image {item['name']}: {item['size']} bytes, sha256 {item['sha256']}, "
-            f"{item['chunks']} chunks, {item['stored_size']} bytes stored"
+            f"image {image.name}: {image.size} bytes, sha256 {image.sha256}, "
+            f"{image.chunks} chunks, {image.stored_size} bytes stored"
         )

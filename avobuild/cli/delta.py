@@ -9,6 +9,20 @@ from typing import Annotated
 import typer
 
 from avobuild.cli.common import WorkdirOption, app, console, out, step_progress, work_directory
+from avobuild.cli.signing_options import (
+    CertificateOption,
+    EncryptForOption,
+    EncryptionKeyOption,
+    ExpiresOption,
+    KeyOption,
+    MinApplierVersionOption,
+    Pkcs11ModuleOption,
+    Pkcs11Option,
+    SecurityVersionOption,
+    policy_options,
+    signing_plan,
+)
+from avobuild.errors import RecipeError
 
 delta_app = typer.Typer(help="Create, apply and measure delta bundles.", no_args_is_help=True)
 app.add_typer(delta_app, name="delta")
@@ -40,10 +54,25 @@ def delta_create(
     old: FromOption,
     new: ToOption,
     output: Annotated[Path, typer.Option("-o", "--output", help="The delta .avb to write.")],
-    key: Annotated[Path, typer.Option(help="Private signing key (PEM).")],
+    key: KeyOption = None,
+    pkcs11: Pkcs11Option = None,
+    pkcs11_module: Pkcs11ModuleOption = None,
+    certificate: CertificateOption = None,
+    unsigned: Annotated[
+        bool, typer.Option("--unsigned", help="Leave the delta unsigned, for offline signing.")
+    ] = False,
+    security_version: SecurityVersionOption = None,
+    min_applier_version: MinApplierVersionOption = None,
+    expires: ExpiresOption = None,
+    encrypt_for: EncryptForOption = None,
+    encryption_key: EncryptionKeyOption = None,
     keyring: Annotated[
         Path | None,
-        typer.Option(help="Keys to verify --from and --to with (default: the --key's own)."),
+        typer.Option(help="Keys to verify --from and --to with (default: the signing keys)."),
+    ] = None,
+    decryption_key: Annotated[
+        Path | None,
+        typer.Option(help="Opens encrypted --from and --to bundles (recipient key or key file)."),
     ] = None,
     full_if_larger: Annotated[
         bool,
@@ -54,23 +83,49 @@ def delta_create(
     level: Annotated[int, typer.Option(help="zstd level of the delta operations.")] = 9,
     workdir: WorkdirOption = None,
 ) -> None:
-    """Create a signed delta bundle that turns the images of --from into those of --to."""
-    from avobuild.bundle.keys import load_keyring, load_private_key, public_key_pem
+    """Create a signed delta bundle that turns the images of --from into those of --to.
+
+    It takes the name, version, compatible string, build date and policy of --to; the
+    policy options replace single policy lines.
+    """
+    from avobuild.bundle.crypt import load_decryption_key
+    from avobuild.bundle.keys import load_keyring, public_key_pem
     from avobuild.delta.bundles import create_delta_bundle
 
-    private_key = load_private_key(key)
-    with work_directory(workdir) as work, step_progress() as update:
+    if not key and not pkcs11 and not unsigned:
+        raise RecipeError("--key, --pkcs11 or --unsigned: required")
+    if unsigned and keyring is None:
+        raise RecipeError("--keyring: required with --unsigned (to verify --from and --to)")
+    plan = signing_plan(
+        keys=key,
+        pkcs11=pkcs11,
+        pkcs11_module=pkcs11_module,
+        certificates=certificate,
+        encrypt_for=encrypt_for,
+        encryption_key=encryption_key,
+        unsigned=unsigned,
+    )
+    policy = policy_options(security_version, min_applier_version, expires)
+    decryption = load_decryption_key(decryption_key) if decryption_key is not None else None
+    with (
+        work_directory(workdir) as work,
+        plan.open_material() as material,
+        step_progress() as update,
+    ):
         if keyring is None:
-            keyring = work / "signing-key.pub.pem"
-            keyring.write_bytes(public_key_pem(private_key.public_key()))
-        trusted = load_keyring(keyring)
+            keyring = work / "signing-keys.pub.pem"
+            keyring.write_bytes(
+                b"".join(public_key_pem(signer.public_key) for signer in material.signers)
+            )
         result = create_delta_bundle(
             old,
             new,
             output,
             work,
-            private_key=private_key,
-            keyring=trusted,
+            signing=material,
+            keyring=load_keyring(keyring),
+            policy=policy,
+            decryption=decryption,
             full_if_larger=full_if_larger,
             level=level,
             progress=update,
@@ -98,18 +153,25 @@ def delta_apply(
         list[str], typer.Option("--source", help="NAME=PATH of the image the delta starts from.")
     ],
     output: Annotated[list[str], typer.Option("--output", help="NAME=PATH of the image to write.")],
+    decryption_key: Annotated[
+        Path | None,
+        typer.Option(help="For an encrypted payload: a recipient's private key, or the key file."),
+    ] = None,
 ) -> None:
     """Rebuild target images from their source images and verify them (host side)."""
+    from avobuild.bundle.crypt import load_decryption_key
     from avobuild.bundle.keys import load_keyring
     from avobuild.delta.bundles import apply_delta_bundle, apply_options
 
     trusted = load_keyring(keyring)
+    decryption = load_decryption_key(decryption_key) if decryption_key is not None else None
     with step_progress() as update:
         built = apply_delta_bundle(
             bundle,
             trusted,
             apply_options(source, "--source"),
             apply_options(output, "--output"),
+            decryption=decryption,
             progress=update,
         )
     for name, ref in built.items():

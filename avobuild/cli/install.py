@@ -30,11 +30,18 @@ def install(
         Path | None,
         typer.Option(help="For an encrypted payload: a recipient's private key, or the key file."),
     ] = None,
+    allow_downgrade: Annotated[
+        bool,
+        typer.Option("--allow-downgrade", help="Install a version older than the running slot's."),
+    ] = False,
 ) -> None:
     """Verify a bundle fully, write it to the inactive slot and make that slot boot next.
 
-    From standard input (-) the bundle is read once and each verified chunk is written as it
-    arrives; the slots switch only after the whole bundle verified.
+    From a file, every chunk and delta operation is checked before the first write. From
+    standard input (-) the bundle is read once: the inactive slot is marked incomplete, each
+    verified chunk is written as it arrives, and the slots switch only after the whole bundle
+    verified. The only confirmed slot is never written; an older version than the running
+    one needs --allow-downgrade.
     """
     from avobuild.bundle.crypt import load_decryption_key
     from avobuild.model.layout import load_layout
@@ -53,6 +60,7 @@ def install(
             progress=update,
             stream=stream,
             decryption=decryption,
+            allow_downgrade=allow_downgrade,
         )
     state = "confirmed" if confirm else "pending trial boot"
     out.print(
@@ -82,6 +90,7 @@ def status(
                 "tries": s.tries,
                 "version": s.version,
                 "security_version": s.security_version,
+                "incomplete": s.incomplete,
             }
             for slot, s in state.slots.items()
         },
@@ -94,5 +103,11 @@ def status(
         out.print(f"security version: {state.security_version} (anti-rollback floor)")
     for slot, slot_state in state.slots.items():
         marker = "*" if slot is state.primary else " "
+        if slot_state.incomplete:
+            out.print(
+                f"{marker} slot {slot.value}: (incomplete: an install into it has not finished; "
+                "it does not boot)"
+            )
+            continue
         condition = "confirmed" if slot_state.ok else f"unconfirmed, {slot_state.tries} tries left"
         out.print(f"{marker} slot {slot.value}: {slot_state.version or '(empty)'} ({condition})")

@@ -21,7 +21,7 @@ def keys_generate(
         str,
         typer.Option("--type", help="ed25519, ecdsa-p256, ecdsa-p384 or rsa."),
     ] = "ed25519",
-    rsa_bits: Annotated[int, typer.Option(help="RSA key size (3072 or more).")] = 3072,
+    rsa_bits: Annotated[int, typer.Option(help="RSA key size (3072 to 8192).")] = 3072,
 ) -> None:
     """Generate a signing key pair (private key mode 0600)."""
     from avobuild.bundle.keys import KeyAlgorithm, generate_keypair
@@ -40,8 +40,7 @@ def keys_id(
     key: Annotated[Path, typer.Argument(help="Public or private key, or certificate (PEM).")],
 ) -> None:
     """Print the key-id (sha256 of the DER public key) and the signature algorithm."""
-    from avobuild.bundle.keys import PublicKey, key_id, load_private_key
-    from avobuild.bundle.resign import load_signer_identity
+    from avobuild.bundle.keys import PublicKey, key_id, load_private_key, load_signer_identity
     from avobuild.bundle.sign import signature_algorithm
 
     data = key.read_bytes() if key.is_file() else b""

@@ -24,6 +24,7 @@ from pathlib import Path
 import zstandard
 
 from avobuild.bundle.manifest import ChunkEntry, ImageEntry, ImageRef
+from avobuild.bundle.reader import decode_frame
 from avobuild.delta.stream import (
     MAX_LINE,
     Op,
@@ -132,22 +133,31 @@ def read_delta_header(stream: ChunkStream, name: str) -> tuple[ImageRef, ImageRe
     return source, target
 
 
-def check_source(source: Region, ref: ImageRef) -> None:
-    """Refuse a source whose first `ref.size` bytes do not hash to `ref.sha256`."""
+def region_sha256(region: Region, size: int) -> tuple[str, int]:
+    """The sha256 of the first `size` bytes of `region` and how many it holds (fewer at the
+    end of a file): the one "read it back and hash it" of sources and written slots."""
     digest = hashlib.sha256()
     position = 0
-    while position < ref.size:
-        block = os.pread(source.fd, min(_COPY_SIZE, ref.size - position), source.offset + position)
+    while position < size:
+        block = os.pread(region.fd, min(_COPY_SIZE, size - position), region.offset + position)
         if not block:
-            raise BundleError(
-                f"{source.name}: holds {position} bytes, the delta needs a source of {ref.size}"
-            )
+            break
         digest.update(block)
         position += len(block)
-    if digest.hexdigest() != ref.sha256:
+    return digest.hexdigest(), position
+
+
+def check_source(source: Region, ref: ImageRef) -> None:
+    """Refuse a source whose first `ref.size` bytes do not hash to `ref.sha256`."""
+    digest, held = region_sha256(source, ref.size)
+    if held < ref.size:
+        raise BundleError(
+            f"{source.name}: holds {held} bytes, the delta needs a source of {ref.size}"
+        )
+    if digest != ref.sha256:
         raise BundleError(
             f"{source.name}: is not the source this delta was made from: the sha256 of its "
-            f"first {ref.size} bytes is {digest.hexdigest()}, the delta needs {ref.sha256}; "
+            f"first {ref.size} bytes is {digest}, the delta needs {ref.sha256}; "
             "nothing was written"
         )
 
@@ -191,11 +201,15 @@ def replay_delta(
     name: str,
     source: Region,
     source_ref: ImageRef,
-    target: Region,
+    target: Region | None,
     target_ref: ImageRef,
     progress: ApplyProgress | None = None,
 ) -> ImageRef:
-    """Apply the operations after the header; check the end line and the target hash."""
+    """Apply the operations after the header; check the end line and the target hash.
+
+    With `target` None nothing is written: every operation is still parsed, bounded, read
+    from the source, decoded and checked against its hash, and the rebuilt target's hash is
+    checked, so a stream that passes will apply without an error (`check_delta`)."""
     decompressor = zstandard.ZstdDecompressor()
     target_hash = hashlib.sha256()
     position = 0
@@ -255,7 +269,7 @@ def _apply_op(
     where: str,
     source: Region,
     source_ref: ImageRef,
-    target: Region,
+    target: Region | None,
     target_hash: hashlib._Hash,
     decompressor: zstandard.ZstdDecompressor,
 ) -> None:
@@ -316,17 +330,9 @@ def _decompress(
     decompressor: zstandard.ZstdDecompressor, payload: bytes, op: Op, where: str
 ) -> bytes:
     try:
-        declared = zstandard.get_frame_parameters(payload).content_size
-        if declared != op.length:
-            raise BundleError(
-                f"{where}: zstd frame declares {declared} bytes, expected {op.length}"
-            )
-        data = decompressor.decompress(payload, max_output_size=op.length)
-    except zstandard.ZstdError as error:
-        raise BundleError(f"{where}: cannot decode the operation's zstd frame: {error}") from None
-    if len(data) != op.length:
-        raise BundleError(f"{where}: decoded {len(data)} bytes, expected {op.length}")
-    return data
+        return decode_frame(payload, op.length, decompressor)
+    except BundleError as error:
+        raise BundleError(f"{where}: the operation's payload {error}") from None
 
 
 def _pread(region: Region, offset: int, size: int) -> bytes:
@@ -339,12 +345,29 @@ def _pread(region: Region, offset: int, size: int) -> bytes:
     return data
 
 
-def _write(region: Region, offset: int, data: bytes) -> None:
+def _write(region: Region | None, offset: int, data: bytes) -> None:
+    if region is None:
+        return
     view = memoryview(data)
     while view:
         written = os.pwrite(region.fd, view, region.offset + offset)
         view = view[written:]
         offset += written
+
+
+def check_delta(
+    stream: ChunkStream,
+    name: str,
+    source: Region,
+    expected: tuple[ImageRef, ImageRef],
+    progress: ApplyProgress | None = None,
+) -> None:
+    """Validate a whole delta stream against its source without writing anything: the header
+    against the manifest's refs, every operation's grammar, bounds and tiling (so no extent
+    lies outside the target or the source, and none overlaps another), every payload as one
+    zstd frame, every hash, and the end. An installer reading a file runs this first."""
+    source_ref, target_ref = read_checked_header(stream, name, expected)
+    replay_delta(stream, name, source, source_ref, None, target_ref, progress)
 
 
 def apply_delta_file(

@@ -3,8 +3,10 @@
 `create_delta_bundle` unpacks the images of the old and the new full bundle into a work
 directory (chunk by chunk, each chunk checked against its manifest), encodes one delta stream
 per image of the new bundle and writes them as a `type delta` bundle (docs/bundle-format.md)
-with the new bundle's name, version, compatible string and build date, signed like any
-bundle. An image the old bundle lacks gets a delta from the empty image (all `data`).
+with the new bundle's name, version, compatible string, build date and policy (each policy
+line may be overridden), signed and optionally encrypted by a `SigningPlan` like any bundle.
+An image the old bundle lacks gets a delta from the empty image (all `data`); an image only
+the old bundle has is simply not in the delta (docs/delta-format.md, "Images").
 
 `apply_delta_bundle` is the host-side applier: it checks the signature, then for each image
 checks the given source file's hash before creating anything, and rebuilds the target from
@@ -14,19 +16,21 @@ its hash matched.
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 import shutil
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-import zstandard
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from avobuild.bundle.format import BundleReader, ImageSource, decode_chunk, write_bundle
-from avobuild.bundle.keys import Keyring, PrivateKey
-from avobuild.bundle.manifest import EMPTY_SHA256, BundleType, ImageEntry, ImageRef, Manifest
+from avobuild.bundle.crypt import DecryptionKey
+from avobuild.bundle.keys import Keyring
+from avobuild.bundle.manifest import EMPTY_SHA256, BundleType, ImageRef, Manifest, Policy
+from avobuild.bundle.reader import BundleReader
+from avobuild.bundle.sign import KeySigner
+from avobuild.bundle.signing import SigningMaterial
+from avobuild.bundle.writer import ImageSource, write_bundle
 from avobuild.delta.apply import ChunkStream, apply_to_file, image_chunks
 from avobuild.delta.encode import DEFAULT_DELTA_LEVEL, DeltaSummary, encode_delta
 from avobuild.delta.plan import DEFAULT_DICTIONARY_SIZE, DEFAULT_EXTENT_SIZE
@@ -65,15 +69,22 @@ def read_manifest(reader: BundleReader, keyring: Keyring | None) -> Manifest:
 
 
 def extract_images(
-    bundle: Path, directory: Path, keyring: Keyring | None, prefix: str
+    bundle: Path,
+    directory: Path,
+    keyring: Keyring | None,
+    prefix: str,
+    decryption: DecryptionKey | None = None,
 ) -> tuple[Manifest, dict[str, Path]]:
     """Unpack every image of a full bundle into `directory` as `<prefix>-<name>.img`.
 
-    With a keyring the signature is checked first; without one the manifest is taken as is
-    (for measuring), but every chunk and image is still checked against it.
+    With a keyring the signature is checked first (and `decryption` opens an encrypted
+    payload); without one the manifest is taken as is (for measuring), but every chunk and
+    image is still checked against it.
     """
     with BundleReader.open(bundle) as reader:
         manifest = read_manifest(reader, keyring)
+        if keyring is not None:
+            reader.unlock(decryption)
         if manifest.type is not BundleType.FULL:
             raise BundleError(
                 f"{bundle}: is a {manifest.type} bundle; deltas are made from full ones"
@@ -82,9 +93,7 @@ def extract_images(
         handles = {name: path.open("wb") for name, path in paths.items()}
         try:
             chunks = (
-                reader.iter_chunks()
-                if keyring is not None
-                else _unverified_chunks(bundle, reader, manifest)
+                reader.iter_chunks() if keyring is not None else reader.iter_unverified_chunks()
             )
             for image, _chunk, data in chunks:
                 handles[image.name].write(data)
@@ -94,42 +103,16 @@ def extract_images(
     return manifest, paths
 
 
-def _unverified_chunks(
-    bundle: Path, reader: BundleReader, manifest: Manifest
-) -> Iterator[tuple[ImageEntry, object, bytes]]:
-    """The chunks of a bundle whose signature was not checked, each checked against the
-    manifest (for `delta stats`, which measures and installs nothing)."""
-    if manifest.encryption is not None:
-        raise BundleError(f"{bundle}: the payload is encrypted; give --keyring and a key")
-    decompressor = zstandard.ZstdDecompressor()
-    with bundle.open("rb") as handle:
-        handle.seek(reader.payload_offset)
-        for image in manifest.images:
-            image_hash = hashlib.sha256()
-            for chunk in image.chunks:
-                stored = handle.read(chunk.stored_size)
-                where = f"{bundle}: chunk {chunk.index} of image {image.name}"
-                if hashlib.sha256(stored).hexdigest() != chunk.sha256:
-                    raise BundleError(f"{where}: sha256 mismatch")
-                size = manifest.chunk_data_size(image, chunk.index)
-                try:
-                    data = decode_chunk(stored, size, manifest.compression, decompressor)
-                except BundleError as error:
-                    raise BundleError(f"{where}: {error}") from None
-                image_hash.update(data)
-                yield image, chunk, data
-            if image_hash.hexdigest() != image.sha256:
-                raise BundleError(f"{bundle}: image {image.name}: sha256 mismatch")
-
-
 def create_delta_bundle(
     old: Path,
     new: Path,
     output: Path,
     work: Path,
     *,
-    private_key: PrivateKey,
+    signing: SigningMaterial,
     keyring: Keyring | None,
+    policy: Policy | None = None,
+    decryption: DecryptionKey | None = None,
     full_if_larger: bool = False,
     level: int = DEFAULT_DELTA_LEVEL,
     extent_size: int = DEFAULT_EXTENT_SIZE,
@@ -139,11 +122,19 @@ def create_delta_bundle(
 ) -> DeltaBundleResult:
     """Write the delta bundle from `old` to `new` (full bundles) to `output`.
 
-    If the delta bundle is not smaller than `new` and `full_if_larger` is set, `output`
-    becomes a copy of `new` instead; the result says which was written.
+    `signing` signs it (and encrypts its payload if it holds a content key); `policy` lines
+    that are set replace the new bundle's. `decryption` opens encrypted `old` and `new`
+    bundles. If the delta bundle is not smaller than `new` and `full_if_larger` is set,
+    `output` becomes a copy of `new` instead; the result says which was written.
     """
-    old_manifest, old_images = extract_images(old, work, keyring, "old")
-    new_manifest, new_images = extract_images(new, work, keyring, "new")
+    old_manifest, old_images = extract_images(old, work, keyring, "old", decryption)
+    new_manifest, new_images = extract_images(new, work, keyring, "new", decryption)
+    if new_manifest.encryption is not None and signing.content_key is None:
+        raise BundleError(
+            f"{new}: is encrypted, and a delta holds its content; encrypt the delta too "
+            "(--encrypt-for or --encryption-key)"
+        )
+    delta_policy = _override(new_manifest.policy, policy or Policy())
     empty = work / "empty.img"
     empty.write_bytes(b"")
     sources = []
@@ -185,11 +176,15 @@ def create_delta_bundle(
         version=new_manifest.version,
         compatible=new_manifest.compatible,
         build_date=new_manifest.build_date,
-        private_key=private_key,
+        signers=signing.signers,
+        certificates=signing.certificates,
+        unsigned=signing.unsigned,
+        encryption_key=signing.content_key,
+        recipients=signing.recipients,
         chunk_size=new_manifest.chunk_size,
         level=STREAM_BUNDLE_LEVEL,
         threads=threads,
-        policy=new_manifest.policy if not new_manifest.policy.empty else None,
+        policy=delta_policy,
     )
     full_size = new.stat().st_size
     delta_size = output.stat().st_size
@@ -199,6 +194,18 @@ def create_delta_bundle(
         wrote_full = True
     return DeltaBundleResult(
         None if wrote_full else manifest, full_size, delta_size, wrote_full, tuple(summaries)
+    )
+
+
+def _override(policy: Policy, changes: Policy) -> Policy:
+    """`policy` with every line `changes` sets replaced."""
+    return replace(
+        policy,
+        **{
+            field.name: getattr(changes, field.name)
+            for field in fields(changes)
+            if getattr(changes, field.name) is not None
+        },
     )
 
 
@@ -221,7 +228,9 @@ def measure_delta(
         new,
         work / "measured-delta.avb",
         work,
-        private_key=ed25519.Ed25519PrivateKey.generate(),
+        signing=SigningMaterial(
+            (KeySigner(ed25519.Ed25519PrivateKey.generate()),), (), False, None, ()
+        ),
         keyring=keyring,
         level=level,
         progress=progress,
@@ -244,6 +253,7 @@ def apply_delta_bundle(
     sources: Mapping[str, Path],
     outputs: Mapping[str, Path],
     *,
+    decryption: DecryptionKey | None = None,
     progress: StepProgress = _no_progress,
 ) -> dict[str, ImageRef]:
     """Rebuild the images named in `outputs` from their `sources`; return what was built.
@@ -252,6 +262,7 @@ def apply_delta_bundle(
     """
     with BundleReader.open(bundle) as reader:
         reader.verify_signature(keyring)
+        reader.unlock(decryption)
         manifest = reader.manifest
         if manifest.type is not BundleType.DELTA:
             raise BundleError(f"{bundle}: is a {manifest.type} bundle, not a delta bundle")

@@ -65,13 +65,6 @@ class PlannedExtent:
         return self.offset + self.length
 
 
-@dataclass(frozen=True)
-class PlanStats:
-    copy_bytes: int
-    zero_bytes: int
-    changed_bytes: int
-
-
 def block_digests(path: Path, size: int) -> bytes:
     """The 16-byte digests of every full block of the first `size` bytes, concatenated."""
     digests = bytearray()
@@ -285,10 +278,3 @@ def _with_dictionary(
     window = min(dictionary_size, source_size, 2 * length + SMALL_WINDOW_MARGIN)
     start = min(max(0, mapped - window // 2), source_size - window)
     return PlannedExtent(ExtentKind.CHANGED, offset, length, start, window)
-
-
-def plan_stats(extents: list[PlannedExtent]) -> PlanStats:
-    totals = dict.fromkeys(ExtentKind, 0)
-    for extent in extents:
-        totals[extent.kind] += extent.length
-    return PlanStats(totals[ExtentKind.COPY], totals[ExtentKind.ZERO], totals[ExtentKind.CHANGED])

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from avobuild.bundle.manifest import ImageRef
-from avobuild.errors import BundleError
+from avobuild.errors import BundleError, shown
 
 STREAM_VERSION = 1
 BLOCK_SIZE = 4096
@@ -25,6 +25,8 @@ BLOCK_SIZE = 4096
 # an applier must hold in memory for one operation (plus the payload, bounded below).
 MAX_EXTENT = 16 << 20
 MAX_LINE = 512
+# Every number is at most what 64-bit signed shell arithmetic holds, as in the manifest.
+MAX_NUMBER = (1 << 63) - 1
 
 _NUMBER = r"(0|[1-9][0-9]{0,18})"
 _SHA = r"([0-9a-f]{64})"
@@ -37,7 +39,7 @@ _LINES = {
     ),
     "end": re.compile(rf"end {_NUMBER}", re.ASCII),
 }
-_MAGIC = re.compile(r"avobuild-delta ([0-9]+)", re.ASCII)
+_MAGIC = re.compile(r"avobuild-delta (0|[1-9][0-9]{0,8})", re.ASCII)  # one spelling per version
 _REF = re.compile(rf"(source|target) {_NUMBER} {_SHA}", re.ASCII)
 
 
@@ -107,7 +109,7 @@ def render_end(op_count: int) -> bytes:
 def parse_magic(line: str) -> None:
     match = _MAGIC.fullmatch(line)
     if match is None:
-        raise BundleError(f"not a delta stream: it starts with {line[:40]!r}")
+        raise BundleError(f"not a delta stream: it starts with {shown(line, 40)}")
     if int(match.group(1)) != STREAM_VERSION:
         raise BundleError(
             f"unsupported delta stream version {match.group(1)} (this avobuild reads "
@@ -117,8 +119,8 @@ def parse_magic(line: str) -> None:
 
 def parse_ref(line: str, keyword: str) -> ImageRef:
     match = _REF.fullmatch(line)
-    if match is None or match.group(1) != keyword:
-        raise BundleError(f"expected a {keyword!r} line (size and sha256), got {line[:120]!r}")
+    if match is None or match.group(1) != keyword or int(match.group(2)) > MAX_NUMBER:
+        raise BundleError(f"expected a {keyword!r} line (size and sha256), got {shown(line, 120)}")
     return ImageRef(int(match.group(2)), match.group(3))
 
 
@@ -131,22 +133,26 @@ def parse_op(line: str) -> Op | int:
     keyword = line.partition(" ")[0]
     pattern = _LINES.get(keyword)
     match = pattern.fullmatch(line) if pattern is not None else None
-    if match is None:
-        raise BundleError(f"malformed delta operation {line[:120]!r}")
+    # Numbers have at most 19 digits (hashes have 64), so 19-digit values above 2^63 - 1 are
+    # the only numbers the grammar lets through that the format forbids.
+    if match is None or any(
+        len(value) <= 19 and int(value) > MAX_NUMBER for value in match.groups()
+    ):
+        raise BundleError(f"malformed delta operation {shown(line, 120)}")
     values = match.groups()
     if keyword == "end":
         return int(values[0])
     kind = OpKind(keyword)
     offset, length = int(values[0]), int(values[1])
     if length == 0:
-        raise BundleError(f"delta operation {line[:120]!r} has length 0")
+        raise BundleError(f"delta operation {shown(line, 120)} has length 0")
     if kind is OpKind.COPY:
         return Op(kind, offset, length, values[3], source_offset=int(values[2]))
     if kind is OpKind.ZERO:
         return Op(kind, offset, length)
     if length > MAX_EXTENT:
         raise BundleError(
-            f"delta operation {line[:120]!r}: {length} bytes, over the limit of {MAX_EXTENT}"
+            f"delta operation {shown(line, 120)}: {length} bytes, over the limit of {MAX_EXTENT}"
         )
     if kind is OpKind.DATA:
         op = Op(kind, offset, length, values[3], payload_size=int(values[2]))
@@ -163,12 +169,12 @@ def parse_op(line: str) -> Op | int:
         )
         if not 0 < op.source_length <= MAX_EXTENT:
             raise BundleError(
-                f"delta operation {line[:120]!r}: dictionary of {op.source_length} bytes, "
+                f"delta operation {shown(line, 120)}: dictionary of {op.source_length} bytes, "
                 f"expected 1 to {MAX_EXTENT}"
             )
     if not 0 < op.payload_size <= max_payload_size(length):
         raise BundleError(
-            f"delta operation {line[:120]!r}: payload of {op.payload_size} bytes, expected 1 "
+            f"delta operation {shown(line, 120)}: payload of {op.payload_size} bytes, expected 1 "
             f"to {max_payload_size(length)}"
         )
     return op

@@ -11,6 +11,9 @@ EBR, which sits on that multiple. A fixed `offset` is used as given; the EBR of 
 partition at a fixed offset goes on the last alignment boundary before it (or in the sector
 just before it when the gap is smaller). The disk, when the layout gives no size, ends at the
 next multiple of the alignment after the last partition (plus the backup GPT) or raw region.
+
+`slot_role` is the one answer to "which partition does bundle image X go to when slot S is
+updated", shared by full and delta installs and the applier renderer.
 """
 
 from __future__ import annotations
@@ -20,7 +23,15 @@ from dataclasses import dataclass
 from avobuild.disk.gpt import first_usable_lba, last_usable_lba
 from avobuild.disk.mbr import ExtendedPartition
 from avobuild.errors import RecipeError
-from avobuild.model.layout import Layout, PartitionSpec, RawRegion, Role, TableType
+from avobuild.model.layout import (
+    IMAGE_SLOT_CLASS,
+    Layout,
+    PartitionSpec,
+    RawRegion,
+    Role,
+    Slot,
+    TableType,
+)
 from avobuild.model.tomlcheck import format_size
 
 _MBR_LBA_LIMIT = 1 << 32
@@ -81,6 +92,19 @@ class DiskPlan:
                 start = part.ebr_lba * sector
                 areas.append((start, start + sector, f"the EBR of partition {part.number}"))
         return areas
+
+    def slot_partition(self, image: str, slot: Slot) -> PlacedPartition | None:
+        """The partition that receives bundle image `image` when `slot` is updated."""
+        role = slot_role(image, slot)
+        return None if role is None else self.by_role(role)
+
+
+def slot_role(image: str, slot: Slot) -> Role | None:
+    """The role of the partition that receives bundle image `image` in `slot`, or None for an
+    image name no slot takes (IMAGE_SLOT_CLASS: rootfs -> system-a/b, kernel -> kernel-a/b,
+    extensions -> extensions-a/b)."""
+    slot_class = IMAGE_SLOT_CLASS.get(image)
+    return None if slot_class is None else Role(f"{slot_class}-{slot.value.lower()}")
 
 
 def _align_up(value: int, alignment: int) -> int:

@@ -2,8 +2,9 @@
 
 `build_initramfs` gathers busybox (Debian's static build) with its applet links, the host
 tools of the chosen tool sets with their shared libraries, the kernel modules that reach
-disks, USB sticks and network cards, and the recovery scripts (`templates/init`,
-`templates/avocado-recovery`), then writes a reproducible gzip-compressed newc archive.
+disks, USB sticks and network cards, and the recovery scripts (`templates/init.sh`,
+`templates/avocado-recovery.sh` linked with the shell library it shares with the on-target
+applier, `templates/udhcpc.sh`), then writes a reproducible gzip-compressed newc archive.
 The same archive serves every medium; `mode` (partition, usb, net) is only a default the
 kernel command line (`avo.mode=`) overrides.
 
@@ -26,6 +27,7 @@ from typing import Any
 
 import jinja2
 
+from avobuild.applier.scripts import library_parts, link_program, template_environment
 from avobuild.binaries.elf import check_kernel
 from avobuild.binaries.elfdeps import shared_libraries
 from avobuild.binaries.kmod import open_module_tree, resolve_modules
@@ -129,18 +131,21 @@ class InstalledRecovery:
     image_size: int
 
 
-def _environment() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATES),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        autoescape=False,  # shell scripts and boot configuration, not HTML
-    )
-
-
 def render_template(name: str, **values: Any) -> str:
-    """Render one file of `avobuild/media/templates` with strict undefined checking."""
-    return _environment().get_template(name).render(**values)
+    """Render one file of `avobuild/media/templates` (the shell programs' environment)."""
+    env = template_environment(jinja2.FileSystemLoader(TEMPLATES))
+    return env.get_template(name).render(**values)
+
+
+def recovery_program() -> str:
+    """avocado-recovery: `templates/avocado-recovery.sh` with the shared shell library linked
+    in after its leading comment block."""
+    text = (TEMPLATES / "avocado-recovery.sh").read_text()
+    lines = text.splitlines(keepends=True)
+    head = 0
+    while head < len(lines) and lines[head].startswith("#"):
+        head += 1
+    return link_program("".join(lines[:head]), (*library_parts(), "".join(lines[head:])))
 
 
 def recovery_kernel(recipe: Recipe) -> Path:
@@ -196,7 +201,7 @@ def render_recovery_conf(recipe: Recipe, mode: Mode) -> str:
     places = [value for part in (boot, data) if part for value in (part.offset, part.size)]
     block_size = math.gcd(1 << 20, *places)
     return render_template(
-        "recovery.conf",
+        "recovery.conf.j2",
         product=recipe.name,
         version=recipe.version,
         compatible=recipe.compatible,
@@ -301,11 +306,9 @@ def build_initramfs(
         progress("adding busybox and the tool sets: " + ", ".join(t.value for t in chosen_sets))
     _add_tools(archive, chosen_sets)
     _add_busybox(archive)
-    archive.file("init", (TEMPLATES / "init").read_bytes(), 0o755)
-    archive.file("usr/sbin/avocado-recovery", (TEMPLATES / "avocado-recovery").read_bytes(), 0o755)
-    archive.file(
-        "usr/share/udhcpc/default.script", (TEMPLATES / "udhcpc.script").read_bytes(), 0o755
-    )
+    archive.file("init", (TEMPLATES / "init.sh").read_bytes(), 0o755)
+    archive.file("usr/sbin/avocado-recovery", recovery_program().encode(), 0o755)
+    archive.file("usr/share/udhcpc/default.script", (TEMPLATES / "udhcpc.sh").read_bytes(), 0o755)
     archive.file("etc/inittab", render_template("inittab", serial_tty=_serial_tty(recipe)).encode())
     archive.file("etc/avobuild/recovery.conf", render_recovery_conf(recipe, mode).encode())
     archive.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from avobuild.model.tomlcheck import Table
@@ -139,12 +139,8 @@ def read_applier(table: Table | None) -> ApplierConfig:
     if table is None:
         return ApplierConfig()
     defaults = ApplierConfig()
-    bootloader = table.string("bootloader", default=defaults.bootloader.value)
-    if bootloader not in {b.value for b in Bootloader}:
-        table.fail("bootloader", '"grub" or "u-boot"', bootloader)
-    init = table.string("init", default=defaults.init.value)
-    if init not in {i.value for i in InitSystem}:
-        table.fail("init", '"systemd" or "busybox"', init)
+    bootloader = table.enum("bootloader", Bootloader, default=defaults.bootloader)
+    init = table.enum("init", InitSystem, default=defaults.init)
     tools = table.string_list("target-tools") if "target-tools" in table else list(BASE_TOOLS)
     for tool in tools:
         if not TOOL_NAME.fullmatch(tool):
@@ -173,8 +169,8 @@ def read_applier(table: Table | None) -> ApplierConfig:
         table.fail("panic-reboot", "seconds from 0 (never) to 3600", panic_reboot)
     keys = tuple(table.file_list("keys", "an existing public key file (PEM)"))
     config = ApplierConfig(
-        bootloader=Bootloader(bootloader),
-        init=InitSystem(init),
+        bootloader=bootloader,
+        init=init,
         target_tools=tuple(tools),
         disk=disk,
         esp_mount=paths["esp-mount"],
@@ -195,58 +191,67 @@ def read_applier(table: Table | None) -> ApplierConfig:
 
 
 def read_rollback(table: Table | None) -> RollbackConfig:
-    defaults = RollbackConfig()
+    """The [rollback] table; a sub-table that is present is enabled unless it says otherwise."""
+    config = RollbackConfig()
     if table is None:
-        return defaults
-    values: dict[str, object] = {}
+        return config
     boot = table.table("boot_failure")
     if boot is not None:
-        values["boot_failure"] = boot.boolean("enabled", default=True)
-        values["max_attempts"] = boot.integer("max_attempts", default=3, minimum=1)
-        if int(str(values["max_attempts"])) > 9:
-            boot.fail(
-                "max_attempts", "a number of boot attempts from 1 to 9", values["max_attempts"]
-            )
-        values["boot_timeout"] = read_duration(boot, "timeout", defaults.boot_timeout)
+        enabled = boot.boolean("enabled", default=True)
+        max_attempts = boot.integer("max_attempts", default=3, minimum=1)
+        if max_attempts > 9:
+            boot.fail("max_attempts", "a number of boot attempts from 1 to 9", max_attempts)
+        timeout = read_duration(boot, "timeout", config.boot_timeout)
         boot.check_unknown()
+        config = replace(
+            config, boot_failure=enabled, max_attempts=max_attempts, boot_timeout=timeout
+        )
     health = table.table("service_health")
     if health is not None:
-        values["service_health"] = health.boolean("enabled", default=True)
+        enabled = health.boolean("enabled", default=True)
         services = health.string_list("critical_services")
         for service in services:
             if not SERVICE_NAME.fullmatch(service):
                 health.fail(
                     "critical_services", "service names (letters, digits, @ . _ : -)", service
                 )
-        values["critical_services"] = tuple(services)
-        values["check_interval"] = read_duration(health, "check_interval", defaults.check_interval)
-        values["failure_threshold"] = health.integer("failure_threshold", default=2, minimum=1)
+        interval = read_duration(health, "check_interval", config.check_interval)
+        threshold = health.integer("failure_threshold", default=2, minimum=1)
         health.check_unknown()
+        config = replace(
+            config,
+            service_health=enabled,
+            critical_services=tuple(services),
+            check_interval=interval,
+            failure_threshold=threshold,
+        )
     metrics = table.table("system_metrics")
     if metrics is not None:
-        values["system_metrics"] = metrics.boolean("enabled", default=True)
+        enabled = metrics.boolean("enabled", default=True)
+        conditions = config.conditions
         if "conditions" in metrics:
-            values["conditions"] = tuple(
+            conditions = tuple(
                 _read_condition(entry) for entry in metrics.array_of_tables("conditions")
             )
         metrics.check_unknown()
+        config = replace(config, system_metrics=enabled, conditions=conditions)
     app = table.table("app_validation")
     if app is not None:
-        values["app_validation"] = app.boolean("enabled", default=True)
-        values["validation_script"] = app.string(
-            "script", default=defaults.validation_script, pattern=SAFE_PATH, what="an absolute path"
+        enabled = app.boolean("enabled", default=True)
+        script = app.string(
+            "script", default=config.validation_script, pattern=SAFE_PATH, what="an absolute path"
         )
-        values["validation_timeout"] = read_duration(app, "timeout", defaults.validation_timeout)
+        timeout = read_duration(app, "timeout", config.validation_timeout)
         app.check_unknown()
+        config = replace(
+            config, app_validation=enabled, validation_script=script, validation_timeout=timeout
+        )
     table.check_unknown()
-    return RollbackConfig(**values)  # type: ignore[arg-type]
+    return config
 
 
 def _read_condition(table: Table) -> MetricCondition:
-    name = table.string("metric")
-    if name not in {m.value for m in Metric}:
-        table.fail("metric", '"memory_usage" or "cpu_temperature"', name)
-    metric = Metric(name)
+    metric = table.enum("metric", Metric)
     unit = METRIC_UNIT[metric]
     threshold_text = table.string("threshold")
     match = re.fullmatch(r"([0-9]{1,3})" + re.escape(unit), threshold_text)

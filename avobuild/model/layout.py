@@ -115,23 +115,13 @@ class Layout:
     def by_label(self, label: str) -> PartitionSpec | None:
         return next((part for part in self.partitions if part.label == label), None)
 
-    def slot_partition(self, image_name: str, slot: Slot) -> PartitionSpec | None:
-        """The partition that receives bundle image `image_name` when `slot` is updated."""
-        slot_class = IMAGE_SLOT_CLASS.get(image_name)
-        if slot_class is None:
-            return None
-        return self.by_role(Role(f"{slot_class}-{slot.value.lower()}"))
-
 
 def load_layout(path: Path) -> Layout:
     """Read and validate a layout file."""
     root = load_toml(path)
     disk = root.table("disk", required=True)
     assert disk is not None
-    table_name = disk.string("table", default="gpt")
-    if table_name not in {t.value for t in TableType}:
-        disk.fail("table", '"gpt" or "mbr"', table_name)
-    table = TableType(table_name)
+    table = disk.enum("table", TableType, default=TableType.GPT)
     sector_size = disk.integer("sector-size", default=512)
     if sector_size not in _SECTOR_SIZES:
         disk.fail("sector-size", "512 or 4096", sector_size)
@@ -243,18 +233,8 @@ def _existing_file(table: Table, key: str, *, required: bool) -> Path | None:
 def _read_partition(label: str, table: Table, kind: TableType, sector_size: int) -> PartitionSpec:
     if not _LABEL.fullmatch(label):
         table.fail("(name)", "a partition label of a-z, 0-9, '-', '_' (at most 36)", label)
-    role_name = table.string("role")
-    roles = ", ".join(role.value for role in Role)
-    if role_name not in {role.value for role in Role}:
-        table.fail("role", f"one of {roles}", role_name)
-    role = Role(role_name)
-    fs_name = table.optional_string("filesystem")
-    filesystem = None
-    if fs_name is not None and fs_name != "raw":
-        if fs_name not in {fs.value for fs in FsType}:
-            choices = ", ".join([fs.value for fs in FsType] + ["raw"])
-            table.fail("filesystem", f"one of {choices}", fs_name)
-        filesystem = FsType(fs_name)
+    role = table.enum("role", Role)
+    filesystem = table.optional_enum("filesystem", FsType, absent=("raw",))
     source = _existing_file(table, "file", required=False)
     if source is not None:
         if filesystem is not None:

@@ -20,12 +20,12 @@ from avobuild.model.applier import (
 )
 from avobuild.model.boot import BootConfig, read_boot
 from avobuild.model.layout import FsType, Layout, Role, load_layout
+from avobuild.model.names import IDENTIFIER
 from avobuild.model.tomlcheck import Table, load_toml
 from avobuild.model.tree import ARCHIVE_SUFFIXES, Ownership, TreeKind, TreeSource
 
-# Shared with the bundle manifest grammar: these strings travel into the signed manifest and
-# into the on-target applier, so they are restricted to characters that need no quoting.
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~:@-]{0,127}")
+# The name grammar shared with the manifest and the on-target applier (model/names.py).
+NAME_PATTERN = IDENTIFIER.pattern
 EXTENSION_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 _DEST_PATH = re.compile(r"/[A-Za-z0-9._+@/-]*")
 
@@ -188,11 +188,7 @@ def load_recipe(path: Path) -> Recipe:
     compatible = product.string(
         "compatible", pattern=NAME_PATTERN, what=_name_rule("a compatible string")
     )
-    arch_name = product.string("architecture")
-    if arch_name not in {arch.value for arch in Architecture}:
-        product.fail(
-            "architecture", "one of " + ", ".join(a.value for a in Architecture), arch_name
-        )
+    architecture = product.enum("architecture", Architecture)
     layout_path = product.path_value("layout")
     assert layout_path is not None
     seed = product.string("seed", default=name)
@@ -250,7 +246,7 @@ def load_recipe(path: Path) -> Recipe:
         root.table("boot"),
         applier_table,
         applier,
-        architecture=arch_name,
+        architecture=architecture.value,
         layout=layout,
         has_kernel=kernel is not None,
         recipe_path=path,
@@ -266,7 +262,7 @@ def load_recipe(path: Path) -> Recipe:
         name=name,
         version=version,
         compatible=compatible,
-        architecture=Architecture(arch_name),
+        architecture=architecture,
         layout=layout,
         rootfs=rootfs_source,
         rootfs_files=files,
@@ -344,11 +340,9 @@ def _read_tree_source(table: Table) -> TreeSource:
         if not archive.is_file():
             table.fail("archive", "an existing tar archive file", str(archive))
         path, kind = archive, TreeKind.ARCHIVE
-    ownership_name = table.string("ownership", default=Ownership.PRESERVE.value)
-    if ownership_name not in {choice.value for choice in Ownership}:
-        table.fail("ownership", '"preserve" or "root"', ownership_name)
+    ownership = table.enum("ownership", Ownership, default=Ownership.PRESERVE)
     xattrs = table.boolean("xattrs", default=True)
-    return TreeSource(path, kind, Ownership(ownership_name), xattrs)
+    return TreeSource(path, kind, ownership, xattrs)
 
 
 def _read_file_entry(table: Table) -> FileEntry:
@@ -369,11 +363,11 @@ def _read_file_entry(table: Table) -> FileEntry:
 def _read_extension(table: Table) -> Extension:
     name = table.string("name", pattern=EXTENSION_NAME, what="an extension name (a-z, 0-9, _.-)")
     source = _read_tree_source(table)
-    fs_name = table.string("filesystem", default="squashfs")
-    if fs_name not in (FsType.SQUASHFS.value, FsType.EROFS.value):
-        table.fail("filesystem", '"squashfs" or "erofs"', fs_name)
+    filesystem = table.enum(
+        "filesystem", FsType, default=FsType.SQUASHFS, choices=(FsType.SQUASHFS, FsType.EROFS)
+    )
     table.check_unknown()
-    return Extension(name, source, FsType(fs_name))
+    return Extension(name, source, filesystem)
 
 
 _CONSOLE = re.compile(r"(ttyS|ttyAMA|ttyUSB|hvc|tty)[0-9]{1,2}(,[0-9]{4,7}(n8)?)?")
@@ -435,11 +429,7 @@ def _read_recovery(table: Table) -> RecoveryConfig:
     modules = table.path_value("modules", required=False)
     if modules is not None and not modules.is_dir():
         table.fail("modules", "an existing directory of kernel modules", str(modules))
-    names = table.string_list("tools") if "tools" in table else ["storage"]
-    known = {tool.value for tool in ToolSet}
-    for name in names:
-        if name not in known:
-            table.fail("tools", "tool sets among " + ", ".join(sorted(known)), name)
+    tools = table.enum_list("tools", ToolSet, default=(ToolSet.STORAGE,), what="tool sets")
     console = table.string(
         "console",
         default="ttyS0,115200",
@@ -459,7 +449,7 @@ def _read_recovery(table: Table) -> RecoveryConfig:
     return RecoveryConfig(
         kernel=kernel,
         modules=modules,
-        tools=tuple(ToolSet(name) for name in dict.fromkeys(names)),
+        tools=tuple(dict.fromkeys(tools)),
         console=console,
         cmdline=cmdline,
         firmware=firmware,

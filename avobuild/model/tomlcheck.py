@@ -7,16 +7,26 @@ reported the same way: `recipes/demo.toml: [partition.system-a] size: expected a
 
 from __future__ import annotations
 
+import enum
 import re
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from avobuild.errors import RecipeError
 
 _SIZE_PATTERN = re.compile(r"^(\d+)\s*([KMGT]?)(?:i?B)?$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+E = TypeVar("E", bound=enum.StrEnum)
+
+
+def describe_choices(choices: Sequence[str]) -> str:
+    """How an error names the allowed values: '"a" or "b"', or 'one of a, b, c'."""
+    if len(choices) == 2:
+        return f'"{choices[0]}" or "{choices[1]}"'
+    return "one of " + ", ".join(choices)
 
 
 def parse_size(text: str) -> int:
@@ -106,6 +116,51 @@ class Table:
         if value is not None and not isinstance(value, str):
             self.fail(key, what, value)
         return value
+
+    def enum(
+        self,
+        key: str,
+        kind: type[E],
+        *,
+        default: E | None = None,
+        choices: Sequence[E] | None = None,
+    ) -> E:
+        """A string naming a member of `kind` (or of `choices`, a subset of it)."""
+        text = self.string(key, default=None if default is None else default.value)
+        return self._member(key, kind, text, choices)
+
+    def optional_enum(self, key: str, kind: type[E], *, absent: Sequence[str] = ()) -> E | None:
+        """Like `enum`, but None when the key is missing or spells one of `absent`."""
+        text = self.optional_string(key)
+        if text is None or text in absent:
+            return None
+        return self._member(key, kind, text, None, absent)
+
+    def enum_list(self, key: str, kind: type[E], *, default: Sequence[E], what: str) -> list[E]:
+        """A list of members of `kind`; an error names the allowed ones as `what` among them."""
+        if key not in self._data:
+            self._seen.add(key)
+            return list(default)
+        members = []
+        known = sorted(member.value for member in kind)
+        for text in self.string_list(key):
+            if text not in known:
+                self.fail(key, f"{what} among " + ", ".join(known), text)
+            members.append(kind(text))
+        return members
+
+    def _member(
+        self,
+        key: str,
+        kind: type[E],
+        text: str | None,
+        choices: Sequence[E] | None,
+        extra: Sequence[str] = (),
+    ) -> E:
+        allowed = [member.value for member in (choices if choices is not None else kind)]
+        if text is None or text not in allowed:
+            self.fail(key, describe_choices([*allowed, *extra]), text)
+        return kind(text)
 
     def integer(self, key: str, *, default: int | None = None, minimum: int = 0) -> int:
         value = self._get(key, required=default is None)

@@ -1,135 +1,149 @@
 """Installing a delta bundle into a disk image (called by avobuild.update.install).
 
 Each image's delta is applied with the ACTIVE slot's partition as the source and the inactive
-slot's partition as the target. Before anything is written, the first `source.size` bytes of
-every active partition are hashed and compared with the signed source hash, and the target
-sizes are checked against the inactive partitions; from a file, every chunk is also verified
-in a first pass. Then the streams are applied chunk by verified chunk, each operation checked
-against its hash, and each written slot is read back and compared with the target hash. The
-caller switches slots only after all of that succeeded.
+slot's partition as the target. `plan_deltas` checks the sizes against both partitions;
+`check_sources` hashes the first `source.size` bytes of every active partition against the
+signed source hash. From a file, `check_deltas` then reads every chunk and replays every delta
+stream without writing (every operation parsed, bounded by the slots, decoded and hashed),
+so a malformed operation anywhere refuses the bundle before the first write. `write_deltas`
+applies the streams chunk by verified chunk, each operation checked against its hash before
+its bytes are written, and reads each written slot back. The caller switches slots only
+after all of that succeeded.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from avobuild.bundle.format import BundleReader
 from avobuild.bundle.manifest import ImageEntry, ImageRef, Manifest
-from avobuild.delta.apply import ChunkStream, Region, apply_delta, check_source, image_chunks
+from avobuild.bundle.reader import BundleReader
+from avobuild.delta.apply import (
+    ChunkStream,
+    Region,
+    apply_delta,
+    check_delta,
+    check_source,
+    image_chunks,
+)
 from avobuild.disk.gpt import GptTable
-from avobuild.errors import CompatibilityError, InstallError
-from avobuild.model.layout import IMAGE_SLOT_CLASS, Layout, Role, Slot
+from avobuild.errors import CompatibilityError
+from avobuild.model.layout import Layout, Slot
 from avobuild.model.tomlcheck import format_size
-from avobuild.update.target import role_label
+from avobuild.update.target import SlotTarget, check_fits, slot_target, verify_written
 
 InstallProgress = Callable[[str, int, int], None]
 
 
-def _partition(
-    table: GptTable, disk: Path, layout: Layout | None, image: str, slot: Slot
-) -> tuple[int, int, str]:
-    slot_class = IMAGE_SLOT_CLASS.get(image)
-    if slot_class is None:
-        raise CompatibilityError(f"bundle image {image!r} has no slot on a device")
-    label = role_label(layout, Role(f"{slot_class}-{slot.value.lower()}"))
-    part = table.find(label)
-    if part is None:
-        raise CompatibilityError(
-            f"bundle image {image!r} needs a partition labelled {label!r} on {disk}; there is none"
-        )
-    return table.offset(part), table.size(part), label
+@dataclass(frozen=True)
+class DeltaPlan:
+    """One image of a delta bundle: the stream's refs and the two partitions it joins."""
+
+    image: ImageEntry
+    source_ref: ImageRef
+    target_ref: ImageRef
+    source: SlotTarget
+    target: SlotTarget
 
 
-def install_delta(
-    reader: BundleReader,
+def plan_deltas(
     manifest: Manifest,
-    disk: Path,
     table: GptTable,
+    disk: Path,
     layout: Layout | None,
     active: Slot,
     inactive: Slot,
-    progress: InstallProgress,
-    *,
-    streamed: bool,
+) -> list[DeltaPlan]:
+    """Where every delta reads and writes; refuses sources or targets that do not fit."""
+    plans = []
+    for image in manifest.images:
+        assert image.source is not None and image.target is not None
+        source = slot_target(table, disk, layout, image.name, active)
+        target = slot_target(table, disk, layout, image.name, inactive)
+        if image.source.size > source.size:
+            raise CompatibilityError(
+                f"bundle image {image.name!r}: the delta needs a source of "
+                f"{format_size(image.source.size)}, partition {source.label} holds "
+                f"{format_size(source.size)}; nothing was written"
+            )
+        check_fits(target, image.target.size)
+        plans.append(DeltaPlan(image, image.source, image.target, source, target))
+    return plans
+
+
+def _source_region(fd: int, disk: Path, plan: DeltaPlan) -> Region:
+    return Region(fd, plan.source.offset, f"{disk}: partition {plan.source.label} (active)")
+
+
+def check_sources(disk: Path, plans: list[DeltaPlan], progress: InstallProgress) -> None:
+    """Refuse the bundle unless every active partition holds the delta's source image."""
+    fd = os.open(disk, os.O_RDONLY)
+    try:
+        for plan in plans:
+            step = f"checking source of {plan.image.name}"
+            progress(step, 0, plan.source_ref.size)
+            check_source(_source_region(fd, disk, plan), plan.source_ref)
+            progress(step, plan.source_ref.size, plan.source_ref.size)
+    finally:
+        os.close(fd)
+
+
+def check_deltas(
+    reader: BundleReader, disk: Path, plans: list[DeltaPlan], progress: InstallProgress
+) -> None:
+    """Read every chunk and replay every delta without writing anything (docs/signing.md,
+    "installs from a file verify everything before writing anything")."""
+    fd = os.open(disk, os.O_RDONLY)
+    try:
+        chunks = reader.iter_chunks()
+        for plan in plans:
+
+            def report(done: int, total: int, name: str = plan.image.name) -> None:
+                progress(f"checking {name}", done, total)
+
+            check_delta(
+                ChunkStream(image_chunks(chunks, plan.image)),
+                f"{reader.name}: image {plan.image.name}",
+                _source_region(fd, disk, plan),
+                (plan.source_ref, plan.target_ref),
+                report,
+            )
+        for _ in chunks:
+            pass
+    finally:
+        os.close(fd)
+
+
+def write_deltas(
+    reader: BundleReader, disk: Path, plans: list[DeltaPlan], progress: InstallProgress
 ) -> dict[str, int]:
-    """Check every source, then apply every delta from `active` into `inactive`."""
-    plans: list[tuple[ImageEntry, ImageRef, ImageRef, Region, Region, str]] = []
+    """Apply every delta from the active into the inactive slot, then read the slots back."""
     fd = os.open(disk, os.O_RDWR)
     try:
-        for image in manifest.images:
-            assert image.source is not None and image.target is not None
-            source_offset, source_size, source_label = _partition(
-                table, disk, layout, image.name, active
-            )
-            target_offset, target_size, target_label = _partition(
-                table, disk, layout, image.name, inactive
-            )
-            if image.source.size > source_size:
-                raise CompatibilityError(
-                    f"bundle image {image.name!r}: the delta needs a source of "
-                    f"{format_size(image.source.size)}, partition {source_label} holds "
-                    f"{format_size(source_size)}; nothing was written"
-                )
-            if image.target.size > target_size:
-                raise CompatibilityError(
-                    f"bundle image {image.name!r} is {format_size(image.target.size)}, larger "
-                    f"than partition {target_label} ({format_size(target_size)})"
-                )
-            source = Region(fd, source_offset, f"{disk}: partition {source_label} (active)")
-            target = Region(fd, target_offset, f"{disk}: partition {target_label}")
-            plans.append((image, image.source, image.target, source, target, target_label))
-        for image, source_ref, _target_ref, source, _target, _label in plans:
-            progress(f"checking source of {image.name}", 0, source_ref.size)
-            check_source(source, source_ref)
-            progress(f"checking source of {image.name}", source_ref.size, source_ref.size)
-        if not streamed:
-            total = sum(image.size for image in manifest.images)
-            progress("verifying", 0, total)
-            reader.verify_payload()
-            progress("verifying", total, total)
         chunks = reader.iter_chunks()
         written: dict[str, int] = {}
-        for image, source_ref, target_ref, source, target, _label in plans:
+        for plan in plans:
 
-            def report(done: int, total: int, name: str = image.name) -> None:
+            def report(done: int, total: int, name: str = plan.image.name) -> None:
                 progress(f"applying {name}", done, total)
 
             apply_delta(
-                ChunkStream(image_chunks(chunks, image)),
-                f"{reader.name}: image {image.name}",
-                source,
-                target,
-                expected=(source_ref, target_ref),
+                ChunkStream(image_chunks(chunks, plan.image)),
+                f"{reader.name}: image {plan.image.name}",
+                _source_region(fd, disk, plan),
+                Region(fd, plan.target.offset, f"{disk}: partition {plan.target.label}"),
+                expected=(plan.source_ref, plan.target_ref),
                 check_source_first=False,
                 progress=report,
             )
-            written[image.name] = target_ref.size
+            written[plan.image.name] = plan.target_ref.size
         for _ in chunks:
             pass
         os.fsync(fd)
-        for image, _source_ref, target_ref, _source, target, label in plans:
-            _check_written(fd, target, target_ref, disk, label, image.name)
+        for plan in plans:
+            verify_written(fd, disk, plan.target, plan.target_ref)
     finally:
         os.close(fd)
     return written
-
-
-def _check_written(
-    fd: int, target: Region, ref: ImageRef, disk: Path, label: str, name: str
-) -> None:
-    digest = hashlib.sha256()
-    position = 0
-    while position < ref.size:
-        block = os.pread(fd, min(1 << 20, ref.size - position), target.offset + position)
-        if not block:
-            break
-        digest.update(block)
-        position += len(block)
-    if digest.hexdigest() != ref.sha256:
-        raise InstallError(
-            f"{disk}: image {name} read back from partition {label} does not match its target "
-            "hash; the slot stays inactive"
-        )

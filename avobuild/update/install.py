@@ -1,37 +1,43 @@
 """Host-side install of a bundle into a disk image: the reference applier.
 
 Manufacturers use it to preload factory images; the tests use it as the reference the
-on-target applier must match byte for byte. Order matters and is the safety argument:
-signature, compatibility, sizes and every chunk hash are checked in full before the first byte
-is written, and only the inactive slot is written. The boot state on the boot partition is
-rewritten last, so an interruption leaves the previous slot booting.
+on-target applier must match byte for byte. Order matters and is the safety argument
+(docs/architecture.md, "Safety argument of an install"):
+
+1. the signature, then the compatibility, the policy, the version order (no downgrade unless
+   asked) and the boot state: the target is the inactive slot, never the only confirmed one;
+2. from a file, every chunk and, for a delta, every operation of every stream is checked in a
+   pass that writes nothing, so a refused bundle leaves the disk byte-identical;
+3. the boot state marks the target slot incomplete (unbootable, `avobuild status` says so)
+   before its first byte is written, so an interruption never leaves a slot that looks like
+   the system it held before;
+4. only the inactive slot is written, each chunk or operation checked again as it is, and the
+   slot is read back; the boot state is rewritten last, making it the trial slot.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from avobuild.boot.state import DEFAULT_MAX_ATTEMPTS, BootState
 from avobuild.boot.statefile import read_state, write_state
-from avobuild.bundle.format import BundleReader
-from avobuild.bundle.keys import Keyring, PrivateKey, load_keyring
-from avobuild.bundle.manifest import BundleType, Manifest
+from avobuild.bundle.crypt import DecryptionKey
+from avobuild.bundle.keys import Keyring, load_keyring
+from avobuild.bundle.manifest import BundleType, ImageRef, Manifest
+from avobuild.bundle.reader import BundleReader
 from avobuild.disk.gpt import GptPartition, GptTable, read_gpt
 from avobuild.errors import CompatibilityError, InstallError
-from avobuild.model.layout import IMAGE_SLOT_CLASS, Layout, Role, Slot
-from avobuild.model.tomlcheck import format_size
-from avobuild.update.delta import install_delta
+from avobuild.model.layout import Layout, Role, Slot
+from avobuild.update.delta import check_deltas, check_sources, plan_deltas, write_deltas
 from avobuild.update.policy import check_install_policy
-from avobuild.update.target import role_label
+from avobuild.update.target import SlotTarget, check_fits, role_label, slot_target, verify_written
 
 InstallProgress = Callable[[str, int, int], None]
-# A recipient's private key, or the 32-byte content key itself.
-DecryptionKey = PrivateKey | bytes
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,36 @@ def read_boot_state(disk: Path, layout: Layout | None = None) -> BootState:
     return read_state(disk, table.offset(boot), f"{disk}: partition {boot.name}")
 
 
+def write_boot_state(disk: Path, state: BootState, layout: Layout | None = None) -> None:
+    """Store `state` on the disk image's boot partition, durably (fsync of the image)."""
+    with disk.open("rb") as handle:
+        table = read_gpt(handle)
+    boot = _find(table, disk, role_label(layout, Role.BOOT))
+    write_state(disk, table.offset(boot), f"{disk}: partition {boot.name}", state)
+    fd = os.open(disk, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_target_slot(state: BootState, disk: Path) -> Slot:
+    """The slot an install writes: the inactive one, unless it is the only confirmed slot
+    (then the active slot is an unconfirmed trial, and writing the other would leave the
+    device nothing known to boot)."""
+    target, active = state.inactive, state.active
+    if state.slots[target].ok and not state.slots[active].ok:
+        raise InstallError(
+            f"{disk}: slot {target.value} ({state.slots[target].version or 'no version'}) is "
+            f"the only confirmed slot, and slot {active.value} "
+            f"({state.slots[active].version or 'no version'}) has not been confirmed yet; "
+            f"an install would overwrite slot {target.value}. Boot and confirm slot "
+            f"{active.value} first (when preloading disk images, install with --confirm, which "
+            "confirms each install at once); nothing was written"
+        )
+    return target
+
+
 def install_bundle(
     bundle: Path,
     disk: Path,
@@ -78,15 +114,18 @@ def install_bundle(
     stream: BinaryIO | None = None,
     now: int | None = None,
     decryption: DecryptionKey | None = None,
+    allow_downgrade: bool = False,
 ) -> InstallResult:
     """Verify `bundle` completely, write it to the inactive slot of `disk`, switch slots.
 
-    With `stream` (a pipe; `bundle` is then only its name) the bundle is read once: each
-    chunk is written to the inactive slot as soon as it verified, and the slots switch only
-    after the whole bundle verified. A refused stream leaves the inactive slot's content
-    undefined; the running slot, the boot state and the data partition are untouched.
-    `now` is the time certificates and `expires` are judged at (default: the clock).
-    `decryption` opens an encrypted payload (see `load_decryption_key`).
+    With `stream` (a pipe; `bundle` is then only its name) the bundle is read once: the
+    target slot is marked incomplete in the boot state, then each chunk (each delta
+    operation) is written as soon as it verified, and the slots switch only after the whole
+    bundle verified. A refused stream leaves the target slot incomplete; the running slot, its
+    boot entry and the data partition are untouched. `now` is the time certificates and
+    `expires` are judged at (default: the clock). `decryption` opens an encrypted payload
+    (see `load_decryption_key`). `allow_downgrade` installs a version older than the running
+    slot's.
     """
     trusted = load_keyring(keyring)
     opened = (
@@ -96,55 +135,49 @@ def install_bundle(
     )
     with opened as reader:
         reader.verify_signature(trusted, now=now)
-        _unlock(reader, decryption)
+        reader.unlock(decryption)
         manifest = reader.manifest
         with disk.open("rb") as handle:
             table = read_gpt(handle)
         state = read_boot_state(disk, layout)
         check_compatible(manifest, state, disk)
-        check_install_policy(manifest, state, disk, now=now)
-        target = state.inactive
-        # A delta is applied from the active slot into the inactive one (avobuild/delta).
+        check_install_policy(manifest, state, disk, now=now, allow_downgrade=allow_downgrade)
+        target = check_target_slot(state, disk)
         delta = manifest.type is BundleType.DELTA
-        targets = {} if delta else _plan_targets(manifest, table, disk, layout, target)
-        total = sum(image.size for image in manifest.images)
         if delta:
-            written = install_delta(
-                reader,
-                manifest,
-                disk,
-                table,
-                layout,
-                state.active,
-                target,
-                progress,
-                streamed=stream is not None,
-            )
-        elif stream is not None:
-            written = _write_verified_chunks(reader, manifest, disk, targets, progress)
+            plans = plan_deltas(manifest, table, disk, layout, state.active, target)
+            check_sources(disk, plans, progress)
         else:
+            targets = _plan_targets(manifest, table, disk, layout, target)
+        if stream is not None:
+            write_boot_state(disk, state.with_incomplete(target), layout)
+            if delta:
+                written = write_deltas(reader, disk, plans, progress)
+            else:
+                written = _write_verified_chunks(reader, manifest, disk, targets, progress)
+        else:
+            total = sum(image.size for image in manifest.images)
             progress("verifying", 0, total)
-            reader.verify_payload()
+            if delta:
+                check_deltas(reader, disk, plans, progress)
+            else:
+                reader.verify_payload()
             progress("verifying", total, total)
 
-    if stream is None and not delta:
-        written = _write_images(bundle, trusted, manifest, disk, targets, progress, now, decryption)
+    if stream is None:
+        write_boot_state(disk, state.with_incomplete(target), layout)
+        with _reopened(bundle, trusted, manifest, now, decryption) as again:
+            if delta:
+                written = write_deltas(again, disk, plans, progress)
+            else:
+                written = _write_verified_chunks(again, manifest, disk, targets, progress)
     new_state = state.with_pending(
         target, manifest.version, max_attempts, manifest.policy.security_version or 0
     )
     if confirm:
         new_state = new_state.with_confirmed(target)
-    boot = _find(table, disk, role_label(layout, Role.BOOT))
-    write_state(disk, table.offset(boot), f"{disk}: partition {boot.name}", new_state)
+    write_boot_state(disk, new_state, layout)
     return InstallResult(target, state.active, manifest.version, written, new_state)
-
-
-def _unlock(reader: BundleReader, decryption: DecryptionKey | None) -> None:
-    if decryption is not None:
-        if isinstance(decryption, bytes):
-            reader.unlock(content_key=decryption)
-        else:
-            reader.unlock(private_key=decryption)
 
 
 def check_compatible(manifest: Manifest, state: BootState, disk: Path) -> None:
@@ -158,57 +191,39 @@ def check_compatible(manifest: Manifest, state: BootState, disk: Path) -> None:
 
 def _plan_targets(
     manifest: Manifest, table: GptTable, disk: Path, layout: Layout | None, slot: Slot
-) -> dict[str, tuple[int, int]]:
-    """Byte offset and size of the partition each bundle image goes to."""
-    targets: dict[str, tuple[int, int]] = {}
+) -> dict[str, SlotTarget]:
+    """The partition each bundle image goes to; every image must fit."""
+    targets: dict[str, SlotTarget] = {}
     for image in manifest.images:
-        slot_class = IMAGE_SLOT_CLASS.get(image.name)
-        if slot_class is None:
-            known = ", ".join(IMAGE_SLOT_CLASS)
-            raise CompatibilityError(
-                f"bundle image {image.name!r} has no slot on a device (known images: {known})"
-            )
-        role = Role(f"{slot_class}-{slot.value.lower()}")
-        label = role_label(layout, role)
-        part = table.find(label)
-        if part is None:
-            raise CompatibilityError(
-                f"bundle image {image.name!r} needs a partition labelled {label!r} on {disk}; "
-                "there is none"
-            )
-        offset, size = table.offset(part), table.size(part)
-        if image.size > size:
-            raise CompatibilityError(
-                f"bundle image {image.name!r} is {format_size(image.size)}, larger than "
-                f"partition {label} ({format_size(size)})"
-            )
-        targets[image.name] = (offset, size)
+        target = slot_target(table, disk, layout, image.name, slot)
+        check_fits(target, image.size)
+        targets[image.name] = target
     return targets
 
 
-def _write_images(
+@contextmanager
+def _reopened(
     bundle: Path,
     trusted: Keyring,
     manifest: Manifest,
-    disk: Path,
-    targets: dict[str, tuple[int, int]],
-    progress: InstallProgress,
-    now: int | None = None,
-    decryption: DecryptionKey | None = None,
-) -> dict[str, int]:
+    now: int | None,
+    decryption: DecryptionKey | None,
+) -> Iterator[BundleReader]:
+    """The bundle file read again for the writing pass, checked again: its signature, and
+    the same manifest as the verifying pass saw (every chunk is checked as it is written)."""
     with BundleReader.open(bundle) as reader:
         reader.verify_signature(trusted, now=now)
-        _unlock(reader, decryption)
+        reader.unlock(decryption)
         if reader.manifest != manifest:
             raise InstallError(f"{bundle}: changed while it was being installed")
-        return _write_verified_chunks(reader, manifest, disk, targets, progress)
+        yield reader
 
 
 def _write_verified_chunks(
     reader: BundleReader,
     manifest: Manifest,
     disk: Path,
-    targets: dict[str, tuple[int, int]],
+    targets: dict[str, SlotTarget],
     progress: InstallProgress,
 ) -> dict[str, int]:
     """Write each chunk as `iter_chunks` releases it (verified), then read the slots back."""
@@ -218,30 +233,14 @@ def _write_verified_chunks(
     fd = os.open(disk, os.O_RDWR)
     try:
         for image, chunk, data in reader.iter_chunks():
-            offset = targets[image.name][0] + chunk.index * manifest.chunk_size
+            offset = targets[image.name].offset + chunk.index * manifest.chunk_size
             os.pwrite(fd, data, offset)
             written[image.name] = written.get(image.name, 0) + len(data)
             done += len(data)
             progress("writing", done, total)
         os.fsync(fd)
         for image in manifest.images:
-            _check_written(fd, targets[image.name][0], image.size, image.sha256, image.name, disk)
+            verify_written(fd, disk, targets[image.name], ImageRef(image.size, image.sha256))
     finally:
         os.close(fd)
     return written
-
-
-def _check_written(fd: int, offset: int, size: int, expected: str, name: str, disk: Path) -> None:
-    digest = hashlib.sha256()
-    position = 0
-    while position < size:
-        block = os.pread(fd, min(1 << 20, size - position), offset + position)
-        if not block:
-            break
-        digest.update(block)
-        position += len(block)
-    if digest.hexdigest() != expected:
-        raise InstallError(
-            f"{disk}: image {name} read back at offset {offset} does not match its hash; "
-            "the slot stays inactive"
-        )

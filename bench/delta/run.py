@@ -34,8 +34,8 @@ sys.path.insert(0, str(REPO / "bench" / "delta"))
 
 from corpus import build_corpus  # noqa: E402
 
-from avobuild.bundle.format import ImageSource, write_bundle  # noqa: E402
 from avobuild.bundle.keys import load_private_key  # noqa: E402
+from avobuild.bundle.writer import ImageSource, write_bundle  # noqa: E402
 
 KEY = REPO / "keys-example" / "insecure-example.key.pem"
 PUB = REPO / "keys-example" / "insecure-example.pub.pem"

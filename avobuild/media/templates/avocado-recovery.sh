@@ -10,10 +10,19 @@
 #   avocado-recovery shell
 #
 # Product settings (partition labels, offsets, image names) come from
-# /etc/avobuild/recovery.conf, written by `avobuild` for one layout.
+# /etc/avobuild/recovery.conf, written by `avobuild` for one layout. The shell library shared
+# with the on-target applier (number parsing, the GRUB environment block, partition lookup)
+# is linked in before this code (avobuild/applier/shell/lib.sh).
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+# shellcheck source=/dev/null
 . /etc/avobuild/recovery.conf
-[ -f /run/avobuild-boot.conf ] && . /run/avobuild-boot.conf
+# shellcheck source=/dev/null
+[ ! -f /run/avobuild-boot.conf ] || . /run/avobuild-boot.conf
+export SYS=/sys  # for the shell library
+WORK=/tmp/avocado-recovery.$$
+checkpoint() { :; }  # called by the library after each write; nothing to count here
+mkdir -p "$WORK"
+trap 'rm -rf "$WORK"' EXIT
 
 MEDIUM=/run/avobuild/medium
 NETCONF=/etc/avocado/network-recovery.conf
@@ -27,14 +36,8 @@ fail() { echo "avocado-recovery: error: $*" >&2; return 1; }
 
 # The block device of the partition whose GPT name is $1 (e.g. /dev/vda2), from sysfs.
 partition_device() {
-    [ -n "$1" ] || return 1
-    for uevent in /sys/class/block/*/uevent; do
-        if grep -qx "PARTNAME=$1" "$uevent" 2>/dev/null; then
-            echo "/dev/$(sed -n 's/^DEVNAME=//p' "$uevent")"
-            return 0
-        fi
-    done
-    return 1
+    [ -n "$1" ] && partition_lookup "$1" || return 1
+    echo "$part_dev"
 }
 
 # The whole disk holding the device's partitions (found by the system-a label).
@@ -56,6 +59,7 @@ list_disks() {
         case "$name" in loop*|ram*|sr*|zram*) continue ;; esac
         [ "/dev/$name" = "$medium_disk" ] && continue
         sectors=$(cat "$entry/size")
+        is_number "$sectors" || continue
         echo "/dev/$name $((sectors / 2048)) MiB"
     done
 }
@@ -105,7 +109,12 @@ network_up() {
     dhcp=$(netconf Network DHCP)
     ip link set lo up
     if [ -z "$interface" ] || [ ! -e "/sys/class/net/$interface" ]; then
-        interface=$(ls /sys/class/net | grep -v '^lo$' | head -n 1)
+        interface=''
+        for entry in /sys/class/net/*; do
+            [ -e "$entry" ] && [ "${entry##*/}" != lo ] || continue
+            interface=${entry##*/}
+            break
+        done
     fi
     [ -n "$interface" ] || { say "no network interface"; return 1; }
     ip link set "$interface" up
@@ -155,6 +164,7 @@ fetch_tls() {
             -key "$(netconf Authentication DeviceKey)" > "$raw" 2>/dev/null || return 1
     head -n 1 "$raw" | grep -q ' 200 ' || { rm -f "$raw"; return 1; }
     header_bytes=$(awk '{ total += length($0) + 1 } /^\r?$/ { print total; exit }' "$raw")
+    is_number "$header_bytes" || { rm -f "$raw"; return 1; }
     tail -c +"$((header_bytes + 1))" "$raw" > "$2"
     rm -f "$raw"
 }
@@ -224,6 +234,9 @@ do_restore() {
         read -r disk
     fi
     [ -b "$disk" ] || { fail "$disk is not a block device"; return 1; }
+    sectors=$(cat "/sys/class/block/${disk##*/}/size" 2>/dev/null)
+    is_number "$sectors" 18014398509481983 && is_number "$AVO_FACTORY_SIZE" && [ $((sectors * 512)) -ge "$AVO_FACTORY_SIZE" ] \
+        || { fail "$disk is smaller than the $AVO_FACTORY_SIZE-byte factory image; nothing was written"; return 1; }
     confirm "Restore $AVO_PRODUCT $AVO_VERSION onto $disk: EVERYTHING on it is replaced." \
         || { say "cancelled"; return 1; }
     say "writing $image to $disk"
@@ -237,31 +250,19 @@ do_restore() {
 }
 
 # Rewrite partition $1 (offset $2 and size $3 in AVO_BLOCK_SIZE blocks) from the factory image.
+# The partition must be exactly where and as large as the layout says, so that the blocks
+# written are the partition's own.
 restore_partition() {
     image=$(factory_image) || { fail "no factory image to restore $1 from"; return 1; }
     verify_image "$image" || return 1
-    device=$(partition_device "$1") || { fail "no partition named $1"; return 1; }
+    partition_lookup "$1" || { fail "no partition named $1"; return 1; }
+    device=$part_dev
+    is_number "$AVO_BLOCK_SIZE" 1073741824 && is_number "$2" 1073741824 && is_number "$3" 1073741824 \
+        && partition_geometry && [ "$part_start" = $(($2 * AVO_BLOCK_SIZE)) ] \
+        && [ "$part_bytes" = $(($3 * AVO_BLOCK_SIZE)) ] \
+        || { fail "$device ($1) is not where the layout puts it; nothing was written"; return 1; }
     say "rewriting $device ($1) from the factory image"
     gunzip -c "$image" | dd of="$device" bs="$AVO_BLOCK_SIZE" skip="$2" count="$3" conv=fsync 2>/dev/null
-}
-
-# Read the GRUB environment block on the boot partition into shell variables.
-read_bootstate() {
-    grep -E '^avo_[A-Za-z_]+=' "$1" | sed 's/[^A-Za-z0-9_.:=+-]//g'
-}
-
-write_grubenv() {
-    file=$1
-    shift
-    content="# GRUB Environment Block
-"
-    for line in "$@"; do
-        content="$content$line
-"
-    done
-    length=$(printf '%s' "$content" | wc -c)
-    { printf '%s' "$content"; head -c "$((1024 - length))" /dev/zero | tr '\0' '#'; } > "$file.new"
-    mv "$file.new" "$file"
 }
 
 # Make a confirmed slot primary when the primary slot can no longer boot.
@@ -270,23 +271,26 @@ repair_bootstate() {
     mkdir -p /run/avobuild/boot
     mount -t vfat "$esp" /run/avobuild/boot || { fail "cannot mount $esp"; return 1; }
     env=/run/avobuild/boot/avobuild/grubenv
-    if [ -f "$env" ]; then
-        eval "$(read_bootstate "$env")"
+    if [ ! -f "$env" ]; then
+        say "no boot state file on $esp"
+    elif ! grubenv_read "$env" || ! is_name slot_name "${avo_primary:-A}"; then
+        fail "$env is not a boot state this system can read; left as it is"
+    else
         primary=${avo_primary:-A}
         other=B
         [ "$primary" = B ] && other=A
-        eval "ok=\${avo_${primary}_ok:-0} tries=\${avo_${primary}_tries:-0} other_ok=\${avo_${other}_ok:-0}"
+        if [ "$primary" = A ]; then
+            ok=${avo_A_ok:-0} tries=${avo_A_tries:-0} other_ok=${avo_B_ok:-0}
+        else
+            ok=${avo_B_ok:-0} tries=${avo_B_tries:-0} other_ok=${avo_A_ok:-0}
+        fi
         if [ "$ok" != 1 ] && [ "$tries" = 0 ] && [ "$other_ok" = 1 ]; then
             say "slot $primary is unconfirmed with no tries left; making slot $other primary"
-            lines=$(grep -E '^avo_[A-Za-z_]+=' "$env" | grep -v '^avo_primary=')
-            set -- "avo_primary=$other"
-            for line in $lines; do set -- "$@" "$line"; done
-            write_grubenv "$env" "$@"
+            avo_primary=$other
+            grubenv_write "$env" || fail "$env: cannot be written"
         else
-            say "boot state: slot $primary primary (ok=$ok, tries=$tries); nothing to change"
+            say "boot state: slot $primary primary (ok=$(clean "$ok"), tries=$(clean "$tries")); nothing to change"
         fi
-    else
-        say "no boot state file on $esp"
     fi
     umount /run/avobuild/boot
 }

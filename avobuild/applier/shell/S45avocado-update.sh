@@ -1,7 +1,7 @@
 #!/bin/sh
-# /etc/init.d/S45avocado-update: busybox-init integration of avocado-update for
-# {{ product_name }}. `start` records which slot booted, then runs the health check of an
-# unconfirmed slot in the background (it confirms, or rolls back and reboots).
+# /etc/init.d/S45avocado-update: busybox-init integration of avocado-update (installed by
+# `avobuild applier render`). `start` records which slot booted, then runs the health check
+# of an unconfirmed slot in the background (it confirms, or rolls back and reboots).
 case "${1:-start}" in
 start)
     /usr/sbin/avocado-update boot

@@ -16,19 +16,26 @@ mount -t tmpfs tmpfs /tmp
 hostname avobuild-recovery
 
 # Settings of the product (rendered at build time), then the kernel command line's avo.*
-# parameters, which win.
+# parameters, which win. /run/avobuild-boot.conf is sourced by avocado-recovery, so only
+# values of the expected shape reach it.
+# shellcheck source=/dev/null
 . /etc/avobuild/recovery.conf
-for parameter in $(cat /proc/cmdline); do
+AVO_SERVER='' AVO_AUTORUN=''
+set -f
+read -r cmdline < /proc/cmdline
+for parameter in $cmdline; do
     case "$parameter" in
-        avo.mode=*) AVO_MODE=${parameter#avo.mode=} ;;
-        avo.server=*) AVO_SERVER=${parameter#avo.server=} ;;
-        avo.autorun=*) AVO_AUTORUN=${parameter#avo.autorun=} ;;
+        avo.mode=partition | avo.mode=usb | avo.mode=net) AVO_MODE=${parameter#avo.mode=} ;;
+        avo.server=*[!A-Za-z0-9._~:/?=%+@,-]*) echo "avobuild recovery: ignoring avo.server (unexpected characters)" ;;
+        avo.server=http://* | avo.server=https://*) AVO_SERVER=${parameter#avo.server=} ;;
+        avo.autorun=restore | avo.autorun=repair | avo.autorun=diagnose) AVO_AUTORUN=${parameter#avo.autorun=} ;;
     esac
 done
+set +f
 {
-    echo "AVO_MODE=$AVO_MODE"
-    echo "AVO_SERVER=${AVO_SERVER:-}"
-    echo "AVO_AUTORUN=${AVO_AUTORUN:-}"
+    echo "AVO_MODE='$AVO_MODE'"
+    echo "AVO_SERVER='$AVO_SERVER'"
+    echo "AVO_AUTORUN='$AVO_AUTORUN'"
 } > /run/avobuild-boot.conf
 
 echo "avobuild recovery: loading drivers"
@@ -45,7 +52,7 @@ esac
 
 # A per-device network boot entry may start an action at once (e.g. a remote factory
 # restore); the menu follows either way.
-case "${AVO_AUTORUN:-}" in
+case "$AVO_AUTORUN" in
     restore|repair|diagnose) /usr/sbin/avocado-recovery "$AVO_AUTORUN" --yes ;;
 esac
 

@@ -1,5 +1,4 @@
-{#- Part of avocado-update.sh.j2 (included); the update and rollback verbs. -#}
-# --- verbs -----------------------------------------------------------------------------------
+# --- avocado-update: the update and rollback verbs (applier/shell/verbs.sh) ------------------
 bundle_arg() {
     bundle=${bundle:-$(state_get bundle)}
     [ -n "$bundle" ] || usage "$1 --bundle FILE (or '-' for standard input)"
@@ -12,9 +11,9 @@ bundle_arg() {
 }
 
 parse_common() {
-    bundle= target_arg=inactive url= version_arg= output= follow=0 format=text
+    bundle='' target_arg=inactive url='' version_arg='' output='' follow=0 format=text
     force=0 now_flag=0 preserve=0 backup_current=0 test_mode=0 no_reboot=${AVO_NO_REBOOT:-0}
-    partition=inactive includes= from=current to=previous
+    partition=inactive includes='' from=current to=previous
     while [ $# -gt 0 ]; do
         case $1 in
         --bundle | --delta) bundle=$2; shift ;;
@@ -61,7 +60,7 @@ cmd_download() {
     parse_common "$@"
     [ -n "$url" ] || {
         [ -n "$version_arg" ] && [ -n "$DOWNLOAD_URL" ] || usage "download --url URL | --version VERSION"
-        matches "$IDENTIFIER" "$version_arg" || die 2 "--version: '$version_arg' is not a version"
+        is_name identifier "$version_arg" || die 2 "--version: '$version_arg' is not a version"
         url=$(printf '%s' "$DOWNLOAD_URL" | sed "s/{version}/$version_arg/g")
     }
     output=${output:-$STATE_DIR/downloads/update-${version_arg:-latest}.avb}
@@ -79,6 +78,7 @@ cmd_download() {
 # Verification shared by verify, validate, simulate: everything, writing nothing.
 verify_bundle_file() {
     benv_load
+    check_partition_table
     target=$(other_slot "$(booted_slot)")
     if [ "$bundle" = - ]; then
         read_bundle verify
@@ -99,7 +99,7 @@ cmd_validate() {
     bundle_arg validate
     NO_STATE=1 verify_bundle_file
     echo "valid: $bundle_version fits slot $target of this $avo_compatible device"
-    while read -r name size _ _ pdev poff plabel _; do
+    while read -r name size _ _ _ _ _ plabel _; do
         echo "  image $name ($size bytes) -> $plabel"
     done < "$WORK/plan"
 }
@@ -110,7 +110,7 @@ cmd_simulate() {
     NO_STATE=1 verify_bundle_file
     booted=$(booted_slot)
     echo "simulate: would install $bundle_version into slot $target (running: $booted)"
-    while read -r name size _ _ pdev poff plabel _; do
+    while read -r name size _ _ pdev poff _ plabel _; do
         echo "  would write image $name ($size bytes) to $plabel ($pdev at byte offset $poff)"
     done < "$WORK/plan"
     echo "  would then set avo_primary=$target avo_${target}_tries=$MAX_ATTEMPTS (commit)"
@@ -129,6 +129,7 @@ cmd_apply() {
     case $(state_get state) in
     Testing | RollingBack) die 5 "an update is being tested or rolled back (state $(state_get state))" ;;
     esac
+    check_partition_table
     set_state Verifying "bundle=$bundle" "target=$target" "step=" "reason="
     if [ "$bundle" = - ]; then
         expected_manifest=
@@ -142,7 +143,7 @@ cmd_apply() {
         echo "version=$bundle_version"
         echo "compatible=$bundle_compatible"
         echo "manifest=$manifest_sha"
-        cut -d' ' -f1,8,9 "$WORK/plan" | sed 's/^/image /'
+        cut -d' ' -f1,9,10 "$WORK/plan" | sed 's/^/image /'
     } | atomic_write "$STATE_DIR/slot-$target"
     set_state Applying "step=applied" "version=$bundle_version" "manifest=$manifest_sha" \
         "security=$bundle_security_version"
@@ -160,7 +161,7 @@ cmd_commit() {
     verify_slot "$target" || die 1 "slot $target does not hold what was applied; apply again"
     flatten_rollback
     attempts=$(cfg boot_failure.max_attempts "$MAX_ATTEMPTS")
-    matches '[1-9]' "$attempts" || die 1 "$ROLLBACK_YAML: boot_failure.max_attempts must be 1 to 9"
+    case $attempts in [1-9]) ;; *) die 1 "$ROLLBACK_YAML: boot_failure.max_attempts must be 1 to 9" ;; esac
     avo_primary=$target
     set_slot "$target" 0 "$attempts" "$version" "$(state_get security)"
     benv_save
@@ -221,6 +222,7 @@ cmd_boot() {
     esac
     echo "booted slot $booted ($(slot_var "$booted" version)), state $(state_get state)"
     # The boot marker: what runs, from the slot's own release file (tests wait for it).
+    # shellcheck source=/dev/null  # the slot's release file, written by avobuild
     running=$( . /usr/lib/avobuild/release 2> /dev/null; echo "${AVOBUILD_VERSION:-unknown}")
     echo "AVOBUILD-BOOT-OK slot=$booted version=$running"
 }
@@ -302,9 +304,10 @@ verify_slot() {
     [ -f "$meta" ] || return 2
     grep '^image ' "$meta" > "$WORK/slot-images"
     while read -r _ name size sha; do
-        slot_partition "$name" "$1" || return 1
-        got=$(dd if="$part_dev" bs=65536 skip="$part_offset" count="$size" iflag=skip_bytes,count_bytes 2> /dev/null \
-            | sha256sum | cut -d' ' -f1)
+        is_name image_name "$name" && is_number "$size" && is_sha256 "$sha" \
+            || { log "$meta: malformed image record"; return 1; }
+        slot_device "$name" "$1" || return 1
+        got=$(slot_read "$part_dev" "$part_base" "$part_size" 0 "$size" | sha256sum | cut -d' ' -f1)
         [ "$got" = "$sha" ] || { log "slot $1: image $name on $part_label does not match its sha256"; return 1; }
     done < "$WORK/slot-images"
 }

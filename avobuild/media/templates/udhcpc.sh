@@ -1,5 +1,6 @@
 #!/bin/sh
 # udhcpc event script of the recovery system: configure the interface from the lease.
+# shellcheck disable=SC2154  # udhcpc passes interface, ip, mask, router and dns
 case "$1" in
     deconfig)
         ip -4 addr flush dev "$interface"

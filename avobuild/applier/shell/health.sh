@@ -1,5 +1,4 @@
-{#- Part of avocado-update.sh.j2 (included); health check, rollback.yaml, pre-check, reporting. -#}
-# --- health check, rollback.yaml, pre-check and reporting ---------------------------------
+# --- avocado-update: health check, rollback.yaml, pre-check, reporting (applier/shell/health.sh)
 
 service_running() {
     if [ "$INIT_SYSTEM" = systemd ] && command -v systemctl > /dev/null 2>&1; then
@@ -14,17 +13,21 @@ cmd_pre_check() {
     failed=0
     mkdir -p "$STATE_DIR"
     free_kb=$(df -Pk "$STATE_DIR" | awk 'NR == 2 { print $4 }')
-    if [ "${free_kb:-0}" -ge "$MIN_FREE_KB" ]; then
+    is_number "$free_kb" || free_kb=0
+    if [ "$free_kb" -ge "$MIN_FREE_KB" ]; then
         echo "ok Disk space: $((free_kb / 1024))MB available ($((MIN_FREE_KB / 1024))MB required)"
     else
-        echo "FAIL Disk space: $((${free_kb:-0} / 1024))MB available ($((MIN_FREE_KB / 1024))MB required)"; failed=1
+        echo "FAIL Disk space: $((free_kb / 1024))MB available ($((MIN_FREE_KB / 1024))MB required)"; failed=1
     fi
     power=none ac=0 battery=
     for supply in "$SYS"/class/power_supply/*; do
         [ -f "$supply/type" ] || continue
         case $(cat "$supply/type") in
         Mains | USB) [ "$(cat "$supply/online" 2>/dev/null)" = 1 ] && ac=1; power=found ;;
-        Battery) battery=$(cat "$supply/capacity" 2>/dev/null); power=found ;;
+        Battery)
+            battery=$(cat "$supply/capacity" 2> /dev/null)
+            is_number "$battery" 100 || battery=''
+            power=found ;;
         esac
     done
     if [ "$power" = none ]; then echo "ok Power: no battery (mains powered)"
@@ -37,7 +40,7 @@ cmd_pre_check() {
         [ "${iface##*/}" = lo ] && continue
         [ "$(cat "$iface/operstate")" = up ] && up="$up ${iface##*/}"
     done
-    if [ -n "$up" ]; then echo "ok Network: connected ($up )"; else echo "FAIL Network: no interface is up"; failed=1; fi
+    if [ -n "$up" ]; then echo "ok Network: connected ($(clean "$up") )"; else echo "FAIL Network: no interface is up"; failed=1; fi
     flatten_rollback
     down=
     for service in $(cfg_list service_health.critical_services); do
@@ -45,7 +48,9 @@ cmd_pre_check() {
     done
     if [ -z "$down" ]; then echo "ok System health: all critical services running"
     else echo "FAIL System health: not running:$down"; failed=1; fi
-    if ls "$STATE_DIR"/backups/*.tar > /dev/null 2>&1; then echo "ok Backup: $(ls -t "$STATE_DIR"/backups/*.tar | head -n 1)"
+    # shellcheck disable=SC2012  # names the applier made (make_backup): no odd characters
+    latest=$(ls -t "$STATE_DIR"/backups/*.tar 2> /dev/null | head -n 1)
+    if [ -n "$latest" ]; then echo "ok Backup: $(clean "$latest")"
     else echo "note Backup: none yet (avocado-update backup)"; fi
     [ "$failed" = 0 ] || exit 1
 }
@@ -75,14 +80,19 @@ flatten_rollback() {
 }
 cfg() { value=$(sed -n "s/^$1=//p" "$WORK/rollback.conf" | head -n 1); echo "${value:-$2}"; }
 cfg_list() { sed -n "s/^$1\.[0-9]*=//p" "$WORK/rollback.conf"; }
-seconds() {  # "30s", "5m", "1h" -> seconds
+# seconds DURATION: "30s", "5m", "1h" or "30" in seconds; 0 for anything else (the recipe
+# wrote these, but an operator may edit rollback.yaml on the device).
+seconds() {
     case $1 in
-    *h) echo $((${1%h} * 3600)) ;;
-    *m) echo $((${1%m} * 60)) ;;
-    *s) echo "${1%s}" ;;
-    *) echo "$1" ;;
+    *h) _sc_unit=3600 _sc_number=${1%h} ;;
+    *m) _sc_unit=60 _sc_number=${1%m} ;;
+    *s) _sc_unit=1 _sc_number=${1%s} ;;
+    *) _sc_unit=1 _sc_number=$1 ;;
     esac
+    if is_number "$_sc_number" 99999999; then echo $((_sc_number * _sc_unit)); else echo 0; fi
 }
+# count_of TEXT DEFAULT: TEXT when it is a number (at most 10^9), else DEFAULT.
+count_of() { if is_number "$1" 1000000000; then echo "$1"; else echo "$2"; fi; }
 
 metric_value() {
     case $1 in
@@ -93,7 +103,9 @@ metric_value() {
         hottest=
         for zone in "$SYS"/class/thermal/thermal_zone*/temp; do
             [ -f "$zone" ] || continue
-            celsius=$(($(cat "$zone") / 1000))
+            millicelsius=$(cat "$zone")
+            is_number "$millicelsius" 1000000000 || continue
+            celsius=$((millicelsius / 1000))
             [ -n "$hottest" ] && [ "$hottest" -ge "$celsius" ] || hottest=$celsius
         done
         echo "${hottest:-0}" ;;
@@ -119,7 +131,7 @@ run_health_checks() {
     flatten_rollback
     interval=$(seconds "$(cfg service_health.check_interval 30s)")
     if [ "$(cfg service_health.enabled true)" = true ]; then
-        threshold=$(cfg service_health.failure_threshold 2)
+        threshold=$(count_of "$(cfg service_health.failure_threshold 2)" 2)
         for service in $(cfg_list service_health.critical_services); do
             failures=0
             while ! service_running "$service"; do
@@ -132,7 +144,7 @@ run_health_checks() {
     if [ "$(cfg system_metrics.enabled true)" = true ]; then
         item=0
         while metric=$(cfg "system_metrics.conditions.$item.metric" ""); [ -n "$metric" ]; do
-            threshold=$(cfg "system_metrics.conditions.$item.threshold" 100 | tr -d '%C')
+            threshold=$(count_of "$(cfg "system_metrics.conditions.$item.threshold" 100 | tr -d '%C')" 100)
             duration=$(seconds "$(cfg "system_metrics.conditions.$item.duration" 60s)")
             check_metric "$metric" "$threshold" "$duration" "$interval" || return 1
             item=$((item + 1))
@@ -180,35 +192,50 @@ cmd_health_check() {
     return 1
 }
 
-cmd_history() {
-    parse_common "$@"
-    [ -f "$HISTORY" ] || { echo "no updates recorded"; return 0; }
-    if [ "$VERBOSE" = 1 ] || [ "$format" = detailed ]; then cat "$HISTORY"; else grep -v '	state	' "$HISTORY" || true; fi
+# The history, older entries (history.1, see record) first.
+history_lines() {
+    for _hl_file in "$HISTORY.1" "$HISTORY"; do
+        [ ! -f "$_hl_file" ] || cat "$_hl_file"
+    done
 }
 
-json_string() { printf '%s' "$1" | sed 's/\\/\\\\/g; s/"/\\"/g' | awk 'BEGIN { ORS = "" } { print "\"" $0 "\"" }'; }
+cmd_history() {
+    parse_common "$@"
+    [ -f "$HISTORY" ] || [ -f "$HISTORY.1" ] || { echo "no updates recorded"; return 0; }
+    if [ "$VERBOSE" = 1 ] || [ "$format" = detailed ]; then
+        history_lines | LC_ALL=C tr -c '\t\n -~' '?'
+    else
+        history_lines | grep -v '	state	' | LC_ALL=C tr -c '\t\n -~' '?' || true
+    fi
+}
 
+# report --format json: always valid JSON; every string is cleaned (lib.sh: clean) and escaped,
+# whatever the state, the history or the boot state hold.
 cmd_report() {
     parse_common "$@"
     [ "$format" = json ] || usage "report --format json"
     benv_load
     booted=$(booted_slot)
-    printf '{"compatible":%s,"booted":"%s","primary":"%s","state":%s,' \
-        "$(json_string "$avo_compatible")" "$booted" "$avo_primary" "$(json_string "$(state_get state)")"
+    printf '{"compatible":%s,"booted":%s,"primary":%s,"state":%s,' \
+        "$(json_string "$avo_compatible")" "$(json_string "$booted")" "$(json_string "$avo_primary")" \
+        "$(json_string "$(state_get state)")"
     printf '"slots":{'
     for slot in A B; do
         [ "$slot" = A ] || printf ','
+        tries=$(slot_var "$slot" tries)
+        is_number "$tries" || tries=null
         printf '"%s":{"version":%s,"ok":%s,"tries":%s}' "$slot" "$(json_string "$(slot_var "$slot" version)")" \
-            "$([ "$(slot_var "$slot" ok)" = 1 ] && echo true || echo false)" "$(slot_var "$slot" tries)"
+            "$([ "$(slot_var "$slot" ok)" = 1 ] && echo true || echo false)" "$tries"
     done
     printf '},"events":['
-    if [ -f "$HISTORY" ]; then
-        awk -F '\t' -v from="$from" -v to="$to" '
-            function esc(s) { gsub(/\\/, "\\\\", s); gsub(/"/, "\\\"", s); return "\"" s "\"" }
-            (from == "current" || substr($1, 1, 10) >= from) && (to == "previous" || substr($1, 1, 10) <= to) {
-                printf "%s{\"time\":%s,\"event\":%s,\"detail\":%s}", (n++ ? "," : ""), esc($1), esc($2), esc($3)
-            }' "$HISTORY"
-    fi
+    history_lines | LC_ALL=C awk -F '\t' -v from="$from" -v to="$to" '
+        function esc(s) {
+            s = substr(s, 1, 1024); gsub(/[^ -~]/, "?", s)
+            gsub(/\\/, "\\\\", s); gsub(/"/, "\\\"", s); return "\"" s "\""
+        }
+        (from == "current" || substr($1, 1, 10) >= from) && (to == "previous" || substr($1, 1, 10) <= to) {
+            printf "%s{\"time\":%s,\"event\":%s,\"detail\":%s}", (n++ ? "," : ""), esc($1), esc($2), esc($3)
+        }'
     printf ']}\n'
 }
 

@@ -1,0 +1,136 @@
+# --- avocado-update: the delta stream (applier/shell/delta.sh; docs/delta-format.md) ---------
+# apply_delta MODE STREAM-SIZE < delta stream: replays one image's delta, fed with the verified
+# chunks of the bundle. Runs in the background and leaves "checked", "applied" or the reason
+# in $WORK/delta.status.
+#   check: writes nothing; every operation is parsed and hashed exactly as for a write, and
+#          the target it would produce goes to $WORK/target.fifo (hashed by the caller), so a
+#          file install refuses a bad delta before its first write.
+#   write: writes the target slot; copy and zero operations go straight from device to device
+#          (no temporary copy), data and patch operations are decoded and hashed before they
+#          are written. The source slot is only ever read.
+# Reads the caller's src_dev, src_base, src_part, src_size, src_sha (the source slot: device,
+# byte offset, partition size, image size and hash) and dev, base, slot_size, target_size,
+# target_sha (the target slot), all checked by parse_manifest.
+apply_delta() (
+    delta_mode=$1 stream_size=$2
+    dfail() {
+        clean "$*" "$MAX_ENTRY" > "$WORK/delta.status"
+        exit 1
+    }
+    # emit: in check mode the bytes an operation produces, to the target hasher.
+    [ "$delta_mode" = write ] || exec 7> "$WORK/target.fifo"
+    # next_line: the next line of the stream, its fields in op a b c d e f g. Every line is
+    # ASCII, at most MAX_DELTA_LINE bytes with its LF, fields separated by single spaces.
+    # `read` drops NUL bytes, so the bytes consumed are counted and checked at the end.
+    next_line() {
+        IFS= read -r line || dfail "the stream ends inside a line at byte offset $consumed"
+        [ "${#line}" -lt "$MAX_DELTA_LINE" ] || dfail "a line over $MAX_DELTA_LINE bytes at byte offset $consumed"
+        consumed=$((consumed + ${#line} + 1))
+        set -f
+        # shellcheck disable=SC2086  # split at single spaces, checked against the line below
+        set -- $line
+        set +f
+        [ "$line" = "$*" ] || dfail "malformed line at byte offset $((consumed - ${#line} - 1))"
+        op=${1:-} a=${2:-} b=${3:-} c=${4:-} d=${5:-} e=${6:-} f=${7:-} g=${8:-} fields=$#
+    }
+    # decode LENGTH PAYLOAD-SIZE [WINDOW]: the operation's payload from the stream, one zstd
+    # frame declaring LENGTH bytes, decoded (capped one byte past LENGTH) into delta.out.
+    decode() {
+        take "$2" > "$WORK/delta.payload"
+        [ "$(size_of "$WORK/delta.payload")" -eq "$2" ] || dfail "the stream ends inside the payload at target offset $a"
+        consumed=$((consumed + $2))
+        one_zstd_frame "$WORK/delta.payload" "$1" || dfail "the payload at target offset $a is not one zstd frame of $1 bytes"
+        if [ -n "${3:-}" ]; then
+            zstd -q -d -c --patch-from="$3" < "$WORK/delta.payload" 2> /dev/null
+        else
+            zstd -q -d -c < "$WORK/delta.payload" 2> /dev/null
+        fi | take $(($1 + 1)) > "$WORK/delta.out"
+        rm -f "$WORK/delta.payload"
+        [ "$(size_of "$WORK/delta.out")" -eq "$1" ] || dfail "operation at target offset $a does not decode to $1 bytes"
+    }
+    source_range() { slot_read "$src_dev" "$src_base" "$src_part" "$1" "$2"; }
+    # put: delta.out into the target at offset a (write), or to the target hasher (check).
+    put() {
+        if [ "$delta_mode" = write ]; then
+            slot_write "$dev" "$base" "$slot_size" "$a" "$b" < "$WORK/delta.out" || dfail "write failed at target offset $a"
+            checkpoint
+        else
+            cat "$WORK/delta.out" >&7
+        fi
+    }
+    # The numbers of the current line: canonical, and for extents inside the images.
+    numbers() {
+        for value in "$@"; do is_number "$value" || dfail "$op at $a: malformed number"; done
+    }
+
+    consumed=0
+    next_line
+    [ "$fields $op $a" = "2 avobuild-delta 1" ] || dfail "not a version 1 delta stream"
+    next_line
+    [ "$fields $op $a $b" = "3 source $src_size $src_sha" ] || dfail "the stream's source line differs from the manifest"
+    next_line
+    [ "$fields $op $a $b" = "3 target $target_size $target_sha" ] || dfail "the stream's target line differs from the manifest"
+    position=0 count=0
+    while :; do
+        next_line
+        [ "$op" != end ] || break
+        case $op:$fields in
+        copy:5 | zero:3 | data:5 | patch:8) ;;
+        *) dfail "malformed delta operation at byte offset $((consumed - ${#line} - 1))" ;;
+        esac
+        numbers "$a" "$b"
+        [ "$a" = "$position" ] && [ "$b" -ge 1 ] && [ "$b" -le $((target_size - a)) ] \
+            || dfail "operation $op at $a does not continue the target at $position within its $target_size bytes"
+        case $op in
+        copy)
+            numbers "$c"
+            is_sha256 "$d" || dfail "copy at $a: malformed sha256"
+            [ "$c" -le "$src_size" ] && [ "$b" -le $((src_size - c)) ] || dfail "copy at $a reads past the source"
+            if [ "$delta_mode" = write ]; then
+                [ "$(source_range "$c" "$b" | sha256sum | cut -d' ' -f1)" = "$d" ] \
+                    || dfail "copy at $a: source hash mismatch"
+                slot_copy "$src_dev" "$src_base" "$src_part" "$c" "$dev" "$base" "$slot_size" "$a" "$b" \
+                    || dfail "copy at $a: write failed"
+                checkpoint
+            else
+                [ "$(source_range "$c" "$b" | tee "$WORK/target.fifo" | sha256sum | cut -d' ' -f1)" = "$d" ] \
+                    || dfail "copy at $a: source hash mismatch"
+            fi ;;
+        zero)
+            if [ "$delta_mode" = write ]; then
+                slot_zero "$dev" "$base" "$slot_size" "$a" "$b" || dfail "zero at $a: write failed"
+                checkpoint
+            else
+                dd if=/dev/zero bs=65536 count="$b" iflag=count_bytes 2> /dev/null >&7
+            fi ;;
+        data)
+            numbers "$c"
+            is_sha256 "$d" || dfail "data at $a: malformed sha256"
+            [ "$b" -le "$MAX_DELTA_EXTENT" ] && [ "$c" -ge 1 ] && [ "$c" -le $((b + b / 128 + 512)) ] \
+                || dfail "data at $a: bad sizes"
+            decode "$b" "$c"
+            [ "$(sha_of "$WORK/delta.out")" = "$d" ] || dfail "data at $a: hash mismatch"
+            put ;;
+        patch)
+            numbers "$c" "$d" "$f"
+            is_sha256 "$e" && is_sha256 "$g" || dfail "patch at $a: malformed sha256"
+            [ "$b" -le "$MAX_DELTA_EXTENT" ] && [ "$d" -ge 1 ] && [ "$d" -le "$MAX_DELTA_EXTENT" ] \
+                && [ "$c" -le "$src_size" ] && [ "$d" -le $((src_size - c)) ] \
+                && [ "$f" -ge 1 ] && [ "$f" -le $((b + b / 128 + 512)) ] || dfail "patch at $a: bad sizes"
+            source_range "$c" "$d" > "$WORK/delta.window"
+            [ "$(sha_of "$WORK/delta.window")" = "$e" ] || dfail "patch at $a: source window hash mismatch"
+            decode "$b" "$f" "$WORK/delta.window"
+            rm -f "$WORK/delta.window"
+            [ "$(sha_of "$WORK/delta.out")" = "$g" ] || dfail "patch at $a: hash mismatch"
+            put ;;
+        esac
+        rm -f "$WORK/delta.out"
+        position=$((a + b))
+        count=$((count + 1))
+    done
+    [ "$fields" = 2 ] && is_number "$a" && [ "$a" = "$count" ] || dfail "missing or wrong end line"
+    [ "$position" = "$target_size" ] || dfail "the operations end at $position, not $target_size"
+    [ "$(take 1 | wc -c | tr -d ' ')" -eq 0 ] && [ "$consumed" = "$stream_size" ] \
+        || dfail "data after the end line, or bytes the lines cannot hold (NUL)"
+    if [ "$delta_mode" = write ]; then echo applied; else echo checked; fi > "$WORK/delta.status"
+)

@@ -1,0 +1,5 @@
+# --- avocado-update: hooks (avobuild/applier/shell/hooks.sh) ---------------------------------
+# checkpoint: called after every write step a power cut may interrupt (slot chunks, delta
+# operations, the boot state, state files). Nothing happens here; a test build links
+# test-hooks.sh instead, which can stop the applier at any of these points.
+checkpoint() { :; }

@@ -1,0 +1,357 @@
+"""A seeded corpus of hostile bundles and deltas for tests/test_differential.py.
+
+Bundles are assembled here from their parts, not by avobuild's writer, so that every part can
+break the format: the header, the manifest lines, the signature block, the payload framing and
+the delta stream's operations. A case whose manifest changed is signed again with the trusted
+key, so the reader has to find the fault itself rather than stop at the signature. Each line
+mutation is applied to a line at the start, in the middle and at the end of its region.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import zstandard
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
+
+CHUNK = 65536
+BUILD_DATE = "1767225600"
+SKIPPABLE = b"\x50\x2a\x4d\x18\x04\x00\x00\x00skip"
+P256_ORDER = int("FFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551", 16)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def key_id_of(public_key: ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey) -> str:
+    der = public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return sha(der)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@dataclass(frozen=True)
+class Signer:
+    algorithm: str
+    key_id: str
+    sign: Callable[[bytes], bytes]
+
+    def line(self, manifest: bytes) -> str:
+        return f"signature {self.algorithm} {self.key_id} {b64(self.sign(manifest))}"
+
+
+def ed25519_signer(private: ed25519.Ed25519PrivateKey) -> Signer:
+    return Signer("ed25519", key_id_of(private.public_key()), private.sign)
+
+
+def ecdsa_signer(private: ec.EllipticCurvePrivateKey, *, high_s: bool = False) -> Signer:
+    """P-256 signatures in the low-s spelling (or the high-s one, which is refused)."""
+
+    def sign(data: bytes) -> bytes:
+        r, s = decode_dss_signature(private.sign(data, ec.ECDSA(hashes.SHA256())))
+        low = min(s, P256_ORDER - s)
+        return encode_dss_signature(r, P256_ORDER - low if high_s else low)
+
+    return Signer("ecdsa-p256-sha256", key_id_of(private.public_key()), sign)
+
+
+# --- zstd frames --------------------------------------------------------------------------------
+
+
+def frame(data: bytes, *, content_size: bool = True, checksum: bool = False) -> bytes:
+    compressor = zstandard.ZstdCompressor(
+        level=3, write_content_size=content_size, write_checksum=checksum
+    )
+    return compressor.compress(data)
+
+
+def patch_frame(data: bytes, window: bytes) -> bytes:
+    """A frame decoded with `window` as raw-content dictionary (`zstd --patch-from`)."""
+    dictionary = zstandard.ZstdCompressionDict(window, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+    compressor = zstandard.ZstdCompressor(
+        level=3, dict_data=dictionary, write_content_size=True, write_dict_id=False
+    )
+    return compressor.compress(data)
+
+
+def with_dictionary_id(stored: bytes) -> bytes:
+    """The frame, its header claiming dictionary id 7 (RFC 8878 3.1.1.1.1: DID flag 1)."""
+    descriptor = stored[4]
+    header_end = 5 + (0 if descriptor & 0x20 else 1)  # the window descriptor, if any
+    return (
+        stored[:4]
+        + bytes([descriptor & ~0x03 | 0x01])
+        + stored[5:header_end]
+        + b"\x07"
+        + (stored[header_end:])
+    )
+
+
+def with_content_size(stored: bytes, size: int) -> bytes:
+    """A raw-block frame declaring `size` bytes of content, holding the data of `stored`."""
+    data = zstandard.ZstdDecompressor().decompress(stored)
+    return raw_frame(data, declared=size)
+
+
+def raw_frame(data: bytes, *, declared: int | None = None, block: int = 1 << 17) -> bytes:
+    """A frame of raw blocks of at most `block` bytes (past 128 KiB: an oversized block)."""
+    size = len(data) if declared is None else declared
+    out = bytearray(b"\x28\xb5\x2f\xfd")
+    out.append(0x80 | 0x20)  # FCS field of 4 bytes, single segment
+    out += size.to_bytes(4, "little")
+    pieces = [data[i : i + block] for i in range(0, len(data), block)] or [b""]
+    for index, piece in enumerate(pieces):
+        last = 1 if index == len(pieces) - 1 else 0
+        out += ((len(piece) << 3) | last).to_bytes(3, "little")
+        out += piece
+    return bytes(out)
+
+
+# --- bundles ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Draft:
+    """A bundle as parts. `lines` are the manifest lines (without LF); `payload` the stored
+    chunks. Rendering signs the manifest with `signers` unless `block` is given."""
+
+    lines: list[bytes]
+    payload: list[bytes]
+    signers: tuple[Signer, ...]
+    block_lines: list[bytes] | None = None  # the signature block after its first line
+    extra_block_lines: list[bytes] = field(default_factory=list)
+    block_head: bytes = b"avobuild-signatures 1"
+    trailer: bytes = b""
+    manifest_override: bytes | None = None
+
+    def manifest(self) -> bytes:
+        if self.manifest_override is not None:
+            return self.manifest_override
+        return b"".join(line + b"\n" for line in self.lines)
+
+    def signature_block(self) -> bytes:
+        manifest = self.manifest()
+        lines = self.block_lines
+        if lines is None:
+            lines = [signer.line(manifest).encode() for signer in self.signers]
+        lines = [self.block_head, *lines, *self.extra_block_lines]
+        return b"".join(line + b"\n" for line in lines)
+
+    def render(self) -> bytes:
+        manifest = self.manifest()
+        block = self.signature_block()
+        header = b"AVOBUNDLE 1 %010d %010d\n" % (len(manifest), len(block))
+        return header + manifest + block + b"".join(self.payload) + self.trailer
+
+    def copy(self, **changes: object) -> Draft:
+        fresh = replace(
+            self,
+            lines=list(self.lines),
+            payload=list(self.payload),
+            extra_block_lines=list(self.extra_block_lines),
+        )
+        return replace(fresh, **changes) if changes else fresh
+
+
+Encoder = Callable[[bytes, int], bytes]
+
+
+def zstd_encoder(data: bytes, _index: int) -> bytes:
+    return frame(data)
+
+
+def image_part(
+    name: str,
+    data: bytes,
+    chunk_size: int,
+    encode: Encoder,
+    refs: Sequence[tuple[str, int, str]] = (),
+) -> tuple[list[bytes], list[bytes]]:
+    """The manifest lines and stored chunks of one image (refs: delta source/target lines)."""
+    pieces = [data[i : i + chunk_size] for i in range(0, len(data), chunk_size)]
+    stored = [encode(piece, index) for index, piece in enumerate(pieces)]
+    lines = [f"image {name} {len(data)} {sha(data)} {len(stored)}".encode()]
+    lines += [f"{keyword} {size} {digest}".encode() for keyword, size, digest in refs]
+    lines += [
+        f"chunk {name} {index} {len(chunk)} {sha(chunk)}".encode()
+        for index, chunk in enumerate(stored)
+    ]
+    return lines, stored
+
+
+def head_lines(
+    bundle_type: str = "full",
+    *,
+    version: int = 1,
+    compatible: str = "diffprod-x86_64",
+    policy: Sequence[str] = (),
+    chunk_size: int = CHUNK,
+    compression: str = "zstd",
+) -> list[bytes]:
+    lines = [
+        f"avobuild-manifest {version}",
+        f"type {bundle_type}",
+        "name diffprod",
+        "version 2.0.0",
+        f"compatible {compatible}",
+        f"build-date {BUILD_DATE}",
+        *policy,
+        f"chunk-size {chunk_size}",
+        f"compression {compression}",
+    ]
+    return [line.encode() for line in lines]
+
+
+def full_draft(
+    data: bytes,
+    signers: tuple[Signer, ...],
+    *,
+    chunk_size: int = CHUNK,
+    compression: str = "zstd",
+    encode: Encoder | None = None,
+    **head: object,
+) -> Draft:
+    if encode is None:
+        encode = zstd_encoder if compression == "zstd" else (lambda piece, _index: piece)
+    lines, payload = image_part("rootfs", data, chunk_size, encode)
+    heading = head_lines(chunk_size=chunk_size, compression=compression, **head)  # type: ignore[arg-type]
+    return Draft([*heading, *lines], payload, signers)
+
+
+@dataclass(frozen=True)
+class Ref:
+    size: int
+    sha256: str
+
+
+def delta_draft(
+    stream: bytes,
+    source: Ref,
+    target: Ref,
+    signers: tuple[Signer, ...],
+    *,
+    encode: Encoder = zstd_encoder,
+) -> Draft:
+    refs = [("source", source.size, source.sha256), ("target", target.size, target.sha256)]
+    lines, payload = image_part("rootfs", stream, CHUNK, encode, refs)
+    return Draft([*head_lines("delta"), *lines], payload, signers)
+
+
+# --- delta streams ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Op:
+    line: bytes
+    payload: bytes = b""
+
+
+def stream_bytes(
+    source: Ref,
+    target: Ref,
+    ops: Sequence[Op],
+    *,
+    magic: bytes = b"avobuild-delta 1",
+    end: bytes | None = None,
+    refs: tuple[bytes, bytes] | None = None,
+    trailer: bytes = b"",
+) -> bytes:
+    source_line, target_line = refs or (
+        f"source {source.size} {source.sha256}".encode(),
+        f"target {target.size} {target.sha256}".encode(),
+    )
+    parts = [magic + b"\n", source_line + b"\n", target_line + b"\n"]
+    for op in ops:
+        parts += [op.line + b"\n", op.payload]
+    parts.append((end if end is not None else b"end %d" % len(ops)) + b"\n")
+    return b"".join(parts) + trailer
+
+
+@dataclass(frozen=True)
+class DeltaBase:
+    """A valid delta from `source` to the target its ops produce."""
+
+    source: bytes
+    target: bytes
+    ops: tuple[Op, ...]
+
+    @property
+    def source_ref(self) -> Ref:
+        return Ref(len(self.source), sha(self.source))
+
+    @property
+    def target_ref(self) -> Ref:
+        return Ref(len(self.target), sha(self.target))
+
+    def stream(self, ops: Sequence[Op] | None = None, **options: object) -> bytes:
+        return stream_bytes(
+            self.source_ref,
+            self.target_ref,
+            self.ops if ops is None else ops,
+            **options,  # type: ignore[arg-type]
+        )
+
+
+def make_delta(source: bytes, rng: random.Random, *, data_last: bool = False) -> DeltaBase:
+    """copy, zero, data, copy, patch, then copy (or data) to the end; the target is the size
+    of the source."""
+    size = len(source)
+    ops: list[Op] = []
+    target = bytearray()
+
+    def copy(length: int, source_offset: int) -> None:
+        piece = source[source_offset : source_offset + length]
+        line = f"copy {len(target)} {length} {source_offset} {sha(piece)}"
+        ops.append(Op(line.encode()))
+        target.extend(piece)
+
+    def zero(length: int) -> None:
+        ops.append(Op(f"zero {len(target)} {length}".encode()))
+        target.extend(bytes(length))
+
+    def data(piece: bytes) -> None:
+        payload = frame(piece)
+        line = f"data {len(target)} {len(piece)} {len(payload)} {sha(piece)}"
+        ops.append(Op(line.encode(), payload))
+        target.extend(piece)
+
+    def patch(length: int, window_offset: int, window_length: int) -> None:
+        window = source[window_offset : window_offset + window_length]
+        piece = bytearray(source[window_offset + 100 : window_offset + 100 + length])
+        for _ in range(20):
+            piece[rng.randrange(length)] = rng.randrange(256)
+        payload = patch_frame(bytes(piece), window)
+        line = (
+            f"patch {len(target)} {length} {window_offset} {window_length} {sha(window)} "
+            f"{len(payload)} {sha(bytes(piece))}"
+        )
+        ops.append(Op(line.encode(), payload))
+        target.extend(piece)
+
+    copy(65536, 0)
+    zero(8192)
+    data(rng.randbytes(4096))
+    copy(65536, 200000)
+    patch(4096, 290000, 32768)
+    rest = size - len(target)
+    if data_last:
+        copy(rest - 4096, len(target))
+        data(rng.randbytes(4096))
+    else:
+        copy(rest, len(target))
+    assert len(target) == size
+    return DeltaBase(source, bytes(target), tuple(ops))

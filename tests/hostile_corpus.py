@@ -1,0 +1,736 @@
+"""The cases of the differential corpus (tests/test_differential.py), built from
+tests/hostile_bundles.py: header, signature block, manifest, payload framing, delta stream.
+
+`build_corpus` returns (name, bundle bytes) pairs; names say what was broken and where
+(first, middle or last line of its region). The corpus is generated from a seed at test time.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from hostile_bundles import (
+    CHUNK,
+    SKIPPABLE,
+    DeltaBase,
+    Draft,
+    Op,
+    Signer,
+    b64,
+    delta_draft,
+    ecdsa_signer,
+    frame,
+    full_draft,
+    head_lines,
+    raw_frame,
+    sha,
+    with_content_size,
+    with_dictionary_id,
+)
+
+Case = tuple[str, bytes]
+BIG = "9223372036854775808"  # 2^63: one past the largest number the format allows
+MAX = "9223372036854775807"
+
+
+@dataclass(frozen=True)
+class Context:
+    trusted: Signer  # the device's Ed25519 key
+    trusted_ecdsa: Signer  # the device's P-256 key
+    untrusted: Signer
+    ecdsa_private: object
+    image: bytes  # a full image that fits the slot
+    slot_size: int
+    delta: DeltaBase  # from the running slot's first bytes
+    delta_data_last: DeltaBase
+    rng: random.Random
+
+
+def positions(count: int) -> dict[str, int]:
+    """First, middle and last index of a region of `count` lines."""
+    return {"first": 0, "middle": count // 2, "last": count - 1}
+
+
+def _numbers(line: bytes) -> list[int]:
+    return [i for i, word in enumerate(line.split(b" ")) if word.isdigit()]
+
+
+def _set_word(line: bytes, index: int, value: bytes) -> bytes:
+    words = line.split(b" ")
+    words[index] = value
+    return b" ".join(words)
+
+
+# Ways to spoil one text line, shared by the manifest and the delta stream.
+LINE_MUTATIONS: dict[str, Callable[[bytes], bytes]] = {
+    "extra-field": lambda line: line + b" 0",
+    "missing-field": lambda line: line.rsplit(b" ", 1)[0],
+    "double-space": lambda line: line.replace(b" ", b"  ", 1),
+    "trailing-space": lambda line: line + b" ",
+    "leading-space": lambda line: b" " + line,
+    "tab": lambda line: line.replace(b" ", b"\t", 1),
+    "cr": lambda line: line + b"\r",
+    "nul": lambda line: line[:-1] + b"\x00" + line[-1:],
+    "0xff": lambda line: line + b"\xff",
+    "escape": lambda line: line + b"\x1b[2J",
+    "uppercase-keyword": lambda line: (
+        line.split(b" ", 1)[0].upper() + line[len(line.split(b" ", 1)[0]) :]
+    ),
+}
+# Ways to spoil a number, applied to each numeric field.
+NUMBER_MUTATIONS: dict[str, Callable[[bytes], bytes]] = {
+    "leading-zero": lambda word: b"0" + word,
+    "octal-looking": lambda word: b"0" + word if word != b"0" else b"010000",
+    "negative": lambda word: b"-" + word,
+    "plus": lambda word: b"+" + word,
+    "2^63": lambda _word: BIG.encode(),
+    "hex": lambda word: b"0x" + word,
+    "empty-ish": lambda _word: b"-0",
+}
+
+
+def build_corpus(ctx: Context) -> list[Case]:
+    cases: list[Case] = []
+    for group in (header_cases, block_cases, manifest_cases, payload_cases, delta_cases):
+        cases.extend(group(ctx))
+    names = [name for name, _ in cases]
+    assert len(names) == len(set(names)), "case names must be unique"
+    return cases
+
+
+def base_full(ctx: Context, **options: object) -> Draft:
+    return full_draft(ctx.image, (ctx.trusted,), **options)  # type: ignore[arg-type]
+
+
+def base_delta(ctx: Context, base: DeltaBase | None = None, **stream: object) -> Draft:
+    base = base or ctx.delta
+    return delta_draft(base.stream(**stream), base.source_ref, base.target_ref, (ctx.trusted,))
+
+
+# --- header -------------------------------------------------------------------------------------
+
+
+def header_cases(ctx: Context) -> Iterator[Case]:
+    good = base_full(ctx).render()
+    manifest_size, block_size = int(good[12:22]), int(good[23:33])
+    yield "valid-full", good
+    yield "valid-delta", base_delta(ctx).render()
+    yield "header-magic", b"AVOBUNDLX" + good[9:]
+    yield "header-format-2", good[:10] + b"2" + good[11:]
+    yield "header-lowercase", b"avobundle" + good[9:]
+    yield "header-no-lf", good[:33] + b" " + good[34:]
+    yield "header-sign", good[:12] + b"+" + good[13:]
+    yield "header-space-padded", good[:12] + b" " + good[13:]
+    yield "header-manifest-zero", b"AVOBUNDLE 1 0000000000 %010d\n" % block_size + good[34:]
+    yield "header-block-zero", b"AVOBUNDLE 1 %010d 0000000000\n" % manifest_size + good[34:]
+    yield "header-manifest-over-16M", b"AVOBUNDLE 1 0016777217 %010d\n" % block_size + good[34:]
+    yield "header-block-over-1M", b"AVOBUNDLE 1 %010d 0001048577\n" % manifest_size + good[34:]
+    yield (
+        "header-manifest-short",
+        b"AVOBUNDLE 1 %010d %010d\n" % (manifest_size - 1, block_size + 1) + good[34:],
+    )
+    yield (
+        "header-manifest-long",
+        b"AVOBUNDLE 1 %010d %010d\n" % (manifest_size + 1, block_size - 1) + good[34:],
+    )
+    yield (
+        "header-octal-looking",
+        b"AVOBUNDLE 1 %010o %010d\n" % (manifest_size, block_size) + good[34:],
+    )
+    yield (
+        "header-11-digits",
+        b"AVOBUNDLE 1 0%010d %010d\n" % (manifest_size, block_size) + good[34:],
+    )
+    yield "header-truncated", good[:20]
+    yield "empty-file", b""
+    yield "truncated-in-manifest", good[: 34 + manifest_size // 2]
+    yield "truncated-in-block", good[: 34 + manifest_size + block_size // 2]
+
+
+# --- signature block ------------------------------------------------------------------------------
+
+
+def block_cases(ctx: Context) -> Iterator[Case]:
+    draft = base_full(ctx)
+    manifest = draft.manifest()
+    good = ctx.trusted.line(manifest).encode()
+    other = ctx.untrusted.line(manifest).encode()
+    ecdsa = ctx.trusted_ecdsa.line(manifest).encode()
+
+    def with_block(
+        name: str, lines: list[bytes], *, head: bytes = b"avobuild-signatures 1"
+    ) -> Case:
+        return name, draft.copy(block_lines=lines, block_head=head).render()
+
+    yield with_block("block-head-version-2", [good], head=b"avobuild-signatures 2")
+    yield with_block("block-head-01", [good], head=b"avobuild-signatures 01")
+    yield with_block("block-head-missing", [good], head=good)
+    yield with_block("block-ecdsa-trusted", [ecdsa])
+    yield with_block("block-both-trusted", [good, ecdsa])
+    yield with_block("block-untrusted-only", [other])
+    yield with_block("block-untrusted-and-trusted", [other, good])
+    yield with_block("block-no-signature", [])
+    yield with_block("block-duplicate-trusted", [good, good])
+    yield with_block("block-duplicate-untrusted", [other, good, other])
+    forged = good[:-8] + (b"AAAAAAA=" if not good.endswith(b"AAAAAAA=") else b"BBBBBBB=")
+    yield with_block("block-bad-trusted-signature", [forged])
+    wrong = ctx.trusted.line(manifest + b"x\n").encode()
+    yield with_block("block-signature-of-other-manifest", [wrong])
+    algorithm_swap = good.replace(b"signature ed25519", b"signature ecdsa-p256-sha256", 1)
+    yield with_block("block-trusted-key-other-algorithm", [algorithm_swap, ecdsa])
+    yield with_block("block-unknown-algorithm", [good.replace(b"ed25519", b"ed448", 1), ecdsa])
+    yield with_block("block-unknown-keyword", [good, b"comment made-by ci-42"])
+    yield with_block(
+        "block-recipient-line", [good, b"recipient " + b"a" * 64 + b" rsa-oaep-sha256 AAAA"]
+    )
+    high_s = ecdsa_signer(ctx.ecdsa_private, high_s=True).line(manifest).encode()  # type: ignore[arg-type]
+    yield with_block("block-ecdsa-high-s", [high_s])
+    # Line syntax, for a line first, in the middle and last in the block.
+    spoiled = {
+        "empty": b"",
+        "double-space": other.replace(b" ", b"  ", 1),
+        "trailing-space": other + b" ",
+        "tab": other.replace(b" ", b"\t", 1),
+        "cr": other + b"\r",
+        "0xff": b"comment \xff",
+        "escape-key-id": b"signature ed25519 \x1b[31m" + b"a" * 60 + b" AAAA",
+        "keyword-uppercase": b"Signature" + other[9:],
+        "keyword-33-chars": b"k" * 33 + b" value",
+        "extra-field": other + b" x",
+        "missing-field": other.rsplit(b" ", 1)[0],
+        "algorithm-uppercase": other.replace(b"ed25519", b"Ed25519", 1),
+        "key-id-63": other.replace(
+            ctx.untrusted.key_id.encode(), ctx.untrusted.key_id[:63].encode()
+        ),
+        "key-id-uppercase": other.replace(
+            ctx.untrusted.key_id.encode(), ctx.untrusted.key_id.upper().encode()
+        ),
+        "base64-unpadded": other.rstrip(b"="),
+        "base64-noncanonical": other[:-3] + b"R=="
+        if other.endswith(b"Q==")
+        else other[:-3] + b"B==",
+        "base64-bad-char": other[:-4] + b"*" + other[-3:],
+        "ed25519-63-bytes": b"signature ed25519 "
+        + ctx.untrusted.key_id.encode()
+        + b" "
+        + b64(bytes(63)).encode(),
+        "ed25519-65-bytes": b"signature ed25519 "
+        + ctx.untrusted.key_id.encode()
+        + b" "
+        + b64(bytes(65)).encode(),
+    }
+    for what, line in spoiled.items():
+        for where, lines in (
+            ("first", [line, good]),
+            ("middle", [other, line, good]),
+            ("last", [good, line]),
+        ):
+            if what == "empty" and where == "last":
+                lines = [good, b"comment", b""]
+            yield with_block(f"block-{what}-{where}", lines)
+    # ECDSA encodings of an untrusted key: one spelling only.
+    ders = {
+        "canonical": bytes([0x30, 8, 2, 2, 0x12, 0x34, 2, 2, 0x56, 0x78]),
+        "leading-zero": bytes([0x30, 9, 2, 3, 0, 0x12, 0x34, 2, 2, 0x56, 0x78]),
+        "negative": bytes([0x30, 8, 2, 2, 0x92, 0x34, 2, 2, 0x56, 0x78]),
+        "long-length": bytes([0x30, 0x81, 8, 2, 2, 0x12, 0x34, 2, 2, 0x56, 0x78]),
+        "trailing-byte": bytes([0x30, 8, 2, 2, 0x12, 0x34, 2, 2, 0x56, 0x78, 0]),
+        "wrong-length": bytes([0x30, 9, 2, 2, 0x12, 0x34, 2, 2, 0x56, 0x78]),
+        "zero-r": bytes([0x30, 7, 2, 1, 0, 2, 2, 0x56, 0x78]),
+        "73-bytes": bytes([0x30, 71, 2, 34, 0, *([0x80] * 33), 2, 33, 0, *([0x10] * 32)]),
+    }
+    for what, der in ders.items():
+        line = (
+            b"signature ecdsa-p256-sha256 "
+            + ctx.untrusted.key_id.encode()
+            + b" "
+            + b64(der).encode()
+        )
+        yield with_block(f"block-ecdsa-der-{what}", [line, good])
+    # Limits: counts and sizes just inside and just past them.
+    rng = random.Random(7)
+
+    def unknown_signers(count: int) -> list[bytes]:
+        return [
+            f"signature ed25519 {rng.randbytes(32).hex()} {b64(bytes(64))}".encode()
+            for _ in range(count)
+        ]
+
+    yield with_block("block-32-signatures", [*unknown_signers(31), good])
+    yield with_block("block-33-signatures", [*unknown_signers(32), good])
+    yield with_block("block-256-lines", [good, *[b"comment %d" % i for i in range(255)]])
+    yield with_block("block-257-lines", [good, *[b"comment %d" % i for i in range(256)]])
+    yield with_block("block-line-22528", [good, b"comment " + b"x" * (22528 - 9)])
+    yield with_block("block-line-22529", [good, b"comment " + b"x" * (22528 - 8)])
+    recipient = b"recipient " + b"e" * 64 + b" rsa-oaep-sha256 AAAA"
+    yield with_block("block-128-recipients", [good, *[recipient] * 128])
+    yield with_block("block-129-recipients", [good, *[recipient] * 129])
+    adversarial = [
+        f"signature e {random.Random(i).randbytes(32).hex()} AAAA".encode() for i in range(12786)
+    ]
+    yield with_block("block-12787-short-lines", [good, *adversarial])
+
+    def certificate(der: bytes, key: str | None = None) -> bytes:
+        return f"certificate {key or rng.randbytes(32).hex()} {b64(der)}".encode()
+
+    yield with_block("block-certificate", [good, certificate(rng.randbytes(800))])
+    yield with_block("block-certificate-16384", [good, certificate(rng.randbytes(16384))])
+    yield with_block("block-certificate-16385", [good, certificate(rng.randbytes(16385))])
+    yield with_block(
+        "block-32-certificates", [good, *[certificate(rng.randbytes(40)) for _ in range(32)]]
+    )
+    yield with_block(
+        "block-33-certificates", [good, *[certificate(rng.randbytes(40)) for _ in range(33)]]
+    )
+    twin = rng.randbytes(300)
+    yield with_block(
+        "block-same-certificate-twice",
+        [good, certificate(twin, "b" * 64), certificate(twin, "b" * 64)],
+    )
+    yield with_block(
+        "block-same-der-other-key-id",
+        [good, certificate(twin, "b" * 64), certificate(twin, "c" * 64)],
+    )
+    yield with_block("block-certificate-bad-key-id", [good, certificate(twin, "B" * 64)])
+    yield with_block(
+        "block-certificate-unpadded", [good, certificate(rng.randbytes(301)).rstrip(b"=")]
+    )
+    yield with_block("block-certificate-missing-field", [good, b"certificate " + b"d" * 64])
+
+
+# --- manifest -----------------------------------------------------------------------------------
+
+
+def resigned(draft: Draft, lines: list[bytes]) -> bytes:
+    return draft.copy(lines=lines).render()
+
+
+def manifest_cases(ctx: Context) -> Iterator[Case]:
+    draft = base_full(ctx)
+    head = len(head_lines())
+    lines = draft.lines
+    # Line mutations on the first, a middle and the last header line and manifest line.
+    targets = {
+        "first": 0,
+        "middle": head // 2,
+        "header-last": head - 1,
+        "image": head,
+        "chunk-first": head + 1,
+        "last": len(lines) - 1,
+    }
+    for what, mutate in LINE_MUTATIONS.items():
+        for where, index in targets.items():
+            changed = list(lines)
+            changed[index] = mutate(changed[index])
+            yield f"manifest-{what}-{where}", resigned(draft, changed)
+    for where, index in targets.items():
+        yield f"manifest-drop-{where}", resigned(draft, lines[:index] + lines[index + 1 :])
+        yield f"manifest-repeat-{where}", resigned(draft, lines[: index + 1] + lines[index:])
+        yield (
+            f"manifest-empty-line-before-{where}",
+            resigned(draft, [*lines[:index], b"", *lines[index:]]),
+        )
+    yield (
+        "manifest-swap-name-version",
+        resigned(draft, [lines[0], lines[1], lines[3], lines[2], *lines[4:]]),
+    )
+    yield "manifest-unknown-line-end", resigned(draft, [*lines, b"comment hello"])
+    yield (
+        "manifest-unknown-line-middle",
+        resigned(draft, [*lines[:head], b"comment hello", *lines[head:]]),
+    )
+    yield "manifest-no-final-lf", draft.copy(manifest_override=draft.manifest()[:-1]).render()
+    yield (
+        "manifest-crlf",
+        draft.copy(manifest_override=draft.manifest().replace(b"\n", b"\r\n")).render(),
+    )
+
+    def with_value(index: int, value: str) -> bytes:
+        changed = list(lines)
+        changed[index] = changed[index].split(b" ", 1)[0] + b" " + value.encode()
+        return resigned(draft, changed)
+
+    values = {
+        0: ["3", "01", "0", "1.0"],
+        1: ["fulll", "Full", "delta"],
+        2: ["-diff", "diff prod", "d" * 128, "d" * 129, "diff/prod", "diff$prod", "dïff"],
+        3: ["2.0.0+build.7", "v" * 129, ".2", "2.0.0:rc~1@x", "2.0.0\\"],
+        4: ["diffprod-x86_64-other", "diffprod-*", "diffprod-x86_6?", "[d]iffprod-x86_64"],
+        5: ["0", MAX, BIG, "010", "-1", "+1", "1e3", "99999999999999999999", "1767225600.5"],
+        head - 2: ["131072", "32768", "0100000", "65535", "33554432", "16777216"],
+        head - 1: ["none", "gzip", "ZSTD", "zstd none"],
+    }
+    for index, options in values.items():
+        keyword = lines[index].split(b" ", 1)[0].decode()
+        for number, value in enumerate(options):
+            yield f"manifest-{keyword}-value{number}", with_value(index, value)
+    # Version 2 policy lines.
+    policy_cases = {
+        "v2-security-5": ["security-version 5"],
+        "v2-security-0": ["security-version 0"],
+        "v2-security-010": ["security-version 010"],
+        "v2-security-2^63": [f"security-version {BIG}"],
+        "v2-min-applier-0.1": ["min-applier-version 0.1"],
+        "v2-min-applier-99": ["min-applier-version 99"],
+        "v2-min-applier-01": ["min-applier-version 01.2"],
+        "v2-min-applier-5-fields": ["min-applier-version 0.0.0.0.1"],
+        "v2-min-applier-10-digits": ["min-applier-version 0.1234567890"],
+        "v2-expires-future": [f"expires {MAX}"],
+        "v2-expires-past": ["expires 1000"],
+        "v2-expires-octal": ["expires 0100000000000"],
+        "v2-two-policies-swapped": ["expires 4102444800", "security-version 1"],
+        "v2-all-policies": [
+            "security-version 1",
+            "min-applier-version 0.0.1",
+            "expires 4102444800",
+        ],
+        "v2-repeated-policy": ["security-version 1", "security-version 2"],
+    }
+    for name, policy in policy_cases.items():
+        heading = head_lines(version=2, policy=policy)
+        yield f"manifest-{name}", resigned(draft, [*heading, *lines[head:]])
+    yield "manifest-v2-without-feature", resigned(draft, [*head_lines(version=2), *lines[head:]])
+    yield (
+        "manifest-v2-glob",
+        resigned(draft, [*head_lines(version=2, compatible="diffprod-*"), *lines[head:]]),
+    )
+    yield (
+        "manifest-v2-glob-other",
+        resigned(draft, [*head_lines(version=2, compatible="other-*"), *lines[head:]]),
+    )
+    yield (
+        "manifest-v1-with-policy",
+        resigned(draft, [*head_lines(policy=["security-version 1"]), *lines[head:]]),
+    )
+    yield (
+        "manifest-encryption",
+        resigned(
+            draft, [*head_lines(version=2), b"encryption aes-256-gcm " + b"0" * 64, *lines[head:]]
+        ),
+    )
+    # The image line and the chunk lines.
+    image_line = lines[head]
+    name, size, digest, count = image_line.split(b" ")[1:]
+    for value_index, variants in {
+        1: [b"Rootfs", b"r" * 33, b"root.fs", b"kernel", b"extensions", b"data"],
+        2: [str(int(size) + 1).encode(), str(int(size) - 1).encode(), b"0" + size],
+        3: [digest.upper(), digest[:63]],
+        4: [str(int(count) + 1).encode(), b"0" + count],
+    }.items():
+        for variant in variants:
+            changed = list(lines)
+            changed[head] = _set_word(image_line, value_index, variant)
+            yield (
+                f"manifest-image-field{value_index}-{variant.hex()[:20]}",
+                resigned(draft, changed),
+            )
+    chunk_lines = range(head + 1, len(lines))
+    for where, offset in positions(len(chunk_lines)).items():
+        index = head + 1 + offset
+        chunk = lines[index]
+        for what, variant in {
+            "other-image": _set_word(chunk, 1, b"kernel"),
+            "index-leading-zero": _set_word(chunk, 2, b"0" + chunk.split(b" ")[2]),
+            "index-skipped": _set_word(chunk, 2, str(offset + 1).encode()),
+            "stored-zero": _set_word(chunk, 3, b"0"),
+            "stored-leading-zero": _set_word(chunk, 3, b"0" + chunk.split(b" ")[3]),
+            "stored-over-bound": _set_word(chunk, 3, str(CHUNK + CHUNK // 128 + 513).encode()),
+            "sha-wrong": _set_word(chunk, 4, sha(chunk).encode()),
+        }.items():
+            changed = list(lines)
+            changed[index] = variant
+            yield f"manifest-chunk-{what}-{where}", resigned(draft, changed)
+    yield "manifest-two-images-same-name", resigned(draft, [*lines, *lines[head:]])
+    empty = f"image rootfs 0 {sha(b'')} 0".encode()
+    yield "manifest-empty-image", draft.copy(lines=[*lines[:head], empty], payload=[]).render()
+    yield (
+        "manifest-empty-image-bad-sha",
+        draft.copy(lines=[*lines[:head], _set_word(empty, 3, b"0" * 64)], payload=[]).render(),
+    )
+    yield "manifest-no-image", draft.copy(lines=lines[:head], payload=[]).render()
+    big = full_draft(bytes(ctx.slot_size + CHUNK), (ctx.trusted,))
+    yield "manifest-image-larger-than-slot", big.render()
+    exact = full_draft(ctx.rng.randbytes(ctx.slot_size), (ctx.trusted,))
+    yield "manifest-image-fills-slot", exact.render()
+    full_with_source = [*lines[: head + 1], b"source 10 " + b"0" * 64, *lines[head + 1 :]]
+    yield "manifest-full-with-source-line", resigned(draft, full_with_source)
+
+
+# --- payload framing ------------------------------------------------------------------------------
+
+
+def payload_cases(ctx: Context) -> Iterator[Case]:
+    draft = base_full(ctx)
+    count = len(draft.payload)
+    pieces = [ctx.image[i : i + CHUNK] for i in range(0, len(ctx.image), CHUNK)]
+    encodings: dict[str, Callable[[bytes], bytes]] = {
+        "two-frames": lambda data: frame(data[: len(data) // 2]) + frame(data[len(data) // 2 :]),
+        "frame-and-empty-frame": lambda data: frame(data) + frame(b""),
+        "frame-and-skippable": lambda data: frame(data) + SKIPPABLE,
+        "skippable-and-frame": lambda data: SKIPPABLE + frame(data),
+        "frame-and-garbage": lambda data: frame(data) + b"\x00\x01",
+        "no-content-size": lambda data: frame(data, content_size=False),
+        "content-size-short": lambda data: with_content_size(frame(data), len(data) - 1),
+        "content-size-long": lambda data: with_content_size(frame(data), len(data) + 1),
+        "checksum": lambda data: frame(data, checksum=True),
+        "dictionary-id": lambda data: with_dictionary_id(frame(data)),
+        "raw-blocks": lambda data: raw_frame(data),
+        "corrupt": lambda data: frame(data)[:-3] + b"\xff\xff\xff",
+        "not-zstd": lambda data: data[:100],
+    }
+    for what, encode in encodings.items():
+        for where, index in positions(count).items():
+            stored = list(draft.payload)
+            stored[index] = encode(pieces[index])
+            yield f"payload-{what}-{where}", _with_payload(draft, stored)
+    oversized = full_draft(ctx.image, (ctx.trusted,), chunk_size=4 * CHUNK)
+    big_pieces = [ctx.image[i : i + 4 * CHUNK] for i in range(0, len(ctx.image), 4 * CHUNK)]
+    stored = list(oversized.payload)
+    stored[0] = raw_frame(big_pieces[0], block=4 * CHUNK)
+    yield "payload-oversized-block", _with_payload(oversized, stored)
+    for where, index in positions(count).items():
+        stored = list(draft.payload)
+        stored[index] = stored[index][:-1] + bytes([stored[index][-1] ^ 1])
+        yield f"payload-flipped-unsigned-{where}", draft.copy(payload=stored).render()
+        cut = b"".join(draft.payload[: index + 1])[:-5]
+        yield f"payload-truncated-{where}", draft.copy(payload=[cut]).render()
+    yield "payload-trailing-byte", draft.copy(trailer=b"\n").render()
+    yield "payload-trailing-chunk", draft.copy(trailer=draft.payload[-1]).render()
+    wrong_hash = list(draft.lines)
+    head = len(head_lines())
+    wrong_hash[head] = _set_word(wrong_hash[head], 3, sha(b"other").encode())
+    yield "payload-image-hash-wrong", resigned(draft, wrong_hash)
+    none = full_draft(ctx.image, (ctx.trusted,), compression="none")
+    yield "payload-none-valid", none.render()
+    stored = list(none.payload)
+    stored[-1] = stored[-1] + b"x"
+    yield "payload-none-long-chunk", _with_payload(none, stored)
+
+
+def _with_payload(draft: Draft, stored: list[bytes]) -> bytes:
+    """The draft with new stored chunks, the chunk lines (size, sha) made to match."""
+    lines = list(draft.lines)
+    index = 0
+    for number, line in enumerate(lines):
+        if line.startswith(b"chunk "):
+            words = line.split(b" ")
+            words[3] = str(len(stored[index])).encode()
+            words[4] = sha(stored[index]).encode()
+            lines[number] = b" ".join(words)
+            index += 1
+    return draft.copy(lines=lines, payload=stored).render()
+
+
+# --- delta streams ------------------------------------------------------------------------------
+
+
+def delta_cases(ctx: Context) -> Iterator[Case]:
+    base = ctx.delta
+    ops = list(base.ops)
+    where_ops = positions(len(ops))
+
+    def with_ops(new_ops: list[Op], **stream: object) -> bytes:
+        return base_delta(ctx, ops=new_ops, **stream).render()
+
+    # Line mutations and number mutations of an op at the start, middle and end.
+    for where, index in where_ops.items():
+        op = ops[index]
+        for what, mutate in LINE_MUTATIONS.items():
+            changed = list(ops)
+            changed[index] = Op(mutate(op.line), op.payload)
+            yield f"delta-{what}-{where}", with_ops(changed)
+        for field_index in _numbers(op.line):
+            for what, mutate in NUMBER_MUTATIONS.items():
+                words = op.line.split(b" ")
+                changed = list(ops)
+                changed[index] = Op(
+                    _set_word(op.line, field_index, mutate(words[field_index])), op.payload
+                )
+                yield f"delta-{where}-field{field_index}-{what}", with_ops(changed)
+        changed = list(ops)
+        changed[index] = Op(op.line.replace(op.line.split(b" ")[0], b"move", 1), op.payload)
+        yield f"delta-unknown-op-{where}", with_ops(changed)
+        yield f"delta-dropped-{where}", with_ops(ops[:index] + ops[index + 1 :])
+        yield f"delta-repeated-{where}", with_ops(ops[: index + 1] + ops[index:])
+        yield f"delta-truncated-after-{where}", _truncated_delta(ctx, index)
+        yield (
+            f"delta-long-line-{where}",
+            with_ops(
+                [*ops[:index], Op(op.line + b" " + b"1" * 600, op.payload), *ops[index + 1 :]]
+            ),
+        )
+    # Extents: out of range, overlapping, gaps, zero length (the issue's cases among them).
+    first = ops[0].line.split(b" ")
+    size = base.target_ref.size
+    extent_cases = {
+        "zero-octal-length": [ops[0], Op(b"zero 65536 010000"), *ops[2:]],
+        "copy-negative-source": [Op(b"copy 0 65536 -67108864 " + first[4]), *ops[1:]],
+        "copy-past-source": [
+            Op(b"copy 0 65536 %d " % (base.source_ref.size - 100) + first[4]),
+            *ops[1:],
+        ],
+        "copy-length-zero": [Op(b"copy 0 0 0 " + sha(b"").encode()), *ops],
+        "zero-length-zero": [ops[0], Op(b"zero 65536 0"), *ops[1:]],
+        "overlap-back-one": [ops[0], Op(b"zero 65535 8193"), *ops[2:]],
+        "gap-one": [ops[0], Op(b"zero 65537 8191"), *ops[2:]],
+        "zero-past-target": [*ops[:-1], Op(b"zero %s %d" % (ops[-1].line.split(b" ")[1], size))],
+        "past-target-after-end": [*ops, Op(b"zero %d 4096" % size)],
+        "zero-2^63": [ops[0], Op(b"zero 65536 " + BIG.encode()), *ops[2:]],
+        "zero-max": [ops[0], Op(b"zero 65536 " + MAX.encode()), *ops[2:]],
+        "copy-huge-source": [Op(b"copy 0 65536 " + MAX.encode() + b" " + first[4]), *ops[1:]],
+        "split-zero": [ops[0], Op(b"zero 65536 4096"), Op(b"zero 69632 4096"), *ops[2:]],
+    }
+    for name, new_ops in extent_cases.items():
+        yield f"delta-{name}", with_ops(new_ops)
+    # Hashes.
+    data_index = next(i for i, op in enumerate(ops) if op.line.startswith(b"data "))
+    patch_index = next(i for i, op in enumerate(ops) if op.line.startswith(b"patch "))
+    for name, index, field_index in (
+        ("copy-sha", 0, 4),
+        ("data-sha", data_index, 4),
+        ("patch-window-sha", patch_index, 5),
+        ("patch-sha", patch_index, 7),
+    ):
+        changed = list(ops)
+        changed[index] = Op(
+            _set_word(ops[index].line, field_index, sha(b"x").encode()), ops[index].payload
+        )
+        yield f"delta-wrong-{name}", with_ops(changed)
+    patch_words = ops[patch_index].line.split(b" ")
+    for name, value_index, value in (
+        ("patch-window-past-source", 3, str(base.source_ref.size - 1000).encode()),
+        ("patch-window-zero", 4, b"0"),
+        ("patch-window-over-16M", 4, b"16777217"),
+        ("patch-payload-zero", 6, b"0"),
+    ):
+        words = list(patch_words)
+        words[value_index] = value
+        changed = list(ops)
+        changed[patch_index] = Op(b" ".join(words), ops[patch_index].payload)
+        yield f"delta-{name}", with_ops(changed)
+    # Payload framing of data operations (in the middle, and last in a second base).
+    for label, delta_base in (("middle", base), ("last", ctx.delta_data_last)):
+        base_ops = list(delta_base.ops)
+        index = max(i for i, op in enumerate(base_ops) if op.line.startswith(b"data "))
+        op = base_ops[index]
+        piece = delta_base.target[int(op.line.split(b" ")[1]) :][: int(op.line.split(b" ")[2])]
+        for what, payload in {
+            "two-frames": frame(piece[:2048]) + frame(piece[2048:]),
+            "frame-and-empty-frame": frame(piece) + frame(b""),
+            "frame-and-skippable": frame(piece) + SKIPPABLE,
+            "skippable-and-frame": SKIPPABLE + frame(piece),
+            "frame-and-garbage": frame(piece) + b"\x00",
+            "no-content-size": frame(piece, content_size=False),
+            "content-size-wrong": with_content_size(frame(piece), len(piece) + 1),
+            "dictionary-id": with_dictionary_id(frame(piece)),
+            "raw-blocks": raw_frame(piece),
+            "payload-over-bound": raw_frame(piece) + bytes(len(piece) // 128 + 600),
+        }.items():
+            words = op.line.split(b" ")
+            words[3] = str(len(payload)).encode()
+            changed = list(base_ops)
+            changed[index] = Op(b" ".join(words), payload)
+            stream = delta_base.stream(changed)
+            yield (
+                f"delta-data-{what}-{label}",
+                delta_draft(
+                    stream, delta_base.source_ref, delta_base.target_ref, (ctx.trusted,)
+                ).render(),
+            )
+        if label == "last":
+            yield (
+                "delta-data-last-valid",
+                delta_draft(
+                    delta_base.stream(),
+                    delta_base.source_ref,
+                    delta_base.target_ref,
+                    (ctx.trusted,),
+                ).render(),
+            )
+    # The stream's own lines: magic, source, target, end, trailing data.
+    source, target = base.source_ref, base.target_ref
+    for name, options in {
+        "magic-2": {"magic": b"avobuild-delta 2"},
+        "magic-01": {"magic": b"avobuild-delta 01"},
+        "magic-double-space": {"magic": b"avobuild-delta  1"},
+        "magic-missing": {"magic": b"source %d %s" % (source.size, source.sha256.encode())},
+        "source-other-size": {
+            "refs": (
+                b"source %d %s" % (source.size - 1, source.sha256.encode()),
+                b"target %d %s" % (target.size, target.sha256.encode()),
+            )
+        },
+        "source-leading-zero": {
+            "refs": (
+                b"source 0%d %s" % (source.size, source.sha256.encode()),
+                b"target %d %s" % (target.size, target.sha256.encode()),
+            )
+        },
+        "target-other-sha": {
+            "refs": (
+                b"source %d %s" % (source.size, source.sha256.encode()),
+                b"target %d %s" % (target.size, sha(b"t").encode()),
+            )
+        },
+        "refs-swapped": {
+            "refs": (
+                b"target %d %s" % (target.size, target.sha256.encode()),
+                b"source %d %s" % (source.size, source.sha256.encode()),
+            )
+        },
+        "end-count-wrong": {"end": b"end %d" % (len(ops) + 1)},
+        "end-leading-zero": {"end": b"end 0%d" % len(ops)},
+        "end-extra-field": {"end": b"end %d 0" % len(ops)},
+        "end-missing": {"end": b""},
+        "end-twice": {"end": b"end %d\nend %d" % (len(ops), len(ops))},
+        "data-after-end": {"trailer": b"x"},
+        "newline-after-end": {"trailer": b"\n"},
+    }.items():
+        yield f"delta-{name}", with_ops(ops, **options)
+    # The manifest's delta lines.
+    draft = base_delta(ctx)
+    lines = draft.lines
+    head = len(head_lines())
+    source_line, target_line = lines[head + 1], lines[head + 2]
+    for name, changed in {
+        "manifest-no-source": [*lines[: head + 1], *lines[head + 2 :]],
+        "manifest-no-target": [*lines[: head + 2], *lines[head + 3 :]],
+        "manifest-refs-swapped": [*lines[: head + 1], target_line, source_line, *lines[head + 3 :]],
+        "manifest-source-other-sha": [
+            *lines[: head + 1],
+            _set_word(source_line, 2, sha(b"s").encode()),
+            *lines[head + 2 :],
+        ],
+        "manifest-source-larger-than-slot": [
+            *lines[: head + 1],
+            _set_word(source_line, 1, str(ctx.slot_size + 1).encode()),
+            *lines[head + 2 :],
+        ],
+        "manifest-target-larger-than-slot": [
+            *lines[: head + 2],
+            _set_word(target_line, 1, str(ctx.slot_size + 1).encode()),
+            *lines[head + 3 :],
+        ],
+        "manifest-target-leading-zero": [
+            *lines[: head + 2],
+            _set_word(target_line, 1, b"0" + target_line.split(b" ")[1]),
+            *lines[head + 3 :],
+        ],
+        "manifest-type-full": [lines[0], b"type full", *lines[2:]],
+    }.items():
+        yield f"delta-{name}", resigned(draft, changed)
+    # A delta whose stream's chunks are framed badly, like a full image's.
+    stored = list(draft.payload)
+    stored[0] = frame(base.stream()[:CHUNK]) + SKIPPABLE
+    yield "delta-chunk-frame-and-skippable", _with_payload(draft, stored)
+
+
+def _truncated_delta(ctx: Context, index: int) -> bytes:
+    """The stream cut right after op `index`'s line, signed as a whole."""
+    base = ctx.delta
+    stream = base.stream()
+    marker = base.ops[index].line + b"\n"
+    cut = stream[: stream.index(marker) + len(marker)]
+    return delta_draft(cut, base.source_ref, base.target_ref, (ctx.trusted,)).render()
