@@ -39,13 +39,14 @@ MAX_DELTAS = 4000
 MAX_ROLLOUTS = 1000
 MAX_CHANNELS = 64
 BASIS_POINTS = 10000
-MAX_DECIMAL = (1 << 63) - 1
+# Numbers have at most 18 digits, so a 64-bit shell holds them without a range check.
+MAX_DECIMAL = 10**18 - 1
 
 _HEADER = re.compile(rb"AVOINDEX ([0-9]) ([0-9]{10}) ([0-9]{10})\n")
 IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+~:@-]{0,127}", re.ASCII)
 PATTERN = re.compile(r"[A-Za-z0-9*?][A-Za-z0-9._+~:@*?-]{0,127}", re.ASCII)
 CHANNEL = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}", re.ASCII)
-_DECIMAL = re.compile(r"0|[1-9][0-9]{0,18}", re.ASCII)
+_DECIMAL = re.compile(r"0|[1-9][0-9]{0,17}", re.ASCII)
 SHA256 = re.compile(r"[0-9a-f]{64}", re.ASCII)
 
 IDENTIFIER_GRAMMAR = "[A-Za-z0-9][A-Za-z0-9._+~:@-]{0,127}"
@@ -194,10 +195,10 @@ def check_channel(value: str) -> str:
 
 
 def _number(field: str, text: str) -> int:
-    if not _DECIMAL.fullmatch(text) or int(text) > MAX_DECIMAL:
+    if not _DECIMAL.fullmatch(text):
         raise IndexRefused(
-            f"{field}: expected a decimal number without leading zeros, at most {MAX_DECIMAL}, "
-            f"got {text!r}"
+            f"{field}: expected a decimal number of at most 18 digits without leading zeros, "
+            f"got {text[:40]!r}"
         )
     return int(text)
 
@@ -250,7 +251,7 @@ def sort_deltas(deltas: Sequence[IndexDelta]) -> tuple[IndexDelta, ...]:
     return tuple(
         sorted(
             deltas,
-            key=lambda d: (d.compatible.encode(), d.to_version.encode(), d.from_version.encode()),
+            key=lambda d: (d.compatible.encode(), d.from_version.encode(), d.to_version.encode()),
         )
     )
 
@@ -385,16 +386,16 @@ def _parse_deltas(lines: _Lines, releases: tuple[IndexRelease, ...]) -> tuple[In
             raise IndexRefused(
                 f"delta: no release line for compatible {compatible!r} version {to_version!r}"
             )
-        key = (compatible.encode(), to_version.encode(), from_version.encode())
+        key = (compatible.encode(), from_version.encode(), to_version.encode())
         if deltas:
             last = deltas[-1]
             if (
                 last.compatible.encode(),
-                last.to_version.encode(),
                 last.from_version.encode(),
+                last.to_version.encode(),
             ) >= key:
                 raise IndexRefused(
-                    "delta lines must be sorted by compatible, to-version, then from-version, "
+                    "delta lines must be sorted by compatible, from-version, then to-version, "
                     "each once"
                 )
         if sha256 in files:
@@ -491,8 +492,13 @@ def read_signed_index(
     repository: str | None = None,
     last_serial: int | None = None,
     name: str = "index",
+    allow_expired: bool = False,
 ) -> VerifiedIndex:
-    """Verify and parse a signed index, refusing what a device must refuse (section 5)."""
+    """Verify and parse a signed index, refusing what a device must refuse (section 5).
+
+    `allow_expired` is for a server, which keeps answering from an index it published even
+    after the repository forgot to refresh it (devices still refuse it, as they must).
+    """
     body, block = split_signed_index(data, name)
     signers = verify_index_block(body, block, keyring, now=now, name=name)
     index = parse_index_body(body, name)
@@ -505,7 +511,7 @@ def read_signed_index(
             f"{name}: serial {index.serial} is older than serial {last_serial} accepted before "
             "(a rollback to an old index)"
         )
-    if now >= index.expires:
+    if now >= index.expires and not allow_expired:
         raise IndexRefused(
             f"{name}: expired at {index.expires} (now {now}); an old index replayed by a "
             "mirror or an attacker (freeze), or the repository was not refreshed"

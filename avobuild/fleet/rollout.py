@@ -11,7 +11,9 @@ a static repository and `avobuild serve` reach the same answer:
   release it may install (compatible pattern) and whose phase includes it, and the server
   skips releases it halted;
 * the device is offered that release unless it already runs it or a newer promotion of the
-  channel, so a halt or a narrower phase never makes the server offer a downgrade.
+  channel, so a halt or a narrower phase never makes the server offer a downgrade;
+* with it, the delta from the device's version when the index has one that is smaller than
+  the full bundle.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def choose_offer(
     `halted` names versions the server stopped in this channel; a static repository has none.
     """
     pending: tuple[int, IndexRelease] | None = None
-    seen_halt = False
+    halt: int | None = None
     installed: int | None = None
     chosen: tuple[int, IndexRelease] | None = None
     for position, rollout in enumerate(index.channel(channel)):
@@ -82,19 +84,21 @@ def choose_offer(
         if chosen is not None:
             continue
         if rollout.version in halted:
-            seen_halt = True
+            halt = position if halt is None else halt
         elif in_phase(device_id, rollout.version, rollout.basis_points):
             chosen = (position, release)
         elif pending is None:
             pending = (position, release)
-    # A newer release the device waits for: before the chosen one and before its own.
-    waiting = pending is not None and (installed is None or pending[0] < installed)
     if chosen is None or (installed is not None and installed <= chosen[0]):
-        if waiting:
-            assert pending is not None
+        # Why not: a newer release than the device's waits for its phase, or was halted.
+        if pending is not None and (installed is None or pending[0] < installed):
             return Offer(None, reason=Reason.ROLLOUT, pending=pending[1])
+        if halt is not None and (installed is None or halt < installed):
+            return Offer(None, reason=Reason.HALTED)
         if chosen is not None or installed is not None:
             return Offer(None, reason=Reason.CURRENT)
-        return Offer(None, reason=Reason.HALTED if seen_halt else Reason.NO_RELEASE)
+        return Offer(None, reason=Reason.NO_RELEASE)
     release = chosen[1]
-    return Offer(release, index.delta(compatible, version, release.version))
+    delta = index.delta(compatible, version, release.version)
+    # A delta is worth it only when it is smaller than the full bundle.
+    return Offer(release, delta if delta is not None and delta.size < release.size else None)
