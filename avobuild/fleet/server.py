@@ -58,6 +58,7 @@ log = logging.getLogger("avobuild.fleet.serve")
 
 HALT_REFRESH = 2.0
 MAX_DOWNLOADS_PER_DEVICE = 4
+JUDGE_PAUSE = 0.5
 CHECK_TEXT = "avobuild-check 1"
 _SHA_FILE = r"{name:[0-9a-f]{64}\.avb}"
 
@@ -139,6 +140,8 @@ class FleetServer:
         self._downloads: dict[str, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._files_checked = ""
+        self._judging: set[str] = set()
+        self._judge_again: set[str] = set()
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -472,31 +475,50 @@ class FleetServer:
             _fail(507, str(error), stored=0)
         except FleetStoreError as error:
             _fail(503, str(error), stored=0)
-        failed_versions = {event.version for event in report.events if event.failed}
-        if failed_versions:
-            self._background(self._judge(failed_versions))
+        for version in {event.version for event in report.events if event.attempted}:
+            self._want_judgement(version)
         return web.json_response({"stored": stored, "duplicates": len(report.events) - stored})
 
-    async def _judge(self, versions: set[str]) -> None:
-        """Halt each release whose failure rate passed the threshold, in every channel that
-        offers it."""
+    def _want_judgement(self, version: str) -> None:
+        """Judge `version` again soon: at most one judgement per release runs at a time, and
+        reports arriving meanwhile make it run once more afterwards."""
+        if version in self._judging:
+            self._judge_again.add(version)
+            return
+        self._judging.add(version)
+        self._background(self._judge_until_settled(version))
+
+    async def _judge_until_settled(self, version: str) -> None:
+        try:
+            while True:
+                self._judge_again.discard(version)
+                await self._judge(version)
+                if version not in self._judge_again:
+                    return
+                await asyncio.sleep(JUDGE_PAUSE)
+        finally:
+            self._judging.discard(version)
+
+    async def _judge(self, version: str) -> None:
+        """Halt the release in each channel that offers it where its failure rate passed the
+        threshold (rollouts.failure-threshold, once rollouts.minimum-devices tried it)."""
         index = self.index.current().verified.index
         rules = self.settings.rollouts
+        halted = self._halts.by_release or {}
         for rollout in index.rollouts:
-            if rollout.version not in versions:
+            if rollout.version != version or (version, rollout.channel) in halted:
                 continue
-            tried, failed = await self.store.device_counts(rollout.version, rollout.channel)
+            tried, failed = await self.store.device_counts(version, rollout.channel)
             if tried < rules.minimum_devices or failed * 100 <= rules.failure_threshold * tried:
                 continue
             reason = (
-                f"{failed} of {tried} devices that installed {rollout.version} in channel "
+                f"{failed} of {tried} devices that installed {version} in channel "
                 f"{rollout.channel} failed ({100 * failed / tried:.0f} %), over the failure "
                 f"threshold of {rules.failure_threshold} % (rollouts.failure-threshold)"
             )
-            halt = Halt(rollout.version, rollout.channel, int(self.clock()), reason)
-            if await self.store.halt(halt):
+            if await self.store.halt(Halt(version, rollout.channel, int(self.clock()), reason)):
                 log.warning("halted: %s", reason)
-                self._halts = _Halts()
+            self._halts = _Halts()
 
     # --- health -----------------------------------------------------------------------------
 
