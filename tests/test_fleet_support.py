@@ -327,7 +327,7 @@ class Postgres:
     port: int
     bin: Path
 
-    def psql(self, query: str) -> str:
+    def psql(self, query: str, database: str = "fleet") -> str:
         return subprocess.run(
             [
                 str(self.bin / "psql"),
