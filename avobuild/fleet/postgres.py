@@ -147,9 +147,8 @@ class PostgresStore(Store):
         return [Halt(*row) for row in await self._fetch(SELECT_HALTS, ())]
 
     async def device_counts(self, version: str, channel: str) -> tuple[int, int]:
-        attempted = await self._fetch(COUNT_DEVICES.format("attempted"), (version, channel))
-        failed = await self._fetch(COUNT_DEVICES.format("failed"), (version, channel))
-        return int(attempted[0][0]), int(failed[0][0])
+        ((attempted, failed),) = await self._fetch(COUNT_DEVICES, (version, channel))
+        return int(attempted), int(failed)
 
     async def report_rows(self, start: int, end: int) -> tuple[list[EventRow], list[OfferRow]]:
         events = [EventRow(*row) for row in await self._fetch(SELECT_EVENTS, (start, end))]

@@ -58,7 +58,7 @@ log = logging.getLogger("avobuild.fleet.serve")
 
 HALT_REFRESH = 2.0
 MAX_DOWNLOADS_PER_DEVICE = 4
-JUDGE_PAUSE = 0.5
+JUDGE_PAUSE = 1.0
 CHECK_TEXT = "avobuild-check 1"
 _SHA_FILE = r"{name:[0-9a-f]{64}\.avb}"
 

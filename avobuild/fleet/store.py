@@ -75,7 +75,9 @@ INSERT_HALT = (
 DELETE_HALT = "DELETE FROM halts WHERE version = ? AND channel = ?"
 SELECT_HALTS = "SELECT version, channel, time, reason FROM halts ORDER BY time, version, channel"
 COUNT_DEVICES = (
-    "SELECT COUNT(DISTINCT device) FROM events WHERE version = ? AND channel = ? AND {} = 1"
+    "SELECT COUNT(DISTINCT CASE WHEN attempted = 1 THEN device END),"
+    " COUNT(DISTINCT CASE WHEN failed = 1 THEN device END)"
+    " FROM events WHERE version = ? AND channel = ?"
 )
 SELECT_EVENTS = (
     "SELECT version, channel, type, result, device, duration FROM events"
@@ -326,9 +328,8 @@ class SqliteStore(Store):
 
     async def device_counts(self, version: str, channel: str) -> tuple[int, int]:
         def run() -> tuple[int, int]:
-            attempted = self._read(COUNT_DEVICES.format("attempted"), (version, channel))
-            failed = self._read(COUNT_DEVICES.format("failed"), (version, channel))
-            return int(attempted[0][0]), int(failed[0][0])
+            ((attempted, failed),) = self._read(COUNT_DEVICES, (version, channel))
+            return int(attempted), int(failed)
 
         return await self._call(run)
 
