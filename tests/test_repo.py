@@ -456,3 +456,131 @@ def test_full_disk_leaves_the_repository_as_it_was(tmp_path: Path, releases: Rel
         assert len(load_catalog(repository).releases) == 2
     finally:
         subprocess.run(["umount", mount], check=True)
+
+
+def test_the_same_content_and_clock_give_the_same_index(tmp_path: Path, releases: Releases) -> None:
+    """Two repositories built from the same bundles, keys and clock publish identical bytes
+    (Ed25519 signatures are deterministic; the catalog records the same times)."""
+    from avobuild.fleet.repository import add_bundles
+    from avobuild.fleet.repository import init_repository as init
+    from avobuild.fleet.signing import IndexSigning
+
+    key = index_key(tmp_path / "keys")
+    published = []
+    for name in ("one", "two"):
+        repository = tmp_path / name
+        init(
+            repository,
+            name="acme",
+            signing=IndexSigning(keys=(key,)),
+            bundle_keyring=releases.public_key,
+            clock=lambda: 1796000000,
+        )
+        add_bundles(
+            repository,
+            [releases.bundles["1.0.0"], releases.bundles["1.1.0"]],
+            channel="stable",
+            basis_points=2500,
+            clock=lambda: 1796000100,
+        )
+        published.append(
+            (index_path(repository).read_bytes(), (repository / "catalog.toml").read_bytes())
+        )
+    assert published[0] == published[1]
+    body, _ = split_signed_index(published[0][0])
+    assert b"\nissued 1796000100\nexpires 1796604900\n" in body
+
+
+def test_command_line_errors_name_what_is_wrong(tmp_path: Path, releases: Releases) -> None:
+    repository = tmp_path / "repo"
+    key = index_key(tmp_path / "keys")
+    init_repository(repository, releases, key)
+    avobuild_cli("repo", "add", repository, releases.bundles["1.0.0"])
+    cases = [
+        (
+            (
+                "repo",
+                "init",
+                repository,
+                "--name",
+                "acme",
+                "--bundle-keyring",
+                releases.public_key,
+                "--key",
+                key,
+            ),
+            11,
+            "already exists",
+        ),
+        (
+            (
+                "repo",
+                "init",
+                tmp_path / "x",
+                "--name",
+                "bad name",
+                "--bundle-keyring",
+                releases.public_key,
+                "--key",
+                key,
+            ),
+            7,
+            "--name",
+        ),
+        (
+            ("repo", "promote", repository, "9.9", "--channel", "stable"),
+            11,
+            "not in the repository (releases: 1.0.0)",
+        ),
+        (
+            ("repo", "promote", repository, "1.0.0", "--channel", "stable", "--percent", "100.5"),
+            11,
+            "--percent",
+        ),
+        (("repo", "promote", repository, "1.0.0", "--channel", "Stable"), 7, "channel"),
+        (("repo", "status", tmp_path), 11, "not an update repository"),
+        (
+            ("repo", "deltas", repository, "--pair", "1.0.0", "-o", tmp_path / "d.avb"),
+            11,
+            "expected FROM:TO",
+        ),
+        (
+            (
+                "fleet",
+                "report",
+                "--repository",
+                repository,
+                "--from",
+                "2026-13-01",
+                "--to",
+                "2026-12-31",
+            ),
+            2,
+            "--from",
+        ),
+        (
+            (
+                "fleet",
+                "report",
+                "--repository",
+                repository,
+                "--from",
+                "2026-01-01",
+                "--to",
+                "2026-12-31",
+                "--format",
+                "xml",
+            ),
+            2,
+            "--format",
+        ),
+        (
+            ("fleet", "resume", "1.0.0", "--channel", "stable", "--repository", repository),
+            11,
+            "is not halted",
+        ),
+    ]
+    for argv, code, message in cases:
+        result = avobuild_cli(*argv, check=False)
+        assert result.returncode == code and message in result.stderr, (argv, result.stderr)
+    assert not (tmp_path / "x" / "repository.toml").exists()

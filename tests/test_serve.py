@@ -585,6 +585,7 @@ def test_publishing_while_serving_and_a_file_that_does_not_match(
     repository, server = own_server
     keyring = load_keyring(repository / "index-keyring.pem")
     client = server.client("dev005")
+    first_index = client.get("/index.signed").body
     stop = threading.Event()
 
     def publish() -> None:
@@ -606,6 +607,21 @@ def test_publishing_while_serving_and_a_file_that_does_not_match(
     finally:
         thread.join()
     assert serials == sorted(serials) and len(serials) > 3
+    # An index that does not verify, or an older one replayed, is not believed: the server
+    # keeps answering from the last good one and says why on /healthz.
+    index_file = repository / "public" / "index.signed"
+    good = index_file.read_bytes()
+    serial = read_signed_index(good, keyring, now=int(time.time())).index.serial
+    tampered = bytearray(good)
+    tampered[good.index(b"\nissued ") - 1] ^= 0x01  # the last digit of the serial
+    for bad, reason in ((bytes(tampered), "does not match"), (first_index, "older than serial")):
+        temporary = index_file.with_name(".replace.tmp")
+        temporary.write_bytes(bad)
+        temporary.replace(index_file)
+        health = json.loads(client.get("/healthz").body)
+        assert health["index_serial"] == serial and reason in health["index_error"], health
+        assert check(server, "dev005", "1.0.0")["index_serial"] == serial
+    index_file.write_bytes(good)
     # A bundle file changed on disk after publishing is never served, nor offered.
     path = repository / "public" / "bundles" / f"{fleet.sha['1.1.0']}.avb"
     data = bytearray(path.read_bytes())

@@ -162,6 +162,7 @@ class FleetServer:
         )
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
+        app.on_response_prepare.append(_server_header)
         return app
 
     async def _start(self, _app: web.Application) -> None:
@@ -539,6 +540,11 @@ class FleetServer:
         )
 
 
+async def _server_header(_request: web.Request, response: web.StreamResponse) -> None:
+    # Name the product, not the Python and aiohttp versions behind it.
+    response.headers["Server"] = "avobuild"
+
+
 def _check_text(answer: dict[str, Any]) -> str:
     """The check answer for a shell client (docs/fleet.md, "The text form")."""
     lines = [CHECK_TEXT, f"channel {answer['channel']}", f"serial {answer['index_serial']}"]
@@ -582,4 +588,6 @@ def run_server(server: FleetServer, listen: Listen) -> None:
         backlog=1024,
         reuse_port=listen.reuse_port,
         shutdown_timeout=10.0,
+        # Devices make one or two requests per connection; idle ones are closed soon.
+        keepalive_timeout=15.0,
     )
