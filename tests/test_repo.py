@@ -222,6 +222,7 @@ def test_bad_bundles_and_settings_are_refused_and_nothing_changes(
     assert public_files(repository) == before
 
 
+@pytest.mark.slow  # builds and applies five deltas: about half a minute
 def test_deltas_plan_pair_pool_and_content_addressing(tmp_path: Path, releases: Releases) -> None:
     repository = tmp_path / "repo"
     init_repository(repository, releases, index_key(tmp_path / "keys"))

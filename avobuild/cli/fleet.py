@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from dataclasses import asdict
 from datetime import UTC, date, datetime, timedelta
@@ -86,6 +85,8 @@ def fleet_report(
     last = parse_moment(end, "--to", end=True)
     if last <= first:
         raise RecipeError(f"--to {end}: not after --from {start}")
+    import asyncio
+
     report = asyncio.run(_report(_store(repository, database), first, last))
     if output_format == "json":
         document = {
@@ -162,6 +163,8 @@ def fleet_resume(
             return await store.resume(version, channel)
         finally:
             await store.close()
+
+    import asyncio
 
     if not asyncio.run(resume()):
         raise RepositoryError(f"{version} is not halted in channel {channel}")
