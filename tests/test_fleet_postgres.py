@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from test_fleet_support import (
     postgres_cluster,
     release_bundles,
     running_server,
+    wait_for_check,
 )
 
 DEVICES = [f"pg-{n}" for n in range(1, 9)]
@@ -124,11 +124,11 @@ def test_events_offers_and_halts_are_shared(shared: Shared) -> None:
         == "4"
     )
     # Whichever server judged it, both stop offering 1.2.0.
-    deadline = time.monotonic() + 15
+    canary_query = f"version=1.1.0&compatible={COMPATIBLE}&channel=canary"
     for server in (first, second):
-        while check(server, "pg-8", "1.1.0", "canary").get("reason") != "halted":
-            assert time.monotonic() < deadline, "the halt did not reach both servers"
-            time.sleep(0.3)
+        wait_for_check(
+            server, "pg-8", canary_query, lambda a: a.get("reason") == "halted", "the halt"
+        )
     halt = shared.postgres.psql("SELECT version, channel, reason FROM halts").strip()
     assert halt.startswith("1.2.0|canary|2 of ") and "failure threshold of 20 %" in halt
 
@@ -158,10 +158,7 @@ def test_events_offers_and_halts_are_shared(shared: Shared) -> None:
         "fleet", "resume", "1.2.0", "--channel", "canary", "--database", shared.postgres.url
     )
     assert shared.postgres.psql("SELECT COUNT(*) FROM halts").strip() == "0"
-    deadline = time.monotonic() + 15
-    while not check(second, "pg-8", "1.1.0", "canary")["update_available"]:
-        assert time.monotonic() < deadline
-        time.sleep(0.3)
+    wait_for_check(second, "pg-8", canary_query, lambda a: a["update_available"] is True, "resume")
 
 
 def test_servers_starting_together_create_the_schema_once(shared: Shared) -> None:

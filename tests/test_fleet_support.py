@@ -22,7 +22,7 @@ import ssl
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -414,3 +414,27 @@ def postgres_cluster() -> Iterator[Postgres]:
         if started:
             as_postgres(binaries / "pg_ctl", "-D", data, "-m", "fast", "-w", "stop")
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def wait_for_check(
+    server: Server,
+    device: str,
+    query: str,
+    until: Callable[[dict[str, object]], bool],
+    what: str,
+    timeout: float = 60.0,
+) -> dict[str, object]:
+    """Ask /updates/check/<device>?<query> until `until` holds (a halt or a resume travels
+    through the database); a 429 only means "ask later" here."""
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = server.client(device).get(f"/updates/check/{device}?{query}")
+        if answer.status == 200:
+            result = answer.json()
+            assert isinstance(result, dict)
+            if until(result):
+                return result
+        else:
+            assert answer.status == 429, answer.body
+        assert time.monotonic() < deadline, f"{what}: not seen within {timeout:.0f} s"
+        time.sleep(1.0 if answer.status == 200 else min(5.0, float(answer.headers["retry-after"])))

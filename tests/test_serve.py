@@ -38,6 +38,7 @@ from test_fleet_support import (
     openssl,
     release_bundles,
     running_server,
+    wait_for_check,
 )
 
 from avobuild.bundle.keys import load_keyring
@@ -426,8 +427,10 @@ def test_telemetry_is_validated_bounded_deduplicated_and_rate_limited(fleet: Fle
         if answer.status == 429:
             assert int(answer.headers["retry-after"]) >= 1
             assert "retry after" in json.loads(answer.body)["error"]
-    assert statuses.count(200) == 20 and statuses.count(429) == 10
-    assert sqlite(database, "SELECT COUNT(*) FROM events WHERE device='flood'") == "20"
+    # One token comes back every 30 s (120 an hour): a slow machine may see one more.
+    accepted = statuses.count(200)
+    assert 20 <= accepted <= 21 and statuses.count(429) == 30 - accepted, statuses
+    assert sqlite(database, "SELECT COUNT(*) FROM events WHERE device='flood'") == str(accepted)
 
 
 def test_fleet_report_counts_and_median_times(fleet: Fleet) -> None:
@@ -531,10 +534,10 @@ def test_a_release_over_the_failure_threshold_stops_being_offered(fleet: Fleet) 
         else:
             item.update(type="confirm", result="ok")
         assert server.client(device).post_json("/telemetry", events(item)).status == 200
-    deadline = time.monotonic() + 15
-    while check(server, "halt-6", "1.1.0", channel="canary").get("reason") != "halted":
-        assert time.monotonic() < deadline, "the release was not halted"
-        time.sleep(0.3)
+    canary_query = f"version=1.1.0&compatible={COMPATIBLE}&channel=canary"
+    wait_for_check(
+        server, "halt-6", canary_query, lambda a: a.get("reason") == "halted", "the halt"
+    )
     today = datetime.now(UTC).date().isoformat()
     report = avobuild_cli(
         "fleet", "report", "--repository", fleet.repository, "--from", today, "--to", today
@@ -553,10 +556,9 @@ def test_a_release_over_the_failure_threshold_stops_being_offered(fleet: Fleet) 
     avobuild_cli(
         "fleet", "resume", "1.2.0", "--channel", "canary", "--repository", fleet.repository
     )
-    deadline = time.monotonic() + 15
-    while not check(server, "halt-6", "1.1.0", channel="canary")["update_available"]:
-        assert time.monotonic() < deadline, "the release was not offered again"
-        time.sleep(0.3)
+    wait_for_check(
+        server, "halt-6", canary_query, lambda a: a["update_available"] is True, "resume"
+    )
 
 
 @pytest.fixture
@@ -587,12 +589,14 @@ def test_publishing_while_serving_and_a_file_that_does_not_match(
     client = server.client("dev005")
     first_index = client.get("/index.signed").body
     stop = threading.Event()
+    asked = threading.Semaphore(0)
 
     def publish() -> None:
         from avobuild.fleet.repository import promote
 
         for step in range(1, 21):
             promote(repository, "1.2.0", "soak", step * 500)
+            asked.acquire(timeout=10)  # let the client ask at least once between publishes
         stop.set()
 
     thread = threading.Thread(target=publish)
@@ -604,9 +608,10 @@ def test_publishing_while_serving_and_a_file_that_does_not_match(
             serials.append(answer["index_serial"])
             data = client.get("/index.signed").body
             read_signed_index(data, keyring, now=int(time.time()))
+            asked.release()
     finally:
         thread.join()
-    assert serials == sorted(serials) and len(serials) > 3
+    assert serials == sorted(serials) and len(set(serials)) > 5, serials
     # An index that does not verify, or an older one replayed, is not believed: the server
     # keeps answering from the last good one and says why on /healthz.
     index_file = repository / "public" / "index.signed"
