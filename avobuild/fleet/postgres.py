@@ -120,16 +120,17 @@ class PostgresStore(Store):
         self, device: str, events: Sequence[Event], received: int, default_channel: str
     ) -> int:
         query = _sql(INSERT_EVENT)
+        rows = [event_parameters(device, event, received, default_channel) for event in events]
         try:
-            async with self._connections().connection() as connection:
-                async with connection.transaction():
-                    stored = 0
-                    for event in events:
-                        cursor = await connection.execute(
-                            query, event_parameters(device, event, received, default_channel)
-                        )
-                        stored += cursor.rowcount
-                return stored
+            async with (
+                self._connections().connection() as connection,
+                connection.transaction(),
+                connection.cursor() as cursor,
+            ):
+                # One round trip for all the events (psycopg pipelines executemany); the row
+                # count is the sum over the rows, those already stored counting 0.
+                await cursor.executemany(query, rows)
+                return cursor.rowcount
         except psycopg.Error as error:
             raise self._error(error, "store telemetry") from None
 

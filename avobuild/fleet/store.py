@@ -296,14 +296,11 @@ class SqliteStore(Store):
     async def add_events(
         self, device: str, events: Sequence[Event], received: int, default_channel: str
     ) -> int:
+        rows = [event_parameters(device, event, received, default_channel) for event in events]
+
         def run(connection: sqlite3.Connection) -> int:
-            stored = 0
-            for event in events:
-                cursor = connection.execute(
-                    INSERT_EVENT, event_parameters(device, event, received, default_channel)
-                )
-                stored += cursor.rowcount
-            return stored
+            # The row count sums over the rows; those already stored count 0.
+            return connection.executemany(INSERT_EVENT, rows).rowcount
 
         return await self._write(run)
 

@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parents[2]
 BIN = REPO / ".venv" / "bin"
 AVOBUILD = str(BIN / "avobuild")
 COMPATIBLE = "bench-board"
+SCENARIOS = ("serve-sqlite", "serve-postgres", "serve-static", "nginx-static")
 
 
 def run(*argv: str | Path) -> subprocess.CompletedProcess[str]:
@@ -396,6 +397,11 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--time-limit", type=float, default=300.0)
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help="comma-separated subset of: " + ", ".join(SCENARIOS),
+    )
     args = parser.parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -403,7 +409,9 @@ def main() -> None:
     pki = make_pki(work, args.devices)
     repository = make_repository(work)
     results = []
-    for scenario in ("serve-sqlite", "serve-postgres", "serve-static", "nginx-static"):
+    for scenario in args.scenarios.split(","):
+        if scenario not in SCENARIOS:
+            raise SystemExit(f"--scenarios: unknown scenario {scenario!r}")
         if scenario == "nginx-static":
             with nginx(repository, pki, work) as (port, pids):
                 results.append(measure(scenario, port, pids, pki, args, "static"))
