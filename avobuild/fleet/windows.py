@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from avobuild.fleet.errors import RepositoryError
@@ -86,7 +86,3 @@ def parse_window(text: str, zone: str = "UTC", where: str = "window") -> UpdateW
     end = int(match.group(3)) * 60 + int(match.group(4))
     return UpdateWindow(start, end, zone)
 
-
-def next_opening(window: UpdateWindow, now: float) -> datetime:
-    """When the window opens next (now when it is open), as an aware UTC time."""
-    return datetime.fromtimestamp(now, UTC) + timedelta(seconds=window.seconds_until_open(now))

@@ -196,8 +196,9 @@ def make_repository(work: Path) -> Path:
     if (repository / "repository.toml").exists():
         return repository
     keys = work / "keys"
-    run(AVOBUILD, "keys", "generate", "-o", keys, "--name", "release")
-    run(AVOBUILD, "keys", "generate", "-o", keys, "--name", "index")
+    for name in ("release", "index"):
+        if not (keys / f"{name}.key.pem").exists():
+            run(AVOBUILD, "keys", "generate", "-o", keys, "--name", name)
     rng = random.Random(4)
     bundles = []
     for version in ("1.0.0", "1.1.0"):
