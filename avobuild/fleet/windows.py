@@ -85,4 +85,3 @@ def parse_window(text: str, zone: str = "UTC", where: str = "window") -> UpdateW
     start = int(match.group(1)) * 60 + int(match.group(2))
     end = int(match.group(3)) * 60 + int(match.group(4))
     return UpdateWindow(start, end, zone)
-
