@@ -1,0 +1,1 @@
+"""The update repository and its server (docs/fleet.md, docs/repository-format.md)."""
