@@ -206,7 +206,7 @@ def test_grub_efi_with_an_unknown_kernel_fails_naming_the_key(
     product.kernel.write_bytes(bytes(data))
     recipe = with_boot(product, '[boot]\nmethod = "grub-efi"\n')
     result = avobuild_cli("image", recipe, "-o", tmp_path / "out", check=False)
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == RecipeError.exit_code, result.stderr
     message = " ".join(result.stderr.split())
     assert (
         f"{recipe}: [kernel] file: {product.kernel.resolve()}: cannot tell its release" in message
@@ -225,7 +225,7 @@ def test_grub_efi_names_missing_release_tree(product: Product, tmp_path: Path) -
     (product.root / "modules").mkdir()
     recipe = with_boot(product, '[boot]\nmethod = "grub-efi"\n')
     result = avobuild_cli("image", recipe, "-o", tmp_path / "out", check=False)
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == RecipeError.exit_code, result.stderr
     assert "[kernel] modules" in result.stderr and "no module tree for Linux " in result.stderr
     assert f"expected {product.root / 'modules' / fake_release}" in result.stderr.replace("\n", "")
 
@@ -237,7 +237,7 @@ def test_foreign_device_without_sysroot_names_the_key(product: Product, tmp_path
         + '\n[applier]\ntarget-tools = ["busybox", "openssl", "zstd", "fw_printenv", "fw_setenv"]\n'
     )
     result = avobuild_cli("image", recipe, "-o", tmp_path / "out", check=False)
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == RecipeError.exit_code, result.stderr
     message = result.stderr.replace("\n", " ")
     assert f"{recipe}: [target] sysroot: missing; the device is aarch64" in message
     assert "scripts/fetch-sysroot" in message
