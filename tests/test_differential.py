@@ -88,6 +88,10 @@ key = "{TRUSTED_KEY}"
 
 [applier]
 keys = ["trusted/release.pub.pem", "trusted/second.pub.pem"]
+
+# No kernel: only the boot state matters to the readers under test.
+[boot]
+method = "external"
 """
 
 

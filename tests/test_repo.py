@@ -29,6 +29,7 @@ from test_fleet_support import (
 
 from avobuild.bundle.keys import load_keyring
 from avobuild.bundle.reader import BundleReader
+from avobuild.errors import RecipeError
 from avobuild.fleet.catalog import load_catalog
 from avobuild.fleet.errors import IndexRefused, RepositoryError
 from avobuild.fleet.index import read_signed_index, split_signed_index
@@ -510,7 +511,7 @@ def test_command_line_errors_name_what_is_wrong(tmp_path: Path, releases: Releas
                 "--key",
                 key,
             ),
-            11,
+            RepositoryError.exit_code,
             "already exists",
         ),
         (
@@ -530,19 +531,19 @@ def test_command_line_errors_name_what_is_wrong(tmp_path: Path, releases: Releas
         ),
         (
             ("repo", "promote", repository, "9.9", "--channel", "stable"),
-            11,
+            RepositoryError.exit_code,
             "not in the repository (releases: 1.0.0)",
         ),
         (
             ("repo", "promote", repository, "1.0.0", "--channel", "stable", "--percent", "100.5"),
-            11,
+            RepositoryError.exit_code,
             "--percent",
         ),
         (("repo", "promote", repository, "1.0.0", "--channel", "Stable"), 7, "channel"),
-        (("repo", "status", tmp_path), 11, "not an update repository"),
+        (("repo", "status", tmp_path), RepositoryError.exit_code, "not an update repository"),
         (
             ("repo", "deltas", repository, "--pair", "1.0.0", "-o", tmp_path / "d.avb"),
-            11,
+            RepositoryError.exit_code,
             "expected FROM:TO",
         ),
         (
@@ -556,7 +557,7 @@ def test_command_line_errors_name_what_is_wrong(tmp_path: Path, releases: Releas
                 "--to",
                 "2026-12-31",
             ),
-            2,
+            RecipeError.exit_code,
             "--from",
         ),
         (
@@ -572,12 +573,12 @@ def test_command_line_errors_name_what_is_wrong(tmp_path: Path, releases: Releas
                 "--format",
                 "xml",
             ),
-            2,
+            RecipeError.exit_code,
             "--format",
         ),
         (
             ("fleet", "resume", "1.0.0", "--channel", "stable", "--repository", repository),
-            11,
+            RepositoryError.exit_code,
             "is not halted",
         ),
     ]
