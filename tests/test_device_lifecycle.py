@@ -171,8 +171,9 @@ class Device:
     def mount_media(self) -> None:
         self.check(f"mkdir -p {MEDIA} && mount -t ext4 -o ro /dev/vdb {MEDIA}")
 
-    def install(self, bundle: Path) -> str:
-        output = self.check(f"avocado-update apply --target inactive --bundle {bundle}", 900)
+    def install(self, bundle: Path, timeout: float = 900) -> str:
+        apply = f"avocado-update apply --target inactive --bundle {bundle}"
+        output = self.check(apply, timeout)
         self.check("avocado-update commit")
         self.machine.send("reboot\n")
         return output

@@ -33,7 +33,7 @@ from avobuild.fleet.index import (
     render_index,
 )
 from avobuild.fleet.rollout import Reason, bucket, choose_offer
-from avobuild.fleet.signing import IndexSigning, open_index_signers, sign_index_body
+from avobuild.fleet.signing import SigningPlan, open_index_signers, sign_index_body
 from avobuild.fleet.windows import parse_window
 
 DOC = REPO / "docs" / "repository-format.md"
@@ -74,7 +74,7 @@ def busybox_path(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def sign(body: bytes, *key_files: Path) -> bytes:
-    with open_index_signers(IndexSigning(keys=key_files)) as signers:
+    with open_index_signers(SigningPlan(keys=key_files)) as signers:
         return frame_index(body, sign_index_body(body, signers))
 
 

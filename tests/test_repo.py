@@ -465,7 +465,7 @@ def test_the_same_content_and_clock_give_the_same_index(tmp_path: Path, releases
     (Ed25519 signatures are deterministic; the catalog records the same times)."""
     from avobuild.fleet.repository import add_bundles
     from avobuild.fleet.repository import init_repository as init
-    from avobuild.fleet.signing import IndexSigning
+    from avobuild.fleet.signing import SigningPlan
 
     key = index_key(tmp_path / "keys")
     published = []
@@ -474,7 +474,7 @@ def test_the_same_content_and_clock_give_the_same_index(tmp_path: Path, releases
         init(
             repository,
             name="acme",
-            signing=IndexSigning(keys=(key,)),
+            signing=SigningPlan(keys=(key,)),
             bundle_keyring=releases.public_key,
             clock=lambda: 1796000000,
         )

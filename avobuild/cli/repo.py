@@ -14,8 +14,8 @@ import typer
 from avobuild.cli.common import app, console, out, step
 
 if TYPE_CHECKING:
+    from avobuild.bundle.signing import SigningPlan
     from avobuild.fleet.index import VerifiedIndex
-    from avobuild.fleet.signing import IndexSigning
 
 repo_app = typer.Typer(
     help="Publish bundles to a static, signed update repository.", no_args_is_help=True
@@ -63,14 +63,15 @@ def _signing(
     uris: list[str] | None,
     module: Path | None,
     certificates: list[Path] | None,
-) -> IndexSigning:
-    from avobuild.fleet.signing import IndexSigning
+) -> SigningPlan:
+    """The index's signers: the same plan (and PKCS#11 environment) as a bundle's."""
+    from avobuild.cli.signing_options import signing_plan
 
-    return IndexSigning(
-        tuple(path.resolve() for path in keys or []),
-        tuple(uris or []),
-        module.resolve() if module else None,
-        tuple(path.resolve() for path in certificates or []),
+    return signing_plan(
+        keys=[path.resolve() for path in keys or []],
+        pkcs11=uris,
+        pkcs11_module=module.resolve() if module else None,
+        certificates=[path.resolve() for path in certificates or []],
     )
 
 

@@ -74,7 +74,7 @@ from avobuild.fleet.settings import (
 )
 from avobuild.fleet.signing import (
     IndexSigners,
-    IndexSigning,
+    SigningPlan,
     load_index_keyring,
     open_index_signers,
     sign_index_body,
@@ -116,7 +116,7 @@ def init_repository(
     root: Path,
     *,
     name: str,
-    signing: IndexSigning,
+    signing: SigningPlan,
     bundle_keyring: Path,
     index_keyring: Path | None = None,
     validity: int | None = None,
@@ -250,12 +250,22 @@ def read_index(root: Path, *, now: int | None = None) -> VerifiedIndex:
     )
 
 
-def _signing(settings: Settings, override: IndexSigning | None) -> IndexSigning:
-    return override if override is not None and not override.empty else settings.signing
+def _signing(settings: Settings, override: SigningPlan | None) -> SigningPlan:
+    """The command line's signers if it names any, else the repository's, with the command
+    line's token module and PIN (the CLI reads them from the environment)."""
+    if override is None:
+        return settings.signing
+    if override.has_signers:
+        return override
+    return replace(
+        settings.signing,
+        pkcs11_module=settings.signing.pkcs11_module or override.pkcs11_module,
+        pkcs11_pin=override.pkcs11_pin,
+    )
 
 
 def refresh_index(
-    root: Path, signing: IndexSigning | None = None, clock: Clock = time.time
+    root: Path, signing: SigningPlan | None = None, clock: Clock = time.time
 ) -> VerifiedIndex:
     """Re-sign the same content with the next serial and a new expiry (run it from cron)."""
     with repository_lock(root):
@@ -347,7 +357,7 @@ def add_bundles(
     *,
     channel: str | None = None,
     basis_points: int = BASIS_POINTS,
-    signing: IndexSigning | None = None,
+    signing: SigningPlan | None = None,
     clock: Clock = time.time,
 ) -> tuple[list[Added], VerifiedIndex]:
     """Verify and add full and delta bundles, promote new releases to `channel`, publish.
@@ -524,7 +534,7 @@ def promote(
     basis_points: int = BASIS_POINTS,
     *,
     narrow: bool = False,
-    signing: IndexSigning | None = None,
+    signing: SigningPlan | None = None,
     clock: Clock = time.time,
 ) -> VerifiedIndex:
     """Offer `version` in `channel` to `basis_points`/10000 of the devices, and publish."""

@@ -26,7 +26,7 @@ from avobuild.fleet.index import (
     IDENTIFIER_GRAMMAR,
     compatible_matches,
 )
-from avobuild.fleet.signing import IndexSigning
+from avobuild.fleet.signing import SigningPlan
 from avobuild.fleet.windows import UpdateWindow, parse_window
 from avobuild.model.tomlcheck import Table, load_toml
 
@@ -98,7 +98,7 @@ class Settings:
     name: str
     index_validity: int = DEFAULT_VALIDITY
     default_channel: str = DEFAULT_CHANNEL
-    signing: IndexSigning = field(default_factory=IndexSigning)
+    signing: SigningPlan = field(default_factory=SigningPlan)
     index_keyring: Path | None = None
     bundle_keyring: Path | None = None
     deltas: DeltaSettings = DeltaSettings()
@@ -196,11 +196,11 @@ def _parse(root: Path, table: Table) -> Settings:
     repository.check_unknown()
 
     signing_table = table.table("signing")
-    signing = IndexSigning()
+    signing = SigningPlan()
     index_keyring = None
     if signing_table is not None:
         module = signing_table.path_value("pkcs11-module", required=False)
-        signing = IndexSigning(
+        signing = SigningPlan(
             keys=tuple(signing_table.file_list("keys", "an existing PEM private key file")),
             pkcs11=tuple(signing_table.string_list("pkcs11")),
             pkcs11_module=module,

@@ -14,56 +14,39 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from avobuild.bundle.keys import (
     Keyring,
     PublicKey,
-    load_certificates,
     load_keyring,
-    load_private_key,
     public_key_pem,
 )
 from avobuild.bundle.sign import (
     MAX_SIGNATURE_BLOCK_SIZE,
     CertificateEntry,
-    KeySigner,
     Signer,
     parse_signature_block,
     render_signature_block,
     sign_manifest_with,
 )
+from avobuild.bundle.signing import SigningPlan
 from avobuild.bundle.verify import verify_all_signatures
-from avobuild.bundle.x509 import certificate_entry
 from avobuild.errors import SignatureError
 from avobuild.fleet.errors import IndexRefused, RepositoryError
 
 __all__ = [
     "MAX_SIGNATURE_BLOCK_SIZE",
     "IndexSigners",
-    "IndexSigning",
     "Keyring",
+    "SigningPlan",
     "load_index_keyring",
     "open_index_signers",
     "sign_index_body",
     "verify_index_block",
 ]
-
-
-@dataclass(frozen=True)
-class IndexSigning:
-    """Who signs the index: PEM key files, PKCS#11 URIs, a module, certificates to carry."""
-
-    keys: tuple[Path, ...] = ()
-    pkcs11: tuple[str, ...] = ()
-    pkcs11_module: Path | None = None
-    certificates: tuple[Path, ...] = ()
-
-    @property
-    def empty(self) -> bool:
-        return not self.keys and not self.pkcs11
 
 
 @dataclass(frozen=True)
@@ -84,33 +67,17 @@ class IndexSigners:
 
 
 @contextmanager
-def open_index_signers(signing: IndexSigning) -> Iterator[IndexSigners]:
-    """Load the key files, open the token keys; tokens are closed when the context ends."""
-    if signing.empty:
+def open_index_signers(plan: SigningPlan) -> Iterator[IndexSigners]:
+    """The plan's signers, the bundles' own signing plan (key files, token keys, module, PIN,
+    certificates); tokens are closed when the context ends."""
+    if not plan.has_signers:
         raise RepositoryError(
             "no index signing key: give --key or --pkcs11, or set [signing] keys / pkcs11 in "
             "repository.toml"
         )
-    signers: list[Signer] = []
-    public_keys: list[PublicKey] = []
-    for path in signing.keys:
-        private_key = load_private_key(path)
-        signers.append(KeySigner(private_key))
-        public_keys.append(private_key.public_key())
-    certificates = tuple(
-        certificate_entry(certificate)
-        for path in signing.certificates
-        for certificate in load_certificates(path)
-    )
-    with ExitStack() as stack:
-        if signing.pkcs11:
-            from avobuild.bundle.pkcs11 import Pkcs11Signer
-
-            for uri in signing.pkcs11:
-                token_signer = stack.enter_context(Pkcs11Signer(uri, signing.pkcs11_module))
-                signers.append(token_signer)
-                public_keys.append(token_signer.public_key)
-        yield IndexSigners(tuple(signers), tuple(public_keys), certificates)
+    certificates = plan.certificate_entries()
+    with plan.signers() as signers:
+        yield IndexSigners(signers, tuple(signer.public_key for signer in signers), certificates)
 
 
 def sign_index_body(body: bytes, signers: IndexSigners) -> bytes:
