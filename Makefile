@@ -123,7 +123,7 @@ lint: venv
 	$(BIN)/mypy --strict avobuild
 
 test: setup
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n auto --dist loadfile
 
 clean:
 	rm -rf $(OUT) build/debian $(ARM64) .pytest_cache .mypy_cache .ruff_cache

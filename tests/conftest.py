@@ -24,6 +24,28 @@ settings.register_profile("avobuild", derandomize=True, database=None, deadline=
 settings.load_profile("avobuild")
 
 
+# The suite runs on every core (pytest-xdist, `--dist loadfile`: a file's tests stay on one
+# worker, so module fixtures are built once). The longest files, each a device's life in
+# QEMU, are handed out first, so that they run side by side and the short files fill the
+# gaps; the rest keep their order.
+LONGEST_FIRST = (
+    "test_device_lifecycle.py",
+    "test_distro.py",
+    "test_device_arm64.py",
+    "test_differential.py",
+    "test_applier_device.py",
+    "test_media_boot.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)
+
+
 def avobuild_cli(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run the installed `avobuild` console script as a user would."""
     exe = shutil.which("avobuild") or str(REPO / ".venv" / "bin" / "avobuild")
