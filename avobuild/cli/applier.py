@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from avobuild.cli.common import app, out
+from avobuild.cli.common import app, check_output_directory, out
+from avobuild.errors import BuildError
 
 applier_app = typer.Typer(help="Render the on-target update applier.", no_args_is_help=True)
 app.add_typer(applier_app, name="applier")
@@ -22,6 +23,8 @@ def applier_render(
     from avobuild.applier.render import render_applier
     from avobuild.model.recipe import load_recipe
 
-    rendered = render_applier(load_recipe(recipe), output)
+    loaded = load_recipe(recipe)
+    check_output_directory(output, BuildError)
+    rendered = render_applier(loaded, output)
     for path in rendered.files:
         out.print(str(path.relative_to(rendered.root)))

@@ -27,6 +27,15 @@ from rich.progress import (
 from rich.text import Text
 
 from avobuild import __version__
+from avobuild.errors import (
+    AvobuildError,
+    BuildError,
+    BundleError,
+    InstallError,
+    KeyError_,
+    RecipeError,
+)
+from avobuild.fleet.errors import FleetStoreError, RepositoryError
 
 app = typer.Typer(
     help="Build A/B factory images, signed update bundles and on-target appliers.",
@@ -61,6 +70,58 @@ def _global(
         format="%(message)s",
         stream=sys.stderr,
     )
+
+
+# The family of a file error (an OSError the library did not turn into one of its own) is the
+# family of the command that met it: `install` onto a read-only disk is an install error (10),
+# `image -o` into a full disk a build error (5). Keys are "group command" or the group alone.
+OS_ERROR_FAMILIES: dict[str, type[AvobuildError]] = {
+    "image": BuildError,
+    "bundle": BundleError,
+    "delta": BundleError,
+    "install": InstallError,
+    "status": InstallError,
+    "keys": KeyError_,
+    "recipe": RecipeError,
+    "layout": RecipeError,
+    "applier": BuildError,
+    "recovery build": BuildError,
+    "recovery install": InstallError,
+    "media": BuildError,
+    "repo": RepositoryError,
+    "serve": RepositoryError,
+    "fleet": FleetStoreError,
+}
+
+
+def os_error_family(argv: list[str]) -> type[AvobuildError]:
+    """The error family of the command `argv` names (global options skipped), else the base."""
+    words = [word for word in argv if not word.startswith("-")][:2]
+    for key in (" ".join(words), words[0] if words else ""):
+        if key in OS_ERROR_FAMILIES:
+            return OS_ERROR_FAMILIES[key]
+    return AvobuildError
+
+
+_OUTPUT_OPTIONS = ("-o", "--output", "--disk")
+
+
+def output_paths(argv: list[str]) -> list[str]:
+    """The values of the output options (`-o`, `--output`, `--disk`) on a command line."""
+    found: list[str] = []
+    for index, word in enumerate(argv):
+        name, equals, value = word.partition("=")
+        if name in _OUTPUT_OPTIONS and equals:
+            found.append(value)
+        elif word in _OUTPUT_OPTIONS and index + 1 < len(argv):
+            found.append(argv[index + 1])
+    return found
+
+
+def check_output_directory(path: Path, family: type[AvobuildError]) -> None:
+    """Refuse an output directory that exists as something else, before any work."""
+    if path.exists() and not path.is_dir():
+        raise family(f"{path}: not a directory (the output is a directory of files)")
 
 
 def step(message: str) -> None:

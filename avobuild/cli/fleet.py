@@ -50,8 +50,17 @@ def parse_moment(text: str, option: str, *, end: bool) -> int:
 
 
 def _store(repository: Path, database: str | None) -> Store:
+    """The telemetry store of a repository that exists, or a SQLite file that does (a wrong
+    --repository or --database must not leave an empty database behind)."""
     from avobuild.fleet.database import open_store
+    from avobuild.fleet.errors import FleetStoreError, RepositoryError
 
+    if database is None and not (repository / "repository.toml").is_file():
+        raise RepositoryError(
+            f"{repository}: not an update repository (no repository.toml); give --repository DIR"
+        )
+    if database is not None and "://" not in database and not Path(database).is_file():
+        raise FleetStoreError(f"{database}: no such telemetry database (avobuild serve writes it)")
     return open_store(database, repository)
 
 

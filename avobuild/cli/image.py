@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from avobuild.cli.common import WorkdirOption, app, console, out, step, work_directory
+from avobuild.cli.common import (
+    WorkdirOption,
+    app,
+    check_output_directory,
+    console,
+    out,
+    step,
+    work_directory,
+)
+from avobuild.errors import BuildError
 
 
 @app.command()
@@ -25,6 +34,7 @@ def image(
     from avobuild.model.recipe import load_recipe
 
     loaded = load_recipe(recipe)
+    check_output_directory(output, BuildError)
     with work_directory(workdir) as work:
         result = build_factory_image(loaded, output, work, step, recovery_image=recovery)
     out.print(f"{result.path}")

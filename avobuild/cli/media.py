@@ -11,13 +11,14 @@ from avobuild.cli.common import (
     WorkdirOption,
     app,
     byte_progress,
+    check_output_directory,
     console,
     out,
     step,
     work_directory,
 )
 from avobuild.cli.recovery import ApplierOption, ToolsOption, parse_tools
-from avobuild.errors import InstallError
+from avobuild.errors import BuildError, InstallError
 
 media_app = typer.Typer(
     help="Build USB recovery media and PXE network recovery trees.", no_args_is_help=True
@@ -123,6 +124,7 @@ def pxe(
     address = parse_server(server)
     devices = [parse_device(value) for value in mac or []]
     loaded = load_recipe(recipe)
+    check_output_directory(output, BuildError)
     settings = default_settings(loaded, address)
     settings = replace(
         settings,
