@@ -21,7 +21,8 @@ def install(
         typer.Option(help="Keyring: PEM keys/certificates, a directory of them, or a .toml file."),
     ],
     layout: Annotated[
-        Path | None, typer.Option(help="Layout TOML, when partition labels are not the roles.")
+        Path | None,
+        typer.Option(help="Layout TOML, for a disk avobuild did not make (else its record)."),
     ] = None,
     confirm: Annotated[
         bool, typer.Option("--confirm", help="Mark the new slot good at once (preloading).")
@@ -72,7 +73,10 @@ def install(
 @app.command()
 def status(
     disk: Annotated[Path, typer.Option(help="Disk image to read the boot state from.")],
-    layout: Annotated[Path | None, typer.Option(help="Layout TOML (custom labels).")] = None,
+    layout: Annotated[
+        Path | None,
+        typer.Option(help="Layout TOML, for a disk avobuild did not make (else its record)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show which slot boots next, what each slot holds and whether it is confirmed."""
