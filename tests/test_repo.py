@@ -510,7 +510,7 @@ def test_command_line_errors_name_what_is_wrong(tmp_path: Path, releases: Releas
                 "--key",
                 key,
             ),
-            11,
+            12,
             "already exists",
         ),
         (
@@ -530,19 +530,19 @@ def test_command_line_errors_name_what_is_wrong(tmp_path: Path, releases: Releas
         ),
         (
             ("repo", "promote", repository, "9.9", "--channel", "stable"),
-            11,
+            12,
             "not in the repository (releases: 1.0.0)",
         ),
         (
             ("repo", "promote", repository, "1.0.0", "--channel", "stable", "--percent", "100.5"),
-            11,
+            12,
             "--percent",
         ),
         (("repo", "promote", repository, "1.0.0", "--channel", "Stable"), 7, "channel"),
-        (("repo", "status", tmp_path), 11, "not an update repository"),
+        (("repo", "status", tmp_path), 12, "not an update repository"),
         (
             ("repo", "deltas", repository, "--pair", "1.0.0", "-o", tmp_path / "d.avb"),
-            11,
+            12,
             "expected FROM:TO",
         ),
         (
@@ -556,7 +556,7 @@ def test_command_line_errors_name_what_is_wrong(tmp_path: Path, releases: Releas
                 "--to",
                 "2026-12-31",
             ),
-            2,
+            11,
             "--from",
         ),
         (
@@ -572,12 +572,12 @@ def test_command_line_errors_name_what_is_wrong(tmp_path: Path, releases: Releas
                 "--format",
                 "xml",
             ),
-            2,
+            11,
             "--format",
         ),
         (
             ("fleet", "resume", "1.0.0", "--channel", "stable", "--repository", repository),
-            11,
+            12,
             "is not halted",
         ),
     ]

@@ -15,7 +15,8 @@ import sys
 
 from rich.text import Text
 
-from avobuild.cli.common import app, console, os_error_family, output_paths, state
+from avobuild.cli.common import app, os_error_family, output_paths, state
+from avobuild.cli.output import error_console, is_json, print_error
 from avobuild.errors import AvobuildError
 
 for _module in pkgutil.iter_modules(__path__):
@@ -39,14 +40,14 @@ def main() -> None:
         # or full disk): the error of the command's family, naming the path.
         _fail(os_error_family(sys.argv[1:])(_describe(error, sys.argv[1:])))
     except KeyboardInterrupt:
-        console.print(Text("interrupted", style="bold red"))
+        error_console.print(Text("interrupted", style="bold red"))
         sys.exit(130)
 
 
 def _fail(error: AvobuildError) -> None:
     if state["debug"]:
-        console.print_exception()
-    console.print(Text("error: ", style="bold red") + Text(str(error)))
+        error_console.print_exception()
+    print_error(str(error), error.exit_code, is_json(sys.argv[1:]))
     sys.exit(error.exit_code)
 
 

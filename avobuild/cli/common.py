@@ -8,25 +8,24 @@ from __future__ import annotations
 import logging
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-from rich.text import Text
 
 from avobuild import __version__
+from avobuild.cli.output import (
+    JsonOption,
+    byte_progress,
+    console,
+    emit,
+    out,
+    state,
+    step,
+    step_progress,
+)
 from avobuild.errors import (
     AvobuildError,
     BuildError,
@@ -44,10 +43,6 @@ app = typer.Typer(
     add_completion=False,
 )
 
-console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
-out = Console(highlight=False, soft_wrap=True, markup=False)
-state = {"debug": False}
-
 
 def _version_callback(value: bool) -> None:
     if value:
@@ -60,11 +55,17 @@ def _global(
     debug: Annotated[
         bool, typer.Option("--debug", help="Log every tool command; show tracebacks.")
     ] = False,
+    quiet: Annotated[
+        bool, typer.Option("-q", "--quiet", help="No steps and no progress on standard error.")
+    ] = False,
     version: Annotated[
-        bool, typer.Option("--version", callback=_version_callback, is_eager=True)
+        bool,
+        typer.Option("--version", callback=_version_callback, is_eager=True, help="Show it."),
     ] = False,
 ) -> None:
     state["debug"] = debug
+    state["quiet"] = quiet
+    console.quiet = quiet
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.WARNING,
         format="%(message)s",
@@ -124,45 +125,6 @@ def check_output_directory(path: Path, family: type[AvobuildError]) -> None:
         raise family(f"{path}: not a directory (the output is a directory of files)")
 
 
-def step(message: str) -> None:
-    """Report one named build step on standard error."""
-    console.print(Text("• ", style="bold") + Text(message))
-
-
-@contextmanager
-def byte_progress(description: str) -> Iterator[Callable[[int, int], None]]:
-    """A progress bar fed with (bytes done, bytes total)."""
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(binary_units=True),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task(description, total=None)
-
-        def update(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
-
-        yield update
-
-
-@contextmanager
-def step_progress() -> Iterator[Callable[[str, int, int], None]]:
-    """A (step, done, total) callback drawing one transient bar per named step."""
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True))
-    with Progress(*columns, console=console, transient=True) as progress:
-        tasks: dict[str, TaskID] = {}
-
-        def update(step: str, done: int, total: int) -> None:
-            if step not in tasks:
-                tasks[step] = progress.add_task(step, total=total)
-            progress.update(tasks[step], completed=done, total=total)
-
-        yield update
-
-
 @contextmanager
 def work_directory(keep: Path | None) -> Iterator[Path]:
     """`keep` if given (intermediate files stay for inspection), else a temp directory."""
@@ -177,4 +139,22 @@ def work_directory(keep: Path | None) -> Iterator[Path]:
 WorkdirOption = Annotated[
     Path | None,
     typer.Option("--workdir", help="Keep intermediate files here instead of a temp directory."),
+]
+
+
+__all__ = [
+    "JsonOption",
+    "WorkdirOption",
+    "app",
+    "byte_progress",
+    "check_output_directory",
+    "console",
+    "emit",
+    "os_error_family",
+    "out",
+    "output_paths",
+    "state",
+    "step",
+    "step_progress",
+    "work_directory",
 ]

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from avobuild.cli.common import app, out, step_progress
+from avobuild.cli.common import JsonOption, app, emit, out, step_progress
 
 
 @app.command()
@@ -35,6 +35,7 @@ def install(
         bool,
         typer.Option("--allow-downgrade", help="Install a version older than the running slot's."),
     ] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Verify a bundle fully, write it to the inactive slot and make that slot boot next.
 
@@ -63,6 +64,17 @@ def install(
             decryption=decryption,
             allow_downgrade=allow_downgrade,
         )
+    if as_json:
+        document = {
+            "disk": str(disk),
+            "version": result.version,
+            "slot": result.slot.value,
+            "previous": result.previous.value,
+            "confirmed": confirm,
+            "written": result.written,
+        }
+        emit(True, document)
+        return
     state = "confirmed" if confirm else "pending trial boot"
     out.print(
         f"installed {result.version} into slot {result.slot.value} "
@@ -77,7 +89,7 @@ def status(
         Path | None,
         typer.Option(help="Layout TOML, for a disk avobuild did not make (else its record)."),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Show which slot boots next, what each slot holds and whether it is confirmed."""
     from avobuild.model.layout import load_layout

@@ -17,6 +17,9 @@ app.add_typer(recipe_app, name="recipe")
 @recipe_app.command("show")
 def recipe_show(
     recipe: Annotated[Path, typer.Argument(help="Recipe TOML file.")],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Accepted for uniformity: the output is JSON anyway.")
+    ] = False,
 ) -> None:
     """Print the validated recipe, its layout and the planned partition offsets as JSON."""
     from avobuild.disk.plan import plan_layout
