@@ -16,6 +16,7 @@ import sys
 from rich.text import Text
 
 from avobuild.cli.common import app, os_error_family, output_paths, state
+from avobuild.cli.help import build_command
 from avobuild.cli.output import error_console, is_json, print_error
 from avobuild.errors import AvobuildError
 
@@ -30,7 +31,7 @@ def main() -> None:
     propagate out of it.
     """
     try:
-        app()
+        build_command(app)(prog_name="avobuild")
     except AvobuildError as error:
         _fail(error)
     except BrokenPipeError:

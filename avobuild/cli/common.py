@@ -40,7 +40,7 @@ app = typer.Typer(
     help="Build A/B factory images, signed update bundles and on-target appliers.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,
 )
 
 
