@@ -50,7 +50,15 @@ SCRIPT_PATH = "usr/sbin/avocado-update"
 INIT_SCRIPT_PATH = "etc/init.d/S45avocado-update"
 FW_CONFIG_PATH = "/etc/fw_env.config"
 # The code of avocado-update after its configuration and the shared library, in order.
-APPLIER_PARTS = ("state.sh", "bundle.sh", "delta.sh", "verbs.sh", "health.sh", "main.sh")
+APPLIER_PARTS = (
+    "state.sh",
+    "bundle.sh",
+    "delta.sh",
+    "verbs.sh",
+    "health.sh",
+    "help.sh",
+    "main.sh",
+)
 # What the applier keeps on the data partition: each state value and history entry is cut to
 # MAX_STATE_ENTRY bytes; past MAX_HISTORY bytes the history rotates (one old file is kept).
 MAX_STATE_ENTRY = 512
