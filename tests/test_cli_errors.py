@@ -222,6 +222,13 @@ def _cases(s: Setting) -> list[tuple[str, list[str | Path], int, Path]]:
         ),
         ("applier-render-file", ["applier", "render", p.recipe, "-o", s.file], 5, s.file),
         ("recipe-show-missing", ["recipe", "show", missing], 11, missing),
+        ("layout-check-missing", ["layout", "check", missing], 11, missing),
+        (
+            "recipe-init-into-file",
+            ["recipe", "init", s.file, "--kernel", p.kernel],
+            11,
+            s.file,
+        ),
         (
             "repo-init-file",
             ["repo", "init", s.file, "--name", "r", "--bundle-keyring", pub, "--key", key],
