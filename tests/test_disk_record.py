@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import Product, avobuild_cli, write_product
+from conftest import REPO, Product, avobuild_cli, write_product
 
 from avobuild.disk.record import RECORD_PATH, read_disk_roles
 from avobuild.model.layout import Role
@@ -201,3 +201,49 @@ def test_applier_partuuids_are_what_sfdisk_reads(tmp_path: Path, layout: str) ->
         assert rendered["A"].partuuid == "3c5f6e2a-8d47-4b1e-9f00-5eed00000a0a"
     else:
         assert rendered["A"].partuuid == "5eed0042-02"
+
+
+ARM64 = REPO / "build" / "debian-arm64"
+PINE64 = Path("/usr/lib/u-boot/pine64_plus")
+
+
+def _arm64_recipe(directory: Path, version: str) -> Path:
+    """recipes/demo-arm64.toml on the Pine64+ MBR layout, its paths made absolute."""
+    text = (REPO / "recipes" / "demo-arm64.toml").read_text()
+    text = text.replace('"../', f'"{REPO}/').replace('"demo/', f'"{REPO}/recipes/demo/')
+    text = text.replace('"demo-arm64/', f'"{REPO}/recipes/demo-arm64/')
+    text = text.replace("aarch64-uboot-ab.toml", "aarch64-uboot-mbr.toml")
+    text = text.replace('version = "1.0.0"', f'version = "{version}"')
+    text = text.replace("[applier]\n", '[applier]\ndisk = "/dev/mmcblk0"\n')  # an SD card
+    path = directory / f"arm64-{version}.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.skipif(
+    not (ARM64 / "vmlinuz").is_file() or not PINE64.is_dir(),
+    reason="needs scripts/fetch-kernel and fetch-sysroot for arm64, and u-boot-sunxi",
+)
+def test_host_install_onto_the_pine64_mbr_factory_image(tmp_path: Path) -> None:
+    """layouts/aarch64-uboot-mbr.toml: an MBR with an extended partition and raw boot loader
+    regions; status and install find the slots from the disk alone."""
+    avobuild_cli("image", _arm64_recipe(tmp_path, "1.0.0"), "-o", tmp_path / "out")
+    disk = tmp_path / "out" / "avobuild-demo-arm64-1.0.0.img"
+    assert _sfdisk(disk)["label"] == "dos"
+    spl = (PINE64 / "sunxi-spl.bin").read_bytes()
+    with disk.open("rb") as handle:
+        handle.seek(8 * 1024)
+        assert handle.read(len(spl)) == spl
+    bundle = tmp_path / "v2.avb"
+    avobuild_cli("bundle", "create", _arm64_recipe(tmp_path, "1.1.0"), "-o", bundle)
+    public = REPO / "keys-example" / "insecure-example.pub.pem"
+    installed = json.loads(
+        avobuild_cli("install", bundle, "--disk", disk, "--keyring", public, "--json").stdout
+    )
+    assert (installed["slot"], installed["version"]) == ("B", "1.1.0")
+    status = json.loads(avobuild_cli("status", "--disk", disk, "--json").stdout)
+    assert status["primary"] == "B" and status["slots"]["A"]["version"] == "1.0.0"
+    info = json.loads(avobuild_cli("bundle", "info", bundle, "--json").stdout)
+    rootfs = next(image for image in info["images"] if image["name"] == "rootfs")
+    entry = next(p for p in _sfdisk(disk)["partitions"] if p["node"].endswith("3"))  # type: ignore[union-attr, attr-defined]
+    assert _partition_sha256(disk, entry["start"], rootfs["size"]) == rootfs["sha256"]
