@@ -206,7 +206,7 @@ def test_grub_efi_with_an_unknown_kernel_fails_naming_the_key(
     product.kernel.write_bytes(bytes(data))
     recipe = with_boot(product, '[boot]\nmethod = "grub-efi"\n')
     result = avobuild_cli("image", recipe, "-o", tmp_path / "out", check=False)
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == RecipeError.exit_code, result.stderr
     message = " ".join(result.stderr.split())
     assert (
         f"{recipe}: [kernel] file: {product.kernel.resolve()}: cannot tell its release" in message
@@ -225,7 +225,7 @@ def test_grub_efi_names_missing_release_tree(product: Product, tmp_path: Path) -
     (product.root / "modules").mkdir()
     recipe = with_boot(product, '[boot]\nmethod = "grub-efi"\n')
     result = avobuild_cli("image", recipe, "-o", tmp_path / "out", check=False)
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == RecipeError.exit_code, result.stderr
     assert "[kernel] modules" in result.stderr and "no module tree for Linux " in result.stderr
     assert f"expected {product.root / 'modules' / fake_release}" in result.stderr.replace("\n", "")
 
@@ -237,7 +237,7 @@ def test_foreign_device_without_sysroot_names_the_key(product: Product, tmp_path
         + '\n[applier]\ntarget-tools = ["busybox", "openssl", "zstd", "fw_printenv", "fw_setenv"]\n'
     )
     result = avobuild_cli("image", recipe, "-o", tmp_path / "out", check=False)
-    assert result.returncode == 2, result.stderr
+    assert result.returncode == RecipeError.exit_code, result.stderr
     message = result.stderr.replace("\n", " ")
     assert f"{recipe}: [target] sysroot: missing; the device is aarch64" in message
     assert "scripts/fetch-sysroot" in message
@@ -248,7 +248,9 @@ def test_external_image_holds_only_the_boot_state(product: Product, tmp_path: Pa
     avobuild_cli("image", product.recipe, "-o", out)
     image = next(out.glob("*.img"))
     offset = boot_offset(image)
-    assert sorted(list_vfat_tree(image, offset)) == ["avobuild", "avobuild/grubenv"]
+    assert sorted(list_vfat_tree(image, offset)) == [
+        "avobuild", "avobuild/disk.toml", "avobuild/grubenv",
+    ]  # fmt: skip
     grubenv = parse_grubenv(read_vfat_file(image, offset, "avobuild/grubenv"), "grubenv")
     assert BootState.from_variables(grubenv, "grubenv") == factory_state("1.0.0", "testprod-x86_64")
 
@@ -265,7 +267,9 @@ def test_external_uboot_state_and_boot_files(product: Product, tmp_path: Path) -
     avobuild_cli("image", recipe, "-o", out)
     image = next(out.glob("*.img"))
     offset = boot_offset(image)
-    assert sorted(list_vfat_tree(image, offset)) == ["config.txt", "uboot.env"]
+    assert sorted(list_vfat_tree(image, offset)) == [
+        "avobuild", "avobuild/disk.toml", "config.txt", "uboot.env",
+    ]  # fmt: skip
     assert read_vfat_file(image, offset, "config.txt") == b"kernel=u-boot.bin\n"
     env = read_vfat_file(image, offset, "uboot.env")
     assert len(env) == 0x4000
@@ -377,7 +381,9 @@ def test_arm64_uboot_image_carries_the_whole_chain(tmp_path: Path) -> None:
     avobuild_cli("image", recipe_path, "-o", out)
     image = out / "avobuild-demo-arm64-1.0.0.img"
     offset = boot_offset(image)
-    assert sorted(list_vfat_tree(image, offset)) == ["boot.scr", "uboot.env"]
+    assert sorted(list_vfat_tree(image, offset)) == [
+        "avobuild", "avobuild/disk.toml", "boot.scr", "uboot.env",
+    ]  # fmt: skip
     rendered = tmp_path / "applier"
     render_applier(recipe, rendered)
     assert (
