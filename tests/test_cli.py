@@ -120,7 +120,7 @@ def test_bundle_create_argument_errors(
 
 
 def test_bundle_from_recipe_is_reproducible(product: Product, tmp_path: Path) -> None:
-    assert os.environ["SOURCE_DATE_EPOCH"] == "1767225600"  # conftest.py sets it for the suite
+    assert os.environ["SOURCE_DATE_EPOCH"].isdigit()  # conftest.py (or make) sets it
     first, second = tmp_path / "1.avb", tmp_path / "2.avb"
     avobuild_cli("bundle", "create", product.recipe, "-o", first)
     for path in product.rootfs.rglob("*"):

@@ -85,6 +85,9 @@ def test_misspelt_keys_are_named(product: Product) -> None:
     unknown = avobuild_cli("layout", "check", product.layout, check=False)
     assert unknown.returncode == 11
     assert "filesytem: unknown key (did you mean 'filesystem'?" in unknown.stderr
+    product.layout.write_text(layout.replace('role = "data"', 'role = "dta"'))
+    value = avobuild_cli("layout", "check", product.layout, check=False).stderr
+    assert "[partition.data] role: expected one of" in value and "(did you mean 'data'?)" in value
     product.layout.write_text(layout.replace('role = "data"', 'rol = "data"'))
     required = avobuild_cli("layout", "check", product.layout, check=False).stderr
     assert "[partition.data] role: missing" in required and "'rol': a misspelling" in required

@@ -165,7 +165,9 @@ class Table:
     ) -> E:
         allowed = [member.value for member in (choices if choices is not None else kind)]
         if text is None or text not in allowed:
-            self.fail(key, describe_choices([*allowed, *extra]), text)
+            guess = similar(text, allowed) if isinstance(text, str) else None
+            hint = f" (did you mean {guess!r}?)" if guess is not None else ""
+            self.fail(key, describe_choices([*allowed, *extra]) + hint, text)
         return kind(text)
 
     def integer(self, key: str, *, default: int | None = None, minimum: int = 0) -> int:
