@@ -166,8 +166,12 @@ class Table:
         allowed = [member.value for member in (choices if choices is not None else kind)]
         if text is None or text not in allowed:
             guess = similar(text, allowed) if isinstance(text, str) else None
-            hint = f" (did you mean {guess!r}?)" if guess is not None else ""
-            self.fail(key, describe_choices([*allowed, *extra]) + hint, text)
+            if guess is not None:
+                raise RecipeError(
+                    f"{self._where(key)}: expected {describe_choices([*allowed, *extra])}, "
+                    f"got {text!r} (did you mean {guess!r}?)"
+                )
+            self.fail(key, describe_choices([*allowed, *extra]), text)
         return kind(text)
 
     def integer(self, key: str, *, default: int | None = None, minimum: int = 0) -> int:
