@@ -6,9 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
+import pytest
 import typer
 from conftest import REPO, Product, avobuild_cli, write_product
 
@@ -146,3 +151,26 @@ def test_plain_progress_is_bounded_and_ends_with_the_total() -> None:
     assert lines[-1].startswith("writing: 100.0 MiB of 100.0 MiB (100%), 5.0 MiB/s")
     assert "ETA" in lines[1] and "ETA" not in lines[-1]
     assert progress.update("writing", total, total) is None  # a finished task stays quiet
+
+
+@pytest.mark.skipif(shutil.which("script") is None, reason="needs script(1) from util-linux")
+def test_terminal_progress_has_bars_with_rate_and_time(product: Product, tmp_path: Path) -> None:
+    """On a terminal (script(1) gives the command a pseudo-terminal): bars, a rate, a time left."""
+    avobuild_cli("image", product.recipe, "-o", tmp_path / "out")
+    bundle = tmp_path / "v2.avb"
+    avobuild_cli("bundle", "create", write_product(product.root, version="2").recipe, "-o", bundle)
+    exe = shutil.which("avobuild") or str(REPO / ".venv" / "bin" / "avobuild")
+    command = shlex.join(
+        [exe, "install", str(bundle), "--disk", str(tmp_path / "out" / "testprod-1.0.0.img"),
+         "--keyring", str(product.public_key)]
+    )  # fmt: skip
+    result = subprocess.run(
+        ["script", "-qec", command, "/dev/null"],
+        capture_output=True, text=True, check=True,
+        env={**os.environ, "TERM": "xterm", "COLUMNS": "120"},
+    )  # fmt: skip
+    assert "━" in result.stdout  # a bar
+    assert re.search(r"verifying.*24\.0/24\.0 MiB", result.stdout)
+    assert re.search(r"[0-9.]+ [kMG]?B/s", result.stdout)  # the rate
+    assert re.search(r"\d:\d\d:\d\d", result.stdout)  # the time left
+    assert "installed 2 into slot B" in result.stdout
