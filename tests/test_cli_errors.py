@@ -349,6 +349,12 @@ def _cases(s: Setting) -> list[tuple[str, list[str | Path], int, Path]]:
                 5,
                 s.full / "r.img",
             ),
+            (
+                "bundle-digest-full-disk",
+                ["bundle", "digest", s.bundle, "-o", s.full / "digest"],
+                6,
+                s.full / "digest",
+            ),
         ]
     return cases
 
@@ -382,6 +388,8 @@ def test_every_command_fails_cleanly_on_bad_inputs(setting: Setting) -> None:
     if setting.full is not None:
         assert not list(setting.full.glob("*.img.tmp")), "a partial image stayed behind"
         assert not list(setting.full.glob("testprod-*"))
+        files = sorted(path.name for path in setting.full.iterdir() if path.is_file())
+        assert files == ["filler"], f"partial outputs stayed behind: {files}"
     assert not setting.missing.exists(), "a command created a missing input path"
 
 

@@ -17,6 +17,7 @@ from avobuild.cli.common import (
     console,
     emit,
     out,
+    output_file,
     step,
     work_directory,
 )
@@ -259,7 +260,8 @@ def bundle_digest(
     from avobuild.bundle.resign import signing_input
 
     data = signing_input(bundle)
-    output.write_bytes(data)
+    with output_file(output):
+        output.write_bytes(data)
     if as_json:
         emit(True, {"path": str(output), "size": len(data)})
         return

@@ -126,6 +126,19 @@ def check_output_directory(path: Path, family: type[AvobuildError]) -> None:
 
 
 @contextmanager
+def output_file(path: Path) -> Iterator[Path]:
+    """`path`, removed again if the command fails before it completes and it did not exist
+    before (a full disk must not leave a partial ISO or image that looks finished)."""
+    existed = path.exists() or path.is_symlink()
+    try:
+        yield path
+    except BaseException:
+        if not existed and path.is_file() and not path.is_symlink():
+            path.unlink()
+        raise
+
+
+@contextmanager
 def work_directory(keep: Path | None) -> Iterator[Path]:
     """`keep` if given (intermediate files stay for inspection), else a temp directory."""
     if keep is not None:
@@ -152,6 +165,7 @@ __all__ = [
     "emit",
     "os_error_family",
     "out",
+    "output_file",
     "output_paths",
     "state",
     "step",

@@ -16,6 +16,7 @@ from avobuild.cli.common import (
     console,
     emit,
     out,
+    output_file,
     step,
     work_directory,
 )
@@ -65,7 +66,7 @@ def usb(
         raise RecipeError("--json with --device: give --yes too (no question on standard output)")
     # Refuse a wrong --device before spending minutes on the build.
     target = check_target_device(device) if device is not None else None
-    with work_directory(workdir) as work:
+    with output_file(output), work_directory(workdir) as work:
         medium = build_usb_media(
             loaded,
             output,

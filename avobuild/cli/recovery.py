@@ -14,6 +14,7 @@ from avobuild.cli.common import (
     console,
     emit,
     out,
+    output_file,
     step,
     work_directory,
 )
@@ -73,7 +74,7 @@ def build(
     loaded = load_recipe(recipe)
     names = parse_tools(tools)
     chosen = [ToolSet(name) for name in names] if names is not None else None
-    with work_directory(workdir) as work:
+    with output_file(output), work_directory(workdir) as work:
         result = build_recovery_image(
             loaded,
             output,
