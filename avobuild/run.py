@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import logging
 import os
 import shlex
@@ -16,12 +17,13 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from avobuild.errors import ToolFailed, ToolMissing
+from avobuild.errors import RecipeError, ToolFailed, ToolMissing
 
 log = logging.getLogger("avobuild.run")
 
@@ -99,12 +101,21 @@ TOOLS: dict[str, Tool] = {
 
 
 def source_date_epoch() -> int:
-    """The build timestamp: SOURCE_DATE_EPOCH when set (reproducible builds), else 0."""
-    value = os.environ.get("SOURCE_DATE_EPOCH", "0")
-    try:
-        return int(value)
-    except ValueError:
-        return 0
+    """The build timestamp: SOURCE_DATE_EPOCH when set (reproducible builds), else the time
+    this process first asked, so every file and the bundle of one build carry one date."""
+    value = os.environ.get("SOURCE_DATE_EPOCH", "")
+    if not value:
+        return _build_start()
+    if not value.isascii() or not value.isdigit():
+        raise RecipeError(
+            f"SOURCE_DATE_EPOCH: expected seconds since 1970 (0 or more), got {value!r}"
+        )
+    return int(value)
+
+
+@functools.cache
+def _build_start() -> int:
+    return int(time.time())
 
 
 def tool_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -46,11 +46,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=rank)
 
 
-def avobuild_cli(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run the installed `avobuild` console script as a user would."""
+def avobuild_cli(
+    *args: str | Path, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the installed `avobuild` console script as a user would (`env`: its environment,
+    default this one, which carries the suite's SOURCE_DATE_EPOCH)."""
     exe = shutil.which("avobuild") or str(REPO / ".venv" / "bin" / "avobuild")
     result = subprocess.run(
-        [exe, *map(str, args)], capture_output=True, text=True, check=False, cwd=REPO
+        [exe, *map(str, args)], capture_output=True, text=True, check=False, cwd=REPO, env=env
     )
     if check and result.returncode != 0:
         raise AssertionError(

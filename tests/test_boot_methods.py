@@ -248,7 +248,9 @@ def test_external_image_holds_only_the_boot_state(product: Product, tmp_path: Pa
     avobuild_cli("image", product.recipe, "-o", out)
     image = next(out.glob("*.img"))
     offset = boot_offset(image)
-    assert sorted(list_vfat_tree(image, offset)) == ["avobuild", "avobuild/grubenv"]
+    assert sorted(list_vfat_tree(image, offset)) == [
+        "avobuild", "avobuild/disk.toml", "avobuild/grubenv",
+    ]  # fmt: skip
     grubenv = parse_grubenv(read_vfat_file(image, offset, "avobuild/grubenv"), "grubenv")
     assert BootState.from_variables(grubenv, "grubenv") == factory_state("1.0.0", "testprod-x86_64")
 
@@ -265,7 +267,9 @@ def test_external_uboot_state_and_boot_files(product: Product, tmp_path: Path) -
     avobuild_cli("image", recipe, "-o", out)
     image = next(out.glob("*.img"))
     offset = boot_offset(image)
-    assert sorted(list_vfat_tree(image, offset)) == ["config.txt", "uboot.env"]
+    assert sorted(list_vfat_tree(image, offset)) == [
+        "avobuild", "avobuild/disk.toml", "config.txt", "uboot.env",
+    ]  # fmt: skip
     assert read_vfat_file(image, offset, "config.txt") == b"kernel=u-boot.bin\n"
     env = read_vfat_file(image, offset, "uboot.env")
     assert len(env) == 0x4000
@@ -377,7 +381,9 @@ def test_arm64_uboot_image_carries_the_whole_chain(tmp_path: Path) -> None:
     avobuild_cli("image", recipe_path, "-o", out)
     image = out / "avobuild-demo-arm64-1.0.0.img"
     offset = boot_offset(image)
-    assert sorted(list_vfat_tree(image, offset)) == ["boot.scr", "uboot.env"]
+    assert sorted(list_vfat_tree(image, offset)) == [
+        "avobuild", "avobuild/disk.toml", "boot.scr", "uboot.env",
+    ]  # fmt: skip
     rendered = tmp_path / "applier"
     render_applier(recipe, rendered)
     assert (

@@ -120,6 +120,7 @@ def test_bundle_create_argument_errors(
 
 
 def test_bundle_from_recipe_is_reproducible(product: Product, tmp_path: Path) -> None:
+    assert os.environ["SOURCE_DATE_EPOCH"].isdigit()  # conftest.py (or make) sets it
     first, second = tmp_path / "1.avb", tmp_path / "2.avb"
     avobuild_cli("bundle", "create", product.recipe, "-o", first)
     for path in product.rootfs.rglob("*"):
@@ -188,3 +189,37 @@ def _error_families(base: type[AvobuildError]) -> list[type[AvobuildError]]:
     for child in base.__subclasses__():
         families.extend(_error_families(child))
     return families
+
+
+def test_build_date_is_the_clock_without_source_date_epoch(
+    product: Product, tmp_path: Path
+) -> None:
+    """Never 0: `expires` and certificate times are judged against it."""
+    import time
+
+    image = tmp_path / "img"
+    image.write_bytes(b"y" * 10_000)
+    env = {name: value for name, value in os.environ.items() if name != "SOURCE_DATE_EPOCH"}
+    before = int(time.time())
+    avobuild_cli(
+        "bundle", "create", "--image", f"rootfs={image}", "--name", "p", "--version", "1",
+        "--compatible", "c", "--key", product.private_key, "-o", tmp_path / "b.avb", env=env,
+    )  # fmt: skip
+    after = int(time.time())
+    info = json.loads(avobuild_cli("bundle", "info", tmp_path / "b.avb", "--json").stdout)
+    assert before <= info["build_date"] <= after
+    pinned = avobuild_cli(
+        "bundle", "create", "--image", f"rootfs={image}", "--name", "p", "--version", "1",
+        "--compatible", "c", "--key", product.private_key, "-o", tmp_path / "c.avb",
+    )  # fmt: skip
+    assert pinned.returncode == 0
+    info = json.loads(avobuild_cli("bundle", "info", tmp_path / "c.avb", "--json").stdout)
+    assert info["build_date"] == int(os.environ["SOURCE_DATE_EPOCH"])
+    bad = avobuild_cli(
+        "bundle", "create", "--image", f"rootfs={image}", "--name", "p", "--version", "1",
+        "--compatible", "c", "--key", product.private_key, "-o", tmp_path / "d.avb",
+        check=False, env={**env, "SOURCE_DATE_EPOCH": "yesterday"},
+    )  # fmt: skip
+    assert bad.returncode == RecipeError.exit_code
+    assert "SOURCE_DATE_EPOCH: expected seconds since 1970" in bad.stderr
+    assert not (tmp_path / "d.avb").exists()

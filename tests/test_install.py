@@ -184,24 +184,26 @@ def test_install_command_line(setup: dict[str, Path], tmp_path: Path) -> None:
 
 
 def test_one_slot_resolution_for_installer_and_renderer(setup: dict[str, Path]) -> None:
-    """The installer (reading the disk's GPT) and the applier renderer (placing the layout)
-    resolve every bundle image of every slot to the same partition."""
+    """The installer (reading the disk's partition table and its record, or the layout) and
+    the applier renderer (placing the layout) resolve every bundle image of every slot to the
+    same partition."""
     from avobuild.applier.render import slot_partitions
-    from avobuild.disk.gpt import read_gpt
+    from avobuild.disk.record import read_disk_roles
     from avobuild.update.target import slot_target
 
     recipe = load_recipe(setup["recipe"])
-    with setup["disk"].open("rb") as handle:
-        table = read_gpt(handle)
     rendered = {(part.image, part.slot): part for part in slot_partitions(recipe)}
     assert set(rendered) == {("rootfs", "A"), ("rootfs", "B")}
     for (image, slot), part in rendered.items():
         for layout in (None, recipe.layout):
-            target = slot_target(table, setup["disk"], layout, image, Slot(slot))
+            roles = read_disk_roles(setup["disk"], layout)
+            assert roles.source == ("disk record" if layout is None else f"layout {layout.path}")
+            target = slot_target(roles, image, Slot(slot))
             assert (target.label, target.offset, target.size) == (
                 part.label, part.offset, part.size
             )  # fmt: skip
+    roles = read_disk_roles(setup["disk"])
     with pytest.raises(CompatibilityError, match="known images: rootfs, kernel, extensions"):
-        slot_target(table, setup["disk"], None, "firmware", Slot.B)
-    with pytest.raises(CompatibilityError, match="needs a partition labelled 'kernel-b'"):
-        slot_target(table, setup["disk"], None, "kernel", Slot.B)
+        slot_target(roles, "firmware", Slot.B)
+    with pytest.raises(CompatibilityError, match="needs a partition with role 'kernel-b'"):
+        slot_target(roles, "kernel", Slot.B)

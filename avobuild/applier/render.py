@@ -36,9 +36,9 @@ from avobuild.bundle.sign import (
     signature_algorithm,
 )
 from avobuild.delta.stream import MAX_EXTENT, MAX_LINE
-from avobuild.disk.gpt import ENTRY_SIZE, derive_guid
+from avobuild.disk.gpt import ENTRY_SIZE
 from avobuild.disk.plan import plan_layout
-from avobuild.disk.table import write_partition_table
+from avobuild.disk.table import partition_uuid, write_partition_table
 from avobuild.errors import RecipeError
 from avobuild.model.applier import ApplierConfig, Bootloader, InitSystem
 from avobuild.model.boot import UBOOT_ENV_FILE, UBOOT_SCRIPT_FILE, UbootEnv
@@ -50,7 +50,15 @@ SCRIPT_PATH = "usr/sbin/avocado-update"
 INIT_SCRIPT_PATH = "etc/init.d/S45avocado-update"
 FW_CONFIG_PATH = "/etc/fw_env.config"
 # The code of avocado-update after its configuration and the shared library, in order.
-APPLIER_PARTS = ("state.sh", "bundle.sh", "delta.sh", "verbs.sh", "health.sh", "main.sh")
+APPLIER_PARTS = (
+    "state.sh",
+    "bundle.sh",
+    "delta.sh",
+    "verbs.sh",
+    "health.sh",
+    "help.sh",
+    "main.sh",
+)
 # What the applier keeps on the data partition: each state value and history entry is cut to
 # MAX_STATE_ENTRY bytes; past MAX_HISTORY bytes the history rotates (one old file is kept).
 MAX_STATE_ENTRY = 512
@@ -110,7 +118,7 @@ def slot_partitions(recipe: Recipe) -> tuple[SlotPartition, ...]:
                     number=placed.number,
                     offset=placed.offset,
                     size=placed.size,
-                    partuuid=str(derive_guid(recipe.seed, "partition", placed.spec.label)),
+                    partuuid=partition_uuid(plan, placed, recipe.seed),
                 )
             )
     return tuple(found)

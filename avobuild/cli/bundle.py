@@ -10,11 +10,14 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from avobuild.cli.common import (
+    JsonOption,
     WorkdirOption,
     app,
     byte_progress,
     console,
+    emit,
     out,
+    output_file,
     step,
     work_directory,
 )
@@ -35,6 +38,7 @@ from avobuild.errors import RecipeError
 
 if TYPE_CHECKING:
     from avobuild.bundle.info import BundleInfo
+    from avobuild.bundle.manifest import Manifest
 
 DecryptionKeyOption = Annotated[
     Path | None,
@@ -93,6 +97,7 @@ def bundle_create(
     chunk_size: Annotated[str, typer.Option(help="Chunk size, e.g. 1M.")] = "1M",
     level: Annotated[int, typer.Option(help="zstd compression level (1-19).")] = 10,
     workdir: WorkdirOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Create a signed full bundle from a recipe or from prebuilt images."""
     from avobuild.bundle.manifest import COMPATIBLE_PATTERN
@@ -163,11 +168,27 @@ def bundle_create(
                 progress=update,
             )
     size = output.stat().st_size
+    if as_json:
+        emit(True, _bundle_json(output, manifest, size))
+        return
     console.print(
         f"{output}: {manifest.name} {manifest.version} for {manifest.compatible}, "
         f"{len(manifest.images)} image(s), {size} bytes"
     )
     out.print(str(output))
+
+
+def _bundle_json(path: Path, manifest: Manifest, size: int) -> dict[str, object]:
+    """The object `bundle create --json` and `delta create --json` print (docs/json.md)."""
+    return {
+        "path": str(path),
+        "name": manifest.name,
+        "version": manifest.version,
+        "compatible": manifest.compatible,
+        "type": manifest.type.value,
+        "images": [image.name for image in manifest.images],
+        "size": size,
+    }
 
 
 @bundle_app.command("verify")
@@ -179,6 +200,7 @@ def bundle_verify(
         int | None,
         typer.Option(help="Refuse a security-version below this (a device's anti-rollback floor)."),
     ] = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Check the signatures, then every chunk and image hash, writing nothing; then the policy
     lines that need no device (expires against the clock, security-version against
@@ -203,10 +225,25 @@ def bundle_verify(
         verdicts = evaluate_policy(reader.manifest, security_floor=security_floor)
         reader.verify_payload()
         manifest = reader.manifest
-        signers = ", ".join(signer.key_id for signer in reader.signers)
+        key_ids = [signer.key_id for signer in reader.signers]
+    if as_json:
+        document = {
+            "path": reader.name,
+            "ok": True,
+            "name": manifest.name,
+            "version": manifest.version,
+            "compatible": manifest.compatible,
+            "signers": key_ids,
+            "policy": [
+                {"line": verdict.line, "checked": verdict.checked, "why": verdict.why}
+                for verdict in verdicts
+            ],
+        }
+        emit(True, document)
+        return
     out.print(
         f"{reader.name}: OK: {manifest.name} {manifest.version} for {manifest.compatible}, "
-        f"signed by {signers}"
+        f"signed by {', '.join(key_ids)}"
     )
     for verdict in verdicts:
         state = "checked" if verdict.checked else "NOT checked"
@@ -217,12 +254,17 @@ def bundle_verify(
 def bundle_digest(
     bundle: Annotated[Path, typer.Argument(help="The .avb bundle.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="File for the bytes to sign.")],
+    as_json: JsonOption = False,
 ) -> None:
     """Write exactly the bytes a signer signs (the manifest), for offline or HSM signing."""
     from avobuild.bundle.resign import signing_input
 
     data = signing_input(bundle)
-    output.write_bytes(data)
+    with output_file(output):
+        output.write_bytes(data)
+    if as_json:
+        emit(True, {"path": str(output), "size": len(data)})
+        return
     console.print(f"{output}: {len(data)} bytes to sign")
 
 
@@ -234,11 +276,15 @@ def bundle_attach_signature(
         Path, typer.Option(help="The signer's public key, or its certificate (and chain), PEM.")
     ],
     output: Annotated[Path, typer.Option("-o", "--output", help="The signed bundle to write.")],
+    as_json: JsonOption = False,
 ) -> None:
     """Add a signature made elsewhere (openssl, an offline HSM); it must verify."""
     from avobuild.bundle.resign import attach_signature
 
     entry = attach_signature(bundle, output, _read_file(signature), key)
+    if as_json:
+        emit(True, {"path": str(output), "algorithm": entry.algorithm, "key_id": entry.key_id})
+        return
     out.print(f"{output}: added {entry.algorithm} signature by key {entry.key_id}")
 
 
@@ -260,6 +306,7 @@ def bundle_resign(
         Path | None,
         typer.Option(help="Require the existing signatures to verify with this keyring first."),
     ] = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Add or replace signatures; the manifest and payload bytes stay identical."""
     from avobuild.bundle.keys import load_keyring
@@ -279,6 +326,12 @@ def bundle_resign(
             certificates=plan.certificate_entries(),
             keyring=trusted,
         )
+    if as_json:
+        signatures = [
+            {"algorithm": entry.algorithm, "key_id": entry.key_id} for entry in block.signatures
+        ]
+        emit(True, {"path": str(output), "signatures": signatures})
+        return
     for entry in block.signatures:
         out.print(f"{output}: {entry.algorithm} signature by key {entry.key_id}")
 
@@ -293,7 +346,7 @@ def _read_file(path: Path) -> bytes:
 @bundle_app.command("info")
 def bundle_info_command(
     bundle: Annotated[Path, typer.Argument(help="The .avb bundle.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOption = False,
     keyring: Annotated[
         Path | None, typer.Option(help="Verify the signatures with this keyring first.")
     ] = None,

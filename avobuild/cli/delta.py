@@ -8,7 +8,16 @@ from typing import Annotated
 
 import typer
 
-from avobuild.cli.common import WorkdirOption, app, console, out, step_progress, work_directory
+from avobuild.cli.common import (
+    JsonOption,
+    WorkdirOption,
+    app,
+    console,
+    emit,
+    out,
+    step_progress,
+    work_directory,
+)
 from avobuild.cli.signing_options import (
     CertificateOption,
     EncryptForOption,
@@ -82,6 +91,7 @@ def delta_create(
     ] = False,
     level: Annotated[int, typer.Option(help="zstd level of the delta operations.")] = 9,
     workdir: WorkdirOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Create a signed delta bundle that turns the images of --from into those of --to.
 
@@ -130,6 +140,16 @@ def delta_create(
             level=level,
             progress=update,
         )
+    if as_json:
+        document = {
+            "path": str(output),
+            "full_size": result.full_size,
+            "delta_size": result.delta_size,
+            "reduction": round(result.reduction, 2),
+            "wrote_full": result.wrote_full,
+        }
+        emit(True, document)
+        return
     console.print(stats_line(result.full_size, result.delta_size, result.reduction))
     if result.delta_size >= result.full_size:
         if result.wrote_full:
@@ -157,6 +177,7 @@ def delta_apply(
         Path | None,
         typer.Option(help="For an encrypted payload: a recipient's private key, or the key file."),
     ] = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Rebuild target images from their source images and verify them (host side)."""
     from avobuild.bundle.crypt import load_decryption_key
@@ -174,6 +195,11 @@ def delta_apply(
             decryption=decryption,
             progress=update,
         )
+    if as_json:
+        images = [{"name": name, "size": ref.size, "sha256": ref.sha256, "ok": True}
+                  for name, ref in built.items()]  # fmt: skip
+        emit(True, {"path": str(bundle), "images": images})
+        return
     for name, ref in built.items():
         out.print(f"{name}: {ref.size} bytes, sha256 {ref.sha256}: OK")
 
@@ -182,7 +208,7 @@ def delta_apply(
 def delta_stats(
     old: FromOption,
     new: ToOption,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOption = False,
     keyring: Annotated[
         Path | None, typer.Option(help="Verify both bundles' signatures with these keys.")
     ] = None,

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from avobuild.cli.common import app, console, out
+from avobuild.cli.common import JsonOption, app, console, emit, out
 from avobuild.cli.serve import DatabaseOption
 
 if TYPE_CHECKING:
@@ -50,8 +50,17 @@ def parse_moment(text: str, option: str, *, end: bool) -> int:
 
 
 def _store(repository: Path, database: str | None) -> Store:
+    """The telemetry store of a repository that exists, or a SQLite file that does (a wrong
+    --repository or --database must not leave an empty database behind)."""
     from avobuild.fleet.database import open_store
+    from avobuild.fleet.errors import FleetStoreError, RepositoryError
 
+    if database is None and not (repository / "repository.toml").is_file():
+        raise RepositoryError(
+            f"{repository}: not an update repository (no repository.toml); give --repository DIR"
+        )
+    if database is not None and "://" not in database and not Path(database).is_file():
+        raise FleetStoreError(f"{database}: no such telemetry database (avobuild serve writes it)")
     return open_store(database, repository)
 
 
@@ -71,9 +80,12 @@ async def _report(store: Store, start: int, end: int) -> FleetReport:
 def fleet_report(
     start: Annotated[str, typer.Option("--from", help="First day (UTC) or time.")],
     end: Annotated[str, typer.Option("--to", help="Last day (UTC, included) or time.")],
-    output_format: Annotated[str, typer.Option("--format", help="json or table.")] = "table",
+    output_format: Annotated[
+        str, typer.Option("--format", metavar="json|table", help="json or table.")
+    ] = "table",
     repository: RepositoryOption = Path(),
     database: DatabaseOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Per release and channel: offered, downloaded, installed, confirmed, rolled back,
     success rate and median times."""
@@ -88,7 +100,7 @@ def fleet_report(
     import asyncio
 
     report = asyncio.run(_report(_store(repository, database), first, last))
-    if output_format == "json":
+    if output_format == "json" or as_json:
         document = {
             "from": _iso(report.start),
             "to": _iso(report.end),
@@ -152,6 +164,7 @@ def fleet_resume(
     channel: Annotated[str, typer.Option(help="The channel it was halted in.")],
     repository: RepositoryOption = Path(),
     database: DatabaseOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Offer a release again that the failure threshold halted."""
     from avobuild.fleet.errors import RepositoryError
@@ -168,4 +181,7 @@ def fleet_resume(
 
     if not asyncio.run(resume()):
         raise RepositoryError(f"{version} is not halted in channel {channel}")
+    if as_json:
+        emit(True, {"version": version, "channel": channel, "resumed": True})
+        return
     console.print(f"{version}: offered again in channel {channel} (servers see it within 2 s)")

@@ -7,7 +7,18 @@ from typing import Annotated
 
 import typer
 
-from avobuild.cli.common import WorkdirOption, app, console, out, step, work_directory
+from avobuild.cli.common import (
+    JsonOption,
+    WorkdirOption,
+    app,
+    check_output_directory,
+    console,
+    emit,
+    out,
+    step,
+    work_directory,
+)
+from avobuild.errors import BuildError
 
 
 @app.command()
@@ -19,14 +30,35 @@ def image(
         typer.Option(help="Recovery partition image (avobuild recovery build) to include."),
     ] = None,
     workdir: WorkdirOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Build the factory disk image (GPT, A/B slots, data, recovery) and its .bmap."""
     from avobuild.image.factory import build_factory_image
     from avobuild.model.recipe import load_recipe
 
     loaded = load_recipe(recipe)
+    check_output_directory(output, BuildError)
     with work_directory(workdir) as work:
         result = build_factory_image(loaded, output, work, step, recovery_image=recovery)
+    if as_json:
+        document = {
+            "path": str(result.path),
+            "bmap": str(result.bmap),
+            "size": result.plan.disk_size,
+            "table": result.plan.layout.table.value,
+            "partitions": [
+                {
+                    "number": part.number,
+                    "label": part.spec.label,
+                    "role": part.spec.role.value,
+                    "offset": part.offset,
+                    "size": part.size,
+                }
+                for part in result.plan.partitions
+            ],
+        }
+        emit(True, document)
+        return
     out.print(f"{result.path}")
     out.print(f"{result.bmap}")
     for part in result.plan.partitions:

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from avobuild.cli.common import app, out, step_progress
+from avobuild.cli.common import JsonOption, app, emit, out, step_progress
 
 
 @app.command()
@@ -21,7 +21,8 @@ def install(
         typer.Option(help="Keyring: PEM keys/certificates, a directory of them, or a .toml file."),
     ],
     layout: Annotated[
-        Path | None, typer.Option(help="Layout TOML, when partition labels are not the roles.")
+        Path | None,
+        typer.Option(help="Layout TOML, for a disk avobuild did not make (else its record)."),
     ] = None,
     confirm: Annotated[
         bool, typer.Option("--confirm", help="Mark the new slot good at once (preloading).")
@@ -34,6 +35,7 @@ def install(
         bool,
         typer.Option("--allow-downgrade", help="Install a version older than the running slot's."),
     ] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Verify a bundle fully, write it to the inactive slot and make that slot boot next.
 
@@ -62,6 +64,17 @@ def install(
             decryption=decryption,
             allow_downgrade=allow_downgrade,
         )
+    if as_json:
+        document = {
+            "disk": str(disk),
+            "version": result.version,
+            "slot": result.slot.value,
+            "previous": result.previous.value,
+            "confirmed": confirm,
+            "written": result.written,
+        }
+        emit(True, document)
+        return
     state = "confirmed" if confirm else "pending trial boot"
     out.print(
         f"installed {result.version} into slot {result.slot.value} "
@@ -72,8 +85,11 @@ def install(
 @app.command()
 def status(
     disk: Annotated[Path, typer.Option(help="Disk image to read the boot state from.")],
-    layout: Annotated[Path | None, typer.Option(help="Layout TOML (custom labels).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    layout: Annotated[
+        Path | None,
+        typer.Option(help="Layout TOML, for a disk avobuild did not make (else its record)."),
+    ] = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Show which slot boots next, what each slot holds and whether it is confirmed."""
     from avobuild.model.layout import load_layout

@@ -8,16 +8,20 @@ from typing import Annotated
 import typer
 
 from avobuild.cli.common import (
+    JsonOption,
     WorkdirOption,
     app,
     byte_progress,
+    check_output_directory,
     console,
+    emit,
     out,
+    output_file,
     step,
     work_directory,
 )
 from avobuild.cli.recovery import ApplierOption, ToolsOption, parse_tools
-from avobuild.errors import InstallError
+from avobuild.errors import BuildError, InstallError, RecipeError
 
 media_app = typer.Typer(
     help="Build USB recovery media and PXE network recovery trees.", no_args_is_help=True
@@ -50,6 +54,7 @@ def usb(
     ] = None,
     yes: Annotated[bool, typer.Option("--yes", help="Write --device without asking.")] = False,
     workdir: WorkdirOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Build a hybrid ISO (BIOS + UEFI, CD or USB stick) with the recovery system, the factory
     image and the menu; optionally write it to a stick."""
@@ -57,9 +62,11 @@ def usb(
     from avobuild.model.recipe import load_recipe
 
     loaded = load_recipe(recipe)
+    if as_json and device is not None and not yes:
+        raise RecipeError("--json with --device: give --yes too (no question on standard output)")
     # Refuse a wrong --device before spending minutes on the build.
     target = check_target_device(device) if device is not None else None
-    with work_directory(workdir) as work:
+    with output_file(output), work_directory(workdir) as work:
         medium = build_usb_media(
             loaded,
             output,
@@ -71,9 +78,12 @@ def usb(
             applier=applier,
             progress=step,
         )
-    out.print(str(medium.path))
-    console.print(f"  {medium.size} bytes; boots on BIOS (ISOLINUX) and UEFI (GRUB)")
+    document: dict[str, object] = {"path": str(medium.path), "size": medium.size, "device": None}
+    if not as_json:
+        out.print(str(medium.path))
+        console.print(f"  {medium.size} bytes; boots on BIOS (ISOLINUX) and UEFI (GRUB)")
     if target is None:
+        emit(as_json, document, lambda: None)
         return
     size_text = f"{target.size // (1 << 20)} MiB" if target.size else "unknown size"
     if not yes and not typer.confirm(
@@ -82,7 +92,8 @@ def usb(
         raise InstallError(f"{target.path}: not written (answered no)")
     with byte_progress(f"writing {target.path}") as update:
         write_to_device(output, target, update)
-    out.print(f"wrote {output} to {target.path} and verified it")
+    document["device"] = str(target.path)
+    emit(as_json, document, lambda: out.print(f"wrote {output} to {target.path} and verified it"))
 
 
 @media_app.command("pxe")
@@ -112,6 +123,7 @@ def pxe(
     ] = None,
     tools: ToolsOption = None,
     applier: ApplierOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Write a TFTP tree (PXELINUX, GRUB EFI, iPXE) booting the recovery system over the
     network, with network-recovery.conf."""
@@ -123,6 +135,7 @@ def pxe(
     address = parse_server(server)
     devices = [parse_device(value) for value in mac or []]
     loaded = load_recipe(recipe)
+    check_output_directory(output, BuildError)
     settings = default_settings(loaded, address)
     settings = replace(
         settings,
@@ -143,6 +156,9 @@ def pxe(
         applier=applier,
         progress=step,
     )
+    if as_json:
+        emit(True, {"path": str(tree.root), "files": [str(name) for name in tree.files]})
+        return
     for name in tree.files:
         console.print(f"  {name}")
     out.print(str(tree.root))

@@ -7,7 +7,17 @@ from typing import Annotated
 
 import typer
 
-from avobuild.cli.common import WorkdirOption, app, console, out, step, work_directory
+from avobuild.cli.common import (
+    JsonOption,
+    WorkdirOption,
+    app,
+    console,
+    emit,
+    out,
+    output_file,
+    step,
+    work_directory,
+)
 from avobuild.errors import RecipeError
 
 recovery_app = typer.Typer(
@@ -54,6 +64,7 @@ def build(
         bool, typer.Option("--include-firmware", help="Carry the recipe's [recovery] firmware.")
     ] = False,
     workdir: WorkdirOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Build recovery.img: kernel + initramfs (busybox, tool sets, menu) on ext4, sized to
     the layout's recovery partition."""
@@ -63,7 +74,7 @@ def build(
     loaded = load_recipe(recipe)
     names = parse_tools(tools)
     chosen = [ToolSet(name) for name in names] if names is not None else None
-    with work_directory(workdir) as work:
+    with output_file(output), work_directory(workdir) as work:
         result = build_recovery_image(
             loaded,
             output,
@@ -75,6 +86,17 @@ def build(
         )
         initrd_size = result.system.initrd.stat().st_size
     system = result.system
+    if as_json:
+        document = {
+            "path": str(result.path),
+            "kernel": str(system.kernel),
+            "initramfs_size": initrd_size,
+            "modules": system.modules,
+            "tools": [tool.value for tool in system.tools],
+            "cmdline": system.cmdline,
+        }
+        emit(True, document)
+        return
     tool_names = ", ".join(tool.value for tool in system.tools) or "busybox only"
     console.print(
         f"  kernel {system.kernel}, initramfs {initrd_size} bytes, "
@@ -89,8 +111,10 @@ def install(
     image: Annotated[Path, typer.Argument(help="recovery.img built by `recovery build`.")],
     disk: Annotated[Path, typer.Option(help="Factory disk image to write it into.")],
     layout: Annotated[
-        Path | None, typer.Option(help="Layout TOML, when the partition is not named recovery.")
+        Path | None,
+        typer.Option(help="Layout TOML, for a disk avobuild did not make (else its record)."),
     ] = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Write recovery.img into the recovery partition of a disk image and verify it."""
     from avobuild.media.recovery import install_recovery
@@ -98,6 +122,17 @@ def install(
 
     loaded = load_layout(layout) if layout is not None else None
     result = install_recovery(image, disk, layout=loaded)
+    if as_json:
+        document = {
+            "image": str(image),
+            "image_size": result.image_size,
+            "disk": str(disk),
+            "partition": result.partition,
+            "offset": result.offset,
+            "size": result.size,
+        }
+        emit(True, document)
+        return
     out.print(
         f"installed {image} ({result.image_size} bytes) into partition {result.partition} "
         f"of {disk} at offset {result.offset} ({result.size} bytes)"

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from avobuild.cli.common import app, console, out, step
+from avobuild.cli.common import JsonOption, app, console, emit, out, step
 
 if TYPE_CHECKING:
     from avobuild.bundle.signing import SigningPlan
@@ -79,6 +79,28 @@ def _time(seconds: int) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def _index_json(root: Path, verified: VerifiedIndex) -> dict[str, object]:
+    index = verified.index
+    return {
+        "root": str(root),
+        "serial": index.serial,
+        "expires": index.expires,
+        "signers": list(verified.signers),
+    }
+
+
+def _entry_json(entry: Any) -> dict[str, object]:
+    return {
+        "source": str(entry.source),
+        "kind": entry.kind,
+        "version": entry.version,
+        "from_version": entry.from_version,
+        "compatible": entry.compatible,
+        "new": entry.new,
+        "path": f"bundles/{entry.sha256}.avb",
+    }
+
+
 def _published(root: Path, verified: VerifiedIndex) -> None:
     index = verified.index
     console.print(
@@ -114,6 +136,7 @@ def repo_init(
     delta_key: Annotated[
         Path | None, typer.Option(help="Key that signs the deltas `repo deltas` builds.")
     ] = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Create a repository and publish its first, empty index."""
     from avobuild.fleet.errors import RepositoryError
@@ -138,6 +161,9 @@ def repo_init(
         default_channel=default_channel,
         delta_key=delta_key,
     )
+    if as_json:
+        emit(True, {"public": str(root / "public"), "index": _index_json(root, verified)})
+        return
     _published(root, verified)
     out.print(str(root / "public"))
 
@@ -154,6 +180,7 @@ def repo_add(
     pkcs11: Pkcs11Option = None,
     pkcs11_module: Pkcs11ModuleOption = None,
     certificate: CertificateOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Verify bundles, copy them in (content-addressed) and publish a new index."""
     from avobuild.fleet.repository import add_bundles
@@ -165,6 +192,10 @@ def repo_add(
         basis_points=parse_percent(percent),
         signing=_signing(key, pkcs11, pkcs11_module, certificate),
     )
+    if as_json:
+        document = {"added": [_entry_json(e) for e in added], "index": _index_json(root, verified)}
+        emit(True, document)
+        return
     for entry in added:
         what = (
             f"release {entry.version} for {entry.compatible}"
@@ -190,6 +221,7 @@ def repo_promote(
     pkcs11: Pkcs11Option = None,
     pkcs11_module: Pkcs11ModuleOption = None,
     certificate: CertificateOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Offer a release in a channel to a share of its devices (phased rollout)."""
     from avobuild.fleet.repository import promote
@@ -203,6 +235,15 @@ def repo_promote(
         narrow=narrow,
         signing=_signing(key, pkcs11, pkcs11_module, certificate),
     )
+    if as_json:
+        document = {
+            "version": version,
+            "channel": channel,
+            "percent": basis_points / 100,
+            "index": _index_json(root, verified),
+        }
+        emit(True, document)
+        return
     out.print(f"{version}: offered to {basis_points / 100:g} % of channel {channel}")
     _published(root, verified)
 
@@ -214,17 +255,22 @@ def repo_refresh(
     pkcs11: Pkcs11Option = None,
     pkcs11_module: Pkcs11ModuleOption = None,
     certificate: CertificateOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Re-sign the index with the next serial and a new expiry (run it from cron)."""
     from avobuild.fleet.repository import refresh_index
 
-    _published(root, refresh_index(root, _signing(key, pkcs11, pkcs11_module, certificate)))
+    verified = refresh_index(root, _signing(key, pkcs11, pkcs11_module, certificate))
+    if as_json:
+        emit(True, {"index": _index_json(root, verified)})
+        return
+    _published(root, verified)
 
 
 @repo_app.command("status")
 def repo_status(
     root: DirArgument,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOption = False,
     verify: Annotated[
         bool, typer.Option("--verify", help="Hash every bundle file against the catalog.")
     ] = False,
@@ -292,6 +338,7 @@ def repo_deltas(
         Path | None, typer.Option(help="Key that signs the deltas (default: [deltas] key).")
     ] = None,
     jobs: Annotated[int | None, typer.Option(help="Deltas built at once (default: cores).")] = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Build the deltas from the previous releases to the newest one, and publish them."""
     from avobuild.cli.delta import stats_line
@@ -308,6 +355,15 @@ def repo_deltas(
             raise RepositoryError("--pair: give --output for the delta bundle")
         chosen = find_pair(catalog, pair, compatible)
         (one,) = build_deltas(settings, [chosen], [output], key=delta_key(settings, key))
+        if as_json:
+            document = {
+                "path": str(output),
+                "full_size": one.full_size,
+                "delta_size": one.delta_size,
+                "reduction": round(_reduction(one), 2),
+            }
+            emit(True, document)
+            return
         console.print(f"{pair}: " + stats_line(one.full_size, one.delta_size, _reduction(one)))
         out.print(str(output))
         return
@@ -317,6 +373,8 @@ def repo_deltas(
         return
     if not pairs:
         console.print(f"{root}: every delta is already present")
+        if as_json:
+            emit(True, {"added": [], "index": None})
         return
     signing_key = delta_key(settings, key)
     with tempfile.TemporaryDirectory(prefix="avobuild-deltas-") as work:
@@ -334,6 +392,10 @@ def repo_deltas(
             ),
         )
         added, verified = add_bundles(root, [result.path for result in built])
+    if as_json:
+        document = {"added": [_entry_json(e) for e in added], "index": _index_json(root, verified)}
+        emit(True, document)
+        return
     for entry in added:
         out.print(
             f"delta {entry.from_version} -> {entry.version} for {entry.compatible}: "

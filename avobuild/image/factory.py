@@ -15,7 +15,9 @@ from avobuild.device.boot import boot_state_on_boot_partition, install_boot_part
 from avobuild.disk.bmap import render_bmap
 from avobuild.disk.image import assemble_disk
 from avobuild.disk.plan import DiskPlan, plan_layout
+from avobuild.disk.record import RECORD_PATH, render_disk_record
 from avobuild.errors import BuildError
+from avobuild.fs.vfat import write_vfat_file
 from avobuild.image.rootfs import (
     Progress,
     build_partition_fs,
@@ -70,6 +72,7 @@ def build_factory_image(
     if boot is not None and boot.spec.filesystem is FsType.VFAT:
         progress(f"writing the boot state and the {recipe.boot.method.value} boot files")
         install_boot_partition(recipe, images[boot.spec.label])
+        write_vfat_file(images[boot.spec.label], 0, RECORD_PATH, render_disk_record(plan))
     elif boot is not None:
         raise BuildError(
             f"{recipe.layout.path}: [partition.{boot.spec.label}] filesystem: expected "
@@ -85,8 +88,12 @@ def build_factory_image(
     disk = output_dir / f"{recipe.name}-{recipe.version}.img"
     tmp = disk.with_name(disk.name + ".tmp")
     progress(f"assembling {disk.name} ({format_size(plan.disk_size)})")
-    assemble_disk(tmp, plan, recipe.seed, images, progress)
-    tmp.replace(disk)
+    try:
+        assemble_disk(tmp, plan, recipe.seed, images, progress)
+        tmp.replace(disk)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no partial image behind
+        raise
     bmap = disk.with_suffix(".bmap")
     progress(f"writing {bmap.name}")
     bmap.write_bytes(render_bmap(disk))

@@ -31,8 +31,8 @@ from avobuild.applier.scripts import library_parts, link_program, template_envir
 from avobuild.binaries.elf import check_kernel
 from avobuild.binaries.elfdeps import shared_libraries
 from avobuild.binaries.kmod import open_module_tree, resolve_modules
-from avobuild.disk.gpt import read_gpt
 from avobuild.disk.plan import plan_layout
+from avobuild.disk.record import read_disk_roles
 from avobuild.errors import BuildError, InstallError
 from avobuild.fs import build_filesystem, deterministic_uuid
 from avobuild.fs.cpio import Initramfs
@@ -420,28 +420,20 @@ def render_recovery_grub_entry(recipe: Recipe, cmdline: str) -> str:
 def install_recovery(image: Path, disk: Path, *, layout: Layout | None = None) -> InstalledRecovery:
     """Write recovery.img into the recovery partition of `disk`, then read it back.
 
-    The partition is the one named after the layout's recovery role, or "recovery" without
-    a layout. Refused, with the disk untouched, when the image is not ext4 or is larger than
-    the partition.
+    The partition is the one of the recovery role: by the layout's labels, else as the disk
+    records it (disk/record.py). Refused, with the disk untouched, when the image is not ext4
+    or is larger than the partition.
     """
-    label = "recovery"
-    if layout is not None:
-        spec = layout.by_role(Role.RECOVERY)
-        if spec is None:
-            raise InstallError(f"{layout.path}: the layout has no partition with role recovery")
-        label = spec.label
+    if layout is not None and layout.by_role(Role.RECOVERY) is None:
+        raise InstallError(f"{layout.path}: the layout has no partition with role recovery")
     image_size = image.stat().st_size
     with image.open("rb") as handle:
         handle.seek(_EXT4_MAGIC_OFFSET)
         if handle.read(2) != b"\x53\xef":
             raise InstallError(f"{image}: not an ext4 image (no superblock magic at byte 1080)")
+    partition = read_disk_roles(disk, layout).require(Role.RECOVERY)
+    label, offset, size = partition.label or str(partition.number), partition.offset, partition.size
     with disk.open("r+b") as target:
-        table = read_gpt(target)
-        partition = table.find(label)
-        if partition is None:
-            names = ", ".join(p.name for p in table.partitions) or "none"
-            raise InstallError(f"{disk}: no GPT partition named {label!r} (partitions: {names})")
-        offset, size = table.offset(partition), table.size(partition)
         if image_size > size:
             raise InstallError(
                 f"{image}: {format_size(image_size)} does not fit partition {label} of {disk} "

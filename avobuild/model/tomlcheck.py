@@ -7,6 +7,7 @@ reported the same way: `recipes/demo.toml: [partition.system-a] size: expected a
 
 from __future__ import annotations
 
+import difflib
 import enum
 import re
 import tomllib
@@ -87,7 +88,12 @@ class Table:
         self._seen.add(key)
         if key not in self._data:
             if required:
-                raise RecipeError(f"{self._where(key)}: missing (this key is required)")
+                message = f"{self._where(key)}: missing (this key is required)"
+                others = [name for name in self._data if name not in self._seen]
+                typo = similar(key, others)
+                if typo is not None:
+                    message += f"; the table has {typo!r}: a misspelling of {key!r}?"
+                raise RecipeError(message)
             return None
         return self._data[key]
 
@@ -159,6 +165,12 @@ class Table:
     ) -> E:
         allowed = [member.value for member in (choices if choices is not None else kind)]
         if text is None or text not in allowed:
+            guess = similar(text, allowed) if isinstance(text, str) else None
+            if guess is not None:
+                raise RecipeError(
+                    f"{self._where(key)}: expected {describe_choices([*allowed, *extra])}, "
+                    f"got {text!r} (did you mean {guess!r}?)"
+                )
             self.fail(key, describe_choices([*allowed, *extra]), text)
         return kind(text)
 
@@ -263,4 +275,12 @@ class Table:
         unknown = sorted(set(self._data) - self._seen)
         if unknown:
             known = ", ".join(sorted(self._seen)) or "none"
-            raise RecipeError(f"{self._where(unknown[0])}: unknown key (known keys: {known})")
+            guess = similar(unknown[0], sorted(self._seen))
+            hint = f"did you mean {guess!r}? " if guess is not None else ""
+            raise RecipeError(f"{self._where(unknown[0])}: unknown key ({hint}known keys: {known})")
+
+
+def similar(name: str, candidates: Sequence[str]) -> str | None:
+    """The candidate `name` is most likely a misspelling of, if one is close enough."""
+    matches = difflib.get_close_matches(name, candidates, n=1, cutoff=0.75)
+    return matches[0] if matches else None

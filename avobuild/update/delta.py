@@ -28,9 +28,9 @@ from avobuild.delta.apply import (
     check_source,
     image_chunks,
 )
-from avobuild.disk.gpt import GptTable
+from avobuild.disk.record import DiskRoles
 from avobuild.errors import CompatibilityError
-from avobuild.model.layout import Layout, Slot
+from avobuild.model.layout import Slot
 from avobuild.model.tomlcheck import format_size
 from avobuild.update.target import SlotTarget, check_fits, slot_target, verify_written
 
@@ -50,9 +50,7 @@ class DeltaPlan:
 
 def plan_deltas(
     manifest: Manifest,
-    table: GptTable,
-    disk: Path,
-    layout: Layout | None,
+    roles: DiskRoles,
     active: Slot,
     inactive: Slot,
 ) -> list[DeltaPlan]:
@@ -60,8 +58,8 @@ def plan_deltas(
     plans = []
     for image in manifest.images:
         assert image.source is not None and image.target is not None
-        source = slot_target(table, disk, layout, image.name, active)
-        target = slot_target(table, disk, layout, image.name, inactive)
+        source = slot_target(roles, image.name, active)
+        target = slot_target(roles, image.name, inactive)
         if image.source.size > source.size:
             raise CompatibilityError(
                 f"bundle image {image.name!r}: the delta needs a source of "

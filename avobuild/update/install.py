@@ -30,12 +30,12 @@ from avobuild.bundle.crypt import DecryptionKey
 from avobuild.bundle.keys import Keyring, load_keyring
 from avobuild.bundle.manifest import BundleType, ImageRef, Manifest
 from avobuild.bundle.reader import BundleReader
-from avobuild.disk.gpt import GptPartition, GptTable, read_gpt
+from avobuild.disk.record import DiskRoles, read_disk_roles
 from avobuild.errors import CompatibilityError, InstallError
 from avobuild.model.layout import Layout, Role, Slot
 from avobuild.update.delta import check_deltas, check_sources, plan_deltas, write_deltas
 from avobuild.update.policy import check_install_policy
-from avobuild.update.target import SlotTarget, check_fits, role_label, slot_target, verify_written
+from avobuild.update.target import SlotTarget, check_fits, slot_target, verify_written
 
 InstallProgress = Callable[[str, int, int], None]
 
@@ -53,31 +53,24 @@ def _no_progress(_step: str, _done: int, _total: int) -> None:
     pass
 
 
-def _find(table: GptTable, disk: Path, label: str) -> GptPartition:
-    part = table.find(label)
-    if part is None:
-        names = ", ".join(p.name for p in table.partitions) or "none"
-        raise InstallError(
-            f"{disk}: no partition labelled {label!r} (partitions: {names}); "
-            "pass --layout if this disk uses other labels"
-        )
-    return part
+def _boot_partition(disk: Path, layout: Layout | DiskRoles | None) -> tuple[int, str]:
+    roles = layout if isinstance(layout, DiskRoles) else read_disk_roles(disk, layout)
+    boot = roles.require(Role.BOOT)
+    return boot.offset, f"{disk}: partition {boot.label or boot.number}"
 
 
-def read_boot_state(disk: Path, layout: Layout | None = None) -> BootState:
-    """The boot state stored on the disk image's boot partition."""
-    with disk.open("rb") as handle:
-        table = read_gpt(handle)
-    boot = _find(table, disk, role_label(layout, Role.BOOT))
-    return read_state(disk, table.offset(boot), f"{disk}: partition {boot.name}")
+def read_boot_state(disk: Path, layout: Layout | DiskRoles | None = None) -> BootState:
+    """The boot state stored on the disk image's boot partition (found as `read_disk_roles`
+    finds it: by the layout's labels, else from the disk's own record)."""
+    return read_state(disk, *_boot_partition(disk, layout))
 
 
-def write_boot_state(disk: Path, state: BootState, layout: Layout | None = None) -> None:
+def write_boot_state(
+    disk: Path, state: BootState, layout: Layout | DiskRoles | None = None
+) -> None:
     """Store `state` on the disk image's boot partition, durably (fsync of the image)."""
-    with disk.open("rb") as handle:
-        table = read_gpt(handle)
-    boot = _find(table, disk, role_label(layout, Role.BOOT))
-    write_state(disk, table.offset(boot), f"{disk}: partition {boot.name}", state)
+    offset, where = _boot_partition(disk, layout)
+    write_state(disk, offset, where, state)
     fd = os.open(disk, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -127,6 +120,7 @@ def install_bundle(
     (see `load_decryption_key`). `allow_downgrade` installs a version older than the running
     slot's.
     """
+    check_writable(disk)
     trusted = load_keyring(keyring)
     opened = (
         BundleReader.open(bundle)
@@ -137,20 +131,19 @@ def install_bundle(
         reader.verify_signature(trusted, now=now)
         reader.unlock(decryption)
         manifest = reader.manifest
-        with disk.open("rb") as handle:
-            table = read_gpt(handle)
-        state = read_boot_state(disk, layout)
+        roles = read_disk_roles(disk, layout)
+        state = read_boot_state(disk, roles)
         check_compatible(manifest, state, disk)
         check_install_policy(manifest, state, disk, now=now, allow_downgrade=allow_downgrade)
         target = check_target_slot(state, disk)
         delta = manifest.type is BundleType.DELTA
         if delta:
-            plans = plan_deltas(manifest, table, disk, layout, state.active, target)
+            plans = plan_deltas(manifest, roles, state.active, target)
             check_sources(disk, plans, progress)
         else:
-            targets = _plan_targets(manifest, table, disk, layout, target)
+            targets = _plan_targets(manifest, roles, target)
         if stream is not None:
-            write_boot_state(disk, state.with_incomplete(target), layout)
+            write_boot_state(disk, state.with_incomplete(target), roles)
             if delta:
                 written = write_deltas(reader, disk, plans, progress)
             else:
@@ -165,7 +158,7 @@ def install_bundle(
             progress("verifying", total, total)
 
     if stream is None:
-        write_boot_state(disk, state.with_incomplete(target), layout)
+        write_boot_state(disk, state.with_incomplete(target), roles)
         with _reopened(bundle, trusted, manifest, now, decryption) as again:
             if delta:
                 written = write_deltas(again, disk, plans, progress)
@@ -176,8 +169,19 @@ def install_bundle(
     )
     if confirm:
         new_state = new_state.with_confirmed(target)
-    write_boot_state(disk, new_state, layout)
+    write_boot_state(disk, new_state, roles)
     return InstallResult(target, state.active, manifest.version, written, new_state)
+
+
+def check_writable(disk: Path) -> None:
+    """Refuse a disk that cannot be opened for writing (missing, read-only) before any work."""
+    try:
+        fd = os.open(disk, os.O_RDWR)
+    except OSError as error:
+        raise InstallError(
+            f"{disk}: cannot open the disk for writing: {error.strerror}; nothing was written"
+        ) from None
+    os.close(fd)
 
 
 def check_compatible(manifest: Manifest, state: BootState, disk: Path) -> None:
@@ -189,13 +193,11 @@ def check_compatible(manifest: Manifest, state: BootState, disk: Path) -> None:
         )
 
 
-def _plan_targets(
-    manifest: Manifest, table: GptTable, disk: Path, layout: Layout | None, slot: Slot
-) -> dict[str, SlotTarget]:
+def _plan_targets(manifest: Manifest, roles: DiskRoles, slot: Slot) -> dict[str, SlotTarget]:
     """The partition each bundle image goes to; every image must fit."""
     targets: dict[str, SlotTarget] = {}
     for image in manifest.images:
-        target = slot_target(table, disk, layout, image.name, slot)
+        target = slot_target(roles, image.name, slot)
         check_fits(target, image.size)
         targets[image.name] = target
     return targets

@@ -1,8 +1,8 @@
 """Where an update writes, and checking what it wrote: one path for full and delta installs.
 
 `slot_target` resolves the partition of a disk image that receives a bundle image in a slot
-(by the layout's labels, or by convention the role names); `verify_written` reads a written
-slot back and compares it with the signed hash before the boot state may change.
+(by the roles the disk records, or a layout's labels: disk/record.py); `verify_written` reads
+a written slot back and compares it with the signed hash before the boot state may change.
 """
 
 from __future__ import annotations
@@ -12,21 +12,11 @@ from pathlib import Path
 
 from avobuild.bundle.manifest import ImageRef
 from avobuild.delta.apply import Region, region_sha256
-from avobuild.disk.gpt import GptTable
 from avobuild.disk.plan import slot_role
+from avobuild.disk.record import DiskRoles
 from avobuild.errors import CompatibilityError, InstallError
-from avobuild.model.layout import IMAGE_SLOT_CLASS, Layout, Role, Slot
+from avobuild.model.layout import IMAGE_SLOT_CLASS, Slot
 from avobuild.model.tomlcheck import format_size
-
-
-def role_label(layout: Layout | None, role: Role) -> str:
-    """The partition label of `role`: from the layout, or by convention the role's name."""
-    if layout is not None:
-        spec = layout.by_role(role)
-        if spec is None:
-            raise InstallError(f"{layout.path}: no partition has role {role.value!r}")
-        return spec.label
-    return role.value
 
 
 @dataclass(frozen=True)
@@ -39,23 +29,21 @@ class SlotTarget:
     size: int
 
 
-def slot_target(
-    table: GptTable, disk: Path, layout: Layout | None, image: str, slot: Slot
-) -> SlotTarget:
-    """The partition of `disk` that bundle image `image` is written to when `slot` is."""
+def slot_target(roles: DiskRoles, image: str, slot: Slot) -> SlotTarget:
+    """The partition of the disk that bundle image `image` is written to when `slot` is."""
     role = slot_role(image, slot)
     if role is None:
         known = ", ".join(IMAGE_SLOT_CLASS)
         raise CompatibilityError(
             f"bundle image {image!r} has no slot on a device (known images: {known})"
         )
-    label = role_label(layout, role)
-    part = table.find(label)
+    part = roles.find(role)
     if part is None:
         raise CompatibilityError(
-            f"bundle image {image!r} needs a partition labelled {label!r} on {disk}; there is none"
+            f"bundle image {image!r} needs a partition with role {role.value!r} on "
+            f"{roles.disk} (found by {roles.source}); there is none"
         )
-    return SlotTarget(image, label, table.offset(part), table.size(part))
+    return SlotTarget(image, part.label or str(part.number), part.offset, part.size)
 
 
 def check_fits(target: SlotTarget, size: int) -> None:

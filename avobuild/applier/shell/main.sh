@@ -23,7 +23,8 @@ main() {
     monitor) cmd_monitor "$@" ;;
     health-check) cmd_health_check "$@" ;;
     boot) cmd_boot "$@" ;;
-    *) usage "unknown verb '$verb'" ;;
+    help | -h | --help) if [ $# -ge 1 ]; then verb_help "$1"; else verbs_help; fi ;;
+    *) usage "unknown verb '$verb' (avocado-update help: the verbs)" ;;
     esac
 }
 

@@ -36,7 +36,8 @@ parse_common() {
         --verbose | -v) VERBOSE=1 ;;
         --check-hardware | --check-dependencies | --verify | --detailed) ;;
         -) bundle=- ;;
-        -*) usage "unknown option $1" ;;
+        -h | --help) verb_help "$verb"; exit 0 ;;
+        -*) usage "unknown option $1 (avocado-update $verb --help: its usage)" ;;
         *) bundle=$1 ;;
         esac
         shift
@@ -90,8 +91,33 @@ verify_bundle_file() {
 cmd_verify() {
     parse_common "$@"
     bundle_arg verify
-    NO_STATE=1 verify_bundle_file
+    if boot_state_readable; then
+        NO_STATE=1 verify_bundle_file
+    else
+        NO_STATE=1 verify_off_device
+    fi
     echo "verified: $bundle_product $bundle_version for $bundle_compatible"
+}
+
+boot_state_readable() {
+    case $BOOTLOADER in
+    grub) [ -f "$GRUBENV" ] ;;
+    *) fw_printenv -c "$FW_CONFIG" > /dev/null 2>&1 ;;
+    esac
+}
+
+# Off the device (a build host, CI) there is no boot state and no disk: the bundle is checked
+# as a device of this applier's product running slot A would check it (signature, manifest,
+# policy, every chunk), writing nothing; a delta needs the device's source slot.
+verify_off_device() {
+    log "no boot state: verifying off the device, as a $COMPATIBLE device running slot A would"
+    avo_primary=A avo_compatible=$COMPATIBLE avo_security_version=0 target=B
+    DISK=${DISK:-off-device}
+    if [ "$bundle" = - ]; then
+        read_bundle verify
+    else
+        read_bundle verify < "$bundle"
+    fi
 }
 
 cmd_validate() {
