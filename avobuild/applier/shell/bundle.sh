@@ -309,7 +309,7 @@ parse_manifest() {
             data_size=$((size - index * chunk_size))
             [ "$data_size" -le "$chunk_size" ] || data_size=$chunk_size
             if [ "$compression" = none ]; then limit=$data_size; else limit=$((data_size + data_size / 128 + 512)); fi
-            [ "$c" -ge 1 ] && [ "$c" -le "$limit" ] && { [ "$compression" = zstd ] || [ "$c" -eq "$data_size" ]; } \
+            [ "$c" -ge 1 ] && [ "$c" -le "$limit" ] && { [ "$compression" != none ] || [ "$c" -eq "$data_size" ]; } \
                 || refuse "$bundle_name: manifest: chunk $index of image $image: stored-size $c out of bounds"
             left=$((left - 1)) index=$((index + 1))
             ;;
