@@ -355,3 +355,66 @@ def make_delta(source: bytes, rng: random.Random, *, data_last: bool = False) ->
         copy(rest, len(target))
     assert len(target) == size
     return DeltaBase(source, bytes(target), tuple(ops))
+
+
+# --- zstd-stream payloads (manifest version 3) ----------------------------------------------------
+
+
+def stream_frames(
+    data: bytes,
+    chunk_size: int,
+    frame_chunks: int,
+    *,
+    window_log: int = 17,
+    content_size: bool = True,
+    checksum: bool = False,
+) -> list[bytes]:
+    """Each chunk's stored bytes: one zstd stream per `frame_chunks` chunks, flushed at every
+    chunk boundary (what avobuild's writer does, written here independently)."""
+    pieces = [data[i : i + chunk_size] for i in range(0, len(data), chunk_size)]
+    parameters = zstandard.ZstdCompressionParameters.from_level(
+        3, window_log=window_log, write_content_size=content_size, write_checksum=checksum
+    )
+    stored: list[bytes] = []
+    for first in range(0, len(pieces), frame_chunks):
+        group = pieces[first : first + frame_chunks]
+        encoder = zstandard.ZstdCompressor(compression_params=parameters).compressobj(
+            size=sum(map(len, group)) if content_size else -1
+        )
+        for number, piece in enumerate(group):
+            mode = (
+                zstandard.COMPRESSOBJ_FLUSH_FINISH
+                if number == len(group) - 1
+                else zstandard.COMPRESSOBJ_FLUSH_BLOCK
+            )
+            stored.append(encoder.compress(piece) + encoder.flush(mode))
+    return stored
+
+
+def stream_draft(
+    data: bytes,
+    signers: tuple[Signer, ...],
+    *,
+    chunk_size: int = CHUNK,
+    frame_chunks: int = 2,
+    window_log: int = 17,
+    stored: list[bytes] | None = None,
+    version: int = 3,
+    compression: str | None = None,
+) -> Draft:
+    """A full bundle with a zstd-stream payload (`stored` replaces the chunks' stored bytes,
+    their lines made to match)."""
+    if stored is None:
+        stored = stream_frames(data, chunk_size, frame_chunks, window_log=window_log)
+    pieces = [data[i : i + chunk_size] for i in range(0, len(data), chunk_size)]
+    lines = [f"image rootfs {len(data)} {sha(data)} {len(pieces)}".encode()]
+    lines += [
+        f"chunk rootfs {index} {len(chunk)} {sha(chunk)} {sha(piece)}".encode()
+        for index, (chunk, piece) in enumerate(zip(stored, pieces, strict=True))
+    ]
+    heading = head_lines(
+        version=version,
+        chunk_size=chunk_size,
+        compression=compression or f"zstd-stream {frame_chunks} {window_log}",
+    )
+    return Draft([*heading, *lines], stored, signers)

@@ -26,6 +26,8 @@ from hostile_bundles import (
     head_lines,
     raw_frame,
     sha,
+    stream_draft,
+    stream_frames,
     with_content_size,
     with_dictionary_id,
 )
@@ -93,7 +95,14 @@ NUMBER_MUTATIONS: dict[str, Callable[[bytes], bytes]] = {
 
 def build_corpus(ctx: Context) -> list[Case]:
     cases: list[Case] = []
-    for group in (header_cases, block_cases, manifest_cases, payload_cases, delta_cases):
+    for group in (
+        header_cases,
+        block_cases,
+        manifest_cases,
+        payload_cases,
+        stream_cases,
+        delta_cases,
+    ):
         cases.extend(group(ctx))
     names = [name for name, _ in cases]
     assert len(names) == len(set(names)), "case names must be unique"
@@ -521,6 +530,94 @@ def _with_payload(draft: Draft, stored: list[bytes]) -> bytes:
             lines[number] = b" ".join(words)
             index += 1
     return draft.copy(lines=lines, payload=stored).render()
+
+
+# --- zstd-stream payloads (manifest version 3) ----------------------------------------------------
+
+
+def stream_cases(ctx: Context) -> Iterator[Case]:
+    """Names start with `stream-` (tests/test_differential.py runs all of them in the fast
+    suite) or `valid-stream` (accepted)."""
+    signers = (ctx.trusted,)
+    draft = stream_draft(ctx.image, signers)
+    count = len(draft.payload)
+    yield "valid-stream", draft.render()
+    yield "valid-stream-one-frame", stream_draft(ctx.image, signers, frame_chunks=8).render()
+    yield "valid-stream-frame-per-chunk", stream_draft(ctx.image, signers, frame_chunks=1).render()
+    # The whole stream cut at other points than its blocks' ends: readers take each chunk's
+    # data from the decoder's output, wherever the stored bytes were cut.
+    joined = b"".join(stream_frames(ctx.image, CHUNK, 8))
+    step = -(-len(joined) // count)
+    recut = [joined[i : i + step] for i in range(0, len(joined), step)]
+    if len(recut) == count:
+        yield (
+            "valid-stream-cut-inside-blocks",
+            stream_draft(ctx.image, signers, frame_chunks=8, stored=recut).render(),
+        )
+    for where, index in positions(count).items():
+        stored = list(draft.payload)
+        stored[index] = stored[index][:-1] + bytes([stored[index][-1] ^ 1])
+        yield f"stream-flipped-unsigned-{where}", draft.copy(payload=stored).render()
+        cut = b"".join(draft.payload[: index + 1])[:-5]
+        yield f"stream-truncated-{where}", draft.copy(payload=[cut]).render()
+        lines = list(draft.lines)
+        line = len(lines) - count + index
+        lines[line] = _set_word(lines[line], 5, sha(b"other").encode())
+        yield f"stream-data-hash-wrong-{where}", resigned(draft, lines)
+        lines = list(draft.lines)
+        lines[line] = lines[line].rsplit(b" ", 1)[0]
+        yield f"stream-no-data-hash-{where}", resigned(draft, lines)
+    lines = list(draft.lines)
+    lines[len(lines) - count - 1] = _set_word(
+        lines[len(lines) - count - 1], 3, sha(b"other").encode()
+    )
+    yield "stream-image-hash-wrong", resigned(draft, lines)
+    yield "stream-trailing-byte", draft.copy(trailer=b"\x00").render()
+    garbage = list(draft.payload)
+    garbage[-1] += b"\x00\x01\x02"
+    yield "stream-garbage-after-frame", stream_draft(ctx.image, signers, stored=garbage).render()
+    # 2 chunks of 64 KiB need a 128 KiB window; the manifest allows 64 KiB.
+    yield (
+        "stream-window-too-large",
+        stream_draft(
+            ctx.image,
+            signers,
+            stored=stream_frames(ctx.image, CHUNK, 2, window_log=17),
+            window_log=16,
+        ).render(),
+    )
+    no_size = stream_frames(ctx.image, CHUNK, 2, content_size=False)
+    yield "stream-no-content-size", stream_draft(ctx.image, signers, stored=no_size).render()
+    # Frames of 2 chunks under a manifest that says 4: the third chunk starts a frame early.
+    yield (
+        "stream-frames-shorter-than-declared",
+        stream_draft(
+            ctx.image, signers, stored=stream_frames(ctx.image, CHUNK, 2), frame_chunks=4
+        ).render(),
+    )
+    yield (
+        "stream-frames-longer-than-declared",
+        stream_draft(
+            ctx.image, signers, stored=stream_frames(ctx.image, CHUNK, 4), frame_chunks=2
+        ).render(),
+    )
+    independent = [frame(ctx.image[i : i + CHUNK]) for i in range(0, len(ctx.image), CHUNK)]
+    yield "stream-independent-frames", stream_draft(ctx.image, signers, stored=independent).render()
+    yield "stream-in-manifest-version-2", stream_draft(ctx.image, signers, version=2).render()
+    yield "stream-zstd-in-manifest-version-3", full_draft(ctx.image, signers, version=3).render()
+    for bad in (
+        "zstd-stream 2",
+        "zstd-stream 0 17",
+        "zstd-stream 2 9",
+        "zstd-stream 2 28",
+        "zstd-stream 02 17",
+        "zstd-stream 2 17 0",
+        "zstd 2 17",
+    ):
+        yield (
+            f"stream-compression-{bad.replace(' ', '-')}",
+            stream_draft(ctx.image, signers, compression=bad).render(),
+        )
 
 
 # --- delta streams ------------------------------------------------------------------------------

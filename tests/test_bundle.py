@@ -707,7 +707,7 @@ VALID_MANIFEST = (
             "line 7: chunk-size: expected a power of two between 65536 and 16777216, got '123'",
         ),
         ("chunk-size 65536", "chunk-size 065536", "line 7: chunk-size"),
-        ("avobuild-manifest 1", "avobuild-manifest 3", "line 1: unsupported manifest version '3'"),
+        ("avobuild-manifest 1", "avobuild-manifest 4", "line 1: unsupported manifest version '4'"),
         ("avobuild-manifest 1", "avobuild-manifest 2", "line 1: manifest version 2 for a manifest"),
         ("compatible acme", "compatible acme-*", "line 5: compatible: expected 1-128"),
         (
@@ -723,7 +723,11 @@ VALID_MANIFEST = (
         ("version 1.0", "version 1.0\r", "line 4: version: expected"),
         ("compatible acme\n", "", "line 5: expected a line starting with 'compatible'"),
         ("build-date 0", "build-date -1", "line 6: build-date: expected a decimal"),
-        ("compression zstd", "compression xz", "line 8: compression: expected 'zstd' or 'none'"),
+        (
+            "compression zstd",
+            "compression xz",
+            "line 8: compression: expected 'zstd', 'none' or 'zstd-stream",
+        ),
         ("image boot 70000", "image Boot 70000", "line 9: image name: expected"),
         ("70000 " + "a" * 64, "70000 " + "A" * 64, "line 9: image boot: sha256"),
         (" 2\nchunk", " 3\nchunk", "line 9: image boot: chunk-count: expected 2"),

@@ -21,7 +21,10 @@ MANIFEST_VERSION = 1
 # patterns in `compatible` and payload encryption. Writers emit version 1 whenever a bundle
 # uses none of them, so devices that only read version 1 keep accepting it.
 MANIFEST_VERSION_POLICY = 2
-SUPPORTED_MANIFEST_VERSIONS = (MANIFEST_VERSION, MANIFEST_VERSION_POLICY)
+# Version 3 adds `compression zstd-stream`: one zstd stream per run of chunks, flushed at
+# every chunk boundary, and the sha256 of every chunk's data on its chunk line (section 5.2).
+MANIFEST_VERSION_STREAM = 3
+SUPPORTED_MANIFEST_VERSIONS = (MANIFEST_VERSION, MANIFEST_VERSION_POLICY, MANIFEST_VERSION_STREAM)
 MAX_MANIFEST_SIZE = 16 << 20
 MIN_CHUNK_SIZE = 64 << 10
 MAX_CHUNK_SIZE = 16 << 20
@@ -59,6 +62,27 @@ class ImageRef:
 class Compression(StrEnum):
     ZSTD = "zstd"
     NONE = "none"
+    ZSTD_STREAM = "zstd-stream"
+
+
+# zstd-stream limits (docs/bundle-format.md 5.2): a frame spans 1 to 65536 chunks, and its
+# window is 2^10 to 2^27 bytes (2^27 is what the zstd command decodes without --long).
+MAX_FRAME_CHUNKS = 65536
+MIN_WINDOW_LOG = 10
+MAX_WINDOW_LOG = 27
+
+
+@dataclass(frozen=True)
+class StreamParameters:
+    """How a zstd-stream payload is cut into frames: a new frame starts at every chunk whose
+    index is a multiple of `frame_chunks`, and no frame's window exceeds 2^`window_log`."""
+
+    frame_chunks: int
+    window_log: int
+
+    @property
+    def window_size(self) -> int:
+        return 1 << self.window_log
 
 
 @dataclass(frozen=True)
@@ -68,6 +92,8 @@ class ChunkEntry:
     index: int
     stored_size: int
     sha256: str
+    # zstd-stream only: the sha256 of the chunk's decompressed data.
+    data_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -145,10 +171,13 @@ class Manifest:
     type: BundleType = BundleType.FULL
     policy: Policy = Policy()
     encryption: Encryption | None = None
+    stream: StreamParameters | None = None
 
     @property
     def manifest_version(self) -> int:
         """The lowest manifest version that can express this manifest."""
+        if self.compression is Compression.ZSTD_STREAM:
+            return MANIFEST_VERSION_STREAM
         if not self.policy.empty or is_pattern(self.compatible) or self.encryption is not None:
             return MANIFEST_VERSION_POLICY
         return MANIFEST_VERSION
@@ -163,6 +192,13 @@ class Manifest:
     @property
     def payload_size(self) -> int:
         return sum(image.stored_size for image in self.images)
+
+    def frames(self, image: ImageEntry) -> list[tuple[ChunkEntry, ...]]:
+        """zstd-stream: the chunks of `image` grouped by the frame that holds them."""
+        if self.stream is None:
+            return [(chunk,) for chunk in image.chunks]
+        step = self.stream.frame_chunks
+        return [image.chunks[start : start + step] for start in range(0, image.chunk_count, step)]
 
 
 def chunk_count(size: int, chunk_size: int) -> int:
@@ -280,10 +316,10 @@ def render_manifest(manifest: Manifest) -> bytes:
         lines.append(f"min-applier-version {policy.min_applier_version}")
     if policy.expires is not None:
         lines.append(f"expires {policy.expires}")
-    lines += [
-        f"chunk-size {manifest.chunk_size}",
-        f"compression {manifest.compression.value}",
-    ]
+    compression = manifest.compression.value
+    if manifest.stream is not None:
+        compression += f" {manifest.stream.frame_chunks} {manifest.stream.window_log}"
+    lines += [f"chunk-size {manifest.chunk_size}", f"compression {compression}"]
     if manifest.encryption is not None:
         encryption = manifest.encryption
         lines.append(f"encryption {encryption.algorithm} {encryption.key_commitment}")
@@ -294,6 +330,7 @@ def render_manifest(manifest: Manifest) -> bytes:
             lines.append(f"target {image.target.size} {image.target.sha256}")
         lines.extend(
             f"chunk {image.name} {chunk.index} {chunk.stored_size} {chunk.sha256}"
+            + (f" {chunk.data_sha256}" if chunk.data_sha256 is not None else "")
             for chunk in image.chunks
         )
     data = "".join(line + "\n" for line in lines).encode("utf-8")
@@ -407,7 +444,7 @@ def _parse_lines(lines: _Lines) -> Manifest:
     if magic[1] not in {str(version) for version in SUPPORTED_MANIFEST_VERSIONS}:
         raise BundleError(
             f"unsupported manifest version {shown(magic[1])} (this avobuild reads versions "
-            f"{MANIFEST_VERSION} and {MANIFEST_VERSION_POLICY}; a newer avobuild is needed)"
+            f"{MANIFEST_VERSION} to {MANIFEST_VERSION_STREAM}; a newer avobuild is needed)"
         )
     manifest_version = int(magic[1])
     (type_value,) = lines.expect("type", 1)
@@ -426,10 +463,7 @@ def _parse_lines(lines: _Lines) -> Manifest:
     if manifest_version >= MANIFEST_VERSION_POLICY:
         policy = _parse_policy(lines)
     chunk_size = _chunk_size(lines.expect("chunk-size", 1)[0])
-    (compression_text,) = lines.expect("compression", 1)
-    if compression_text not in {member.value for member in Compression}:
-        raise BundleError(f"compression: expected 'zstd' or 'none', got {shown(compression_text)}")
-    compression = Compression(compression_text)
+    compression, stream = _parse_compression(lines, manifest_version)
     encryption = None
     if manifest_version >= MANIFEST_VERSION_POLICY and lines.peek() == "encryption":
         algorithm, commitment = lines.expect("encryption", 2)
@@ -465,6 +499,7 @@ def _parse_lines(lines: _Lines) -> Manifest:
         type=bundle_type,
         policy=policy,
         encryption=encryption,
+        stream=stream,
     )
     if manifest.manifest_version != manifest_version:
         lines.number = 1
@@ -474,6 +509,50 @@ def _parse_lines(lines: _Lines) -> Manifest:
             "per manifest)"
         )
     return manifest
+
+
+def _parse_compression(
+    lines: _Lines, manifest_version: int
+) -> tuple[Compression, StreamParameters | None]:
+    if lines.peek() != "compression":
+        lines.expect("compression", 1)
+    fields = lines.next()
+    values = fields[1:]
+    if values and values[0] == Compression.ZSTD_STREAM.value:
+        if manifest_version < MANIFEST_VERSION_STREAM:
+            raise BundleError(
+                f"compression: zstd-stream needs manifest version {MANIFEST_VERSION_STREAM}"
+            )
+        if len(values) != 3:
+            raise BundleError(
+                "compression: expected 'zstd-stream <frame-chunks> <window-log>', "
+                f"got {len(values) - 1} value(s) after zstd-stream"
+            )
+        frame_chunks = _decimal("compression: frame-chunks", values[1])
+        window_log = _decimal("compression: window-log", values[2])
+        return Compression.ZSTD_STREAM, check_stream(StreamParameters(frame_chunks, window_log))
+    if len(values) != 1:
+        raise BundleError(f"compression: expected 1 value(s), got {len(values)}")
+    if values[0] not in (Compression.ZSTD.value, Compression.NONE.value):
+        raise BundleError(
+            "compression: expected 'zstd', 'none' or 'zstd-stream <frame-chunks> <window-log>', "
+            f"got {shown(values[0])}"
+        )
+    return Compression(values[0]), None
+
+
+def check_stream(stream: StreamParameters) -> StreamParameters:
+    if not 1 <= stream.frame_chunks <= MAX_FRAME_CHUNKS:
+        raise BundleError(
+            f"compression: frame-chunks: expected 1 to {MAX_FRAME_CHUNKS}, "
+            f"got {stream.frame_chunks}"
+        )
+    if not MIN_WINDOW_LOG <= stream.window_log <= MAX_WINDOW_LOG:
+        raise BundleError(
+            f"compression: window-log: expected {MIN_WINDOW_LOG} to {MAX_WINDOW_LOG}, "
+            f"got {stream.window_log}"
+        )
+    return stream
 
 
 def _parse_policy(lines: _Lines) -> Policy:
@@ -549,7 +628,9 @@ def _parse_chunk(
     encrypted: bool = False,
 ) -> ChunkEntry:
     where = f"chunk {index} of image {image}"
-    owner, index_text, stored_text, digest_text = lines.expect("chunk", 4)
+    streamed = compression is Compression.ZSTD_STREAM
+    fields = lines.expect("chunk", 5 if streamed else 4)
+    owner, index_text, stored_text, digest_text = fields[:4]
     if owner != image or index_text != str(index):
         raise BundleError(
             f"expected the line of {where}, got chunk {shown(index_text)} of image {shown(owner)}"
@@ -569,4 +650,5 @@ def _parse_chunk(
             f"got {stored}"
         )
     digest = _sha256(f"{where}: sha256", digest_text)
-    return ChunkEntry(index=index, stored_size=stored, sha256=digest)
+    data_digest = _sha256(f"{where}: data sha256", fields[4]) if streamed else None
+    return ChunkEntry(index=index, stored_size=stored, sha256=digest, data_sha256=data_digest)

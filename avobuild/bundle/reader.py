@@ -13,7 +13,7 @@ import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import zstandard
 
@@ -26,6 +26,7 @@ from avobuild.bundle.manifest import (
     Compression,
     ImageEntry,
     Manifest,
+    StreamParameters,
     parse_manifest,
 )
 from avobuild.bundle.sign import (
@@ -81,6 +82,77 @@ def decode_frame(stored: bytes, data_size: int, decompressor: zstandard.ZstdDeco
 
 
 _MAX_BLOCK = 128 << 10
+
+
+def check_stream_frame_header(stored: bytes, frame_size: int, stream: StreamParameters) -> None:
+    """The start of a zstd-stream frame (its first chunk's stored bytes): a zstd frame header
+    declaring `frame_size` bytes of content, no dictionary, a window within the manifest's
+    (docs/bundle-format.md 5.2). Checked before the decoder sees a byte, as the zstd command's
+    --memory limit does on the device."""
+    if not stored.startswith(ZSTD_MAGIC) or len(stored) < 6:
+        raise BundleError("does not start a zstd frame (no frame magic number)")
+    if stored[4] & 0x08:
+        raise BundleError("starts a zstd frame with the reserved header bit set")
+    try:
+        header = zstandard.get_frame_parameters(stored)
+    except zstandard.ZstdError as error:
+        raise BundleError(f"does not start a zstd frame: {error}") from None
+    if header.content_size == zstandard.CONTENTSIZE_UNKNOWN:
+        raise BundleError("starts a zstd frame without a content size in its header")
+    if header.content_size != frame_size:
+        raise BundleError(
+            f"starts a zstd frame of {header.content_size} bytes, expected {frame_size}"
+        )
+    if header.dict_id != 0 or stored[4] & 0x03:
+        raise BundleError("starts a zstd frame that names a dictionary")
+    if header.window_size > stream.window_size:
+        raise BundleError(
+            f"starts a zstd frame with a {header.window_size}-byte window, over the "
+            f"manifest's 2^{stream.window_log}"
+        )
+
+
+class _FrameEnd:
+    """Walks the block headers of a zstd frame fed piece by piece (RFC 8878, 3.1.1.2), to
+    find where the frame ends without decoding it: the frame must end exactly with its last
+    chunk (no skippable frame, no byte after it), and every block must stay within the block
+    size limit the zstd command enforces (see check_zstd_frame)."""
+
+    def __init__(self, first: bytes, window_size: int) -> None:
+        descriptor = first[4]
+        single_segment = descriptor & 0x20
+        self._skip = 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[descriptor & 3]
+        self._skip += (1 if single_segment else 0, 2, 4, 8)[descriptor >> 6]
+        self._checksum = 4 if descriptor & 0x04 else 0
+        self._largest = min(window_size, _MAX_BLOCK)
+        self._header = b""
+        self._last_seen = False
+        self.ended = False
+
+    def feed(self, data: bytes) -> None:
+        position = 0
+        while position < len(data):
+            if self.ended:
+                raise BundleError("holds bytes after the end of its zstd frame")
+            if self._skip:
+                step = min(self._skip, len(data) - position)
+                position += step
+                self._skip -= step
+                self.ended = self._last_seen and not self._skip
+                continue
+            piece = data[position : position + 3 - len(self._header)]
+            self._header += piece
+            position += len(piece)
+            if len(self._header) < 3:
+                return
+            header = int.from_bytes(self._header, "little")
+            self._header = b""
+            last, kind, size = header & 1, (header >> 1) & 3, header >> 3
+            if kind == 3 or size > self._largest:
+                raise BundleError("holds an invalid zstd block header")
+            self._skip = (1 if kind == 1 else size) + (self._checksum if last else 0)
+            self._last_seen = bool(last)
+            self.ended = self._last_seen and not self._skip
 
 
 def check_zstd_frame(stored: bytes) -> None:
@@ -297,6 +369,9 @@ class BundleReader:
         final = (chunked[-1].name, chunked[-1].chunk_count - 1) if chunked else None
         if final is None:
             self._check_end()
+        if manifest.stream is not None:
+            yield from self._streamed_chunks(manifest, manifest.stream, final)
+            return
         decompressor = zstandard.ZstdDecompressor()
         for image in manifest.images:
             image_hash = hashlib.sha256()
@@ -326,6 +401,73 @@ class BundleReader:
                     if (image.name, chunk.index) == final:
                         self._check_end()
                 yield image, chunk, data
+
+    def _verified_stored(self, manifest: Manifest, image: ImageEntry, chunk: ChunkEntry) -> bytes:
+        """The next chunk's stored bytes, hashed against the manifest and decrypted."""
+        offset = self._position
+        what = f"chunk {chunk.index} of image {image.name}"
+        stored = self._read_exact(chunk.stored_size, what)
+        digest = hashlib.sha256(stored).hexdigest()
+        if digest != chunk.sha256:
+            raise BundleError(
+                f"{self.name}: {what} at byte offset {offset}: sha256 mismatch (expected "
+                f"{chunk.sha256}, got {digest}); the bundle is corrupt or was modified"
+            )
+        if self._content_key is not None:
+            try:
+                stored = crypt.decrypt_chunk(self._content_key, image.name, chunk.index, stored)
+            except BundleError as error:
+                raise BundleError(f"{self.name}: {what} at byte offset {offset}: {error}") from None
+        return stored
+
+    def _streamed_chunks(
+        self, manifest: Manifest, stream: StreamParameters, final: tuple[str, int] | None
+    ) -> Iterator[tuple[ImageEntry, ChunkEntry, bytes]]:
+        """zstd-stream (docs/bundle-format.md 5.2): one decoder per frame, fed only stored
+        bytes whose hash matched; each chunk's decoded data is checked against its own hash
+        before it is yielded."""
+        for image in manifest.images:
+            image_hash = hashlib.sha256()
+            for frame in manifest.frames(image):
+                sizes = [manifest.chunk_data_size(image, chunk.index) for chunk in frame]
+                first = self._verified_stored(manifest, image, frame[0])
+                try:
+                    check_stream_frame_header(first, sum(sizes), stream)
+                except BundleError as error:
+                    raise BundleError(
+                        f"{self.name}: chunk {frame[0].index} of image {image.name}: {error}"
+                    ) from None
+                source = _VerifiedFrame(self, manifest, image, frame, first)
+                decoder = zstandard.ZstdDecompressor(
+                    max_window_size=stream.window_size
+                ).stream_reader(
+                    # The decoder only calls read() on its source.
+                    cast(BinaryIO, source),
+                    read_across_frames=False,
+                    closefd=False,
+                )
+                for chunk, data_size in zip(frame, sizes, strict=True):
+                    what = f"{self.name}: chunk {chunk.index} of image {image.name}"
+                    data = _read_decoded(decoder, data_size, what)
+                    digest = hashlib.sha256(data).hexdigest()
+                    if digest != chunk.data_sha256:
+                        raise BundleError(
+                            f"{what}: the decompressed data's sha256 is {digest}, the manifest "
+                            f"says {chunk.data_sha256}"
+                        )
+                    image_hash.update(data)
+                    last_of_frame = chunk is frame[-1]
+                    if last_of_frame and (
+                        _read_decoded(decoder, 1, what, exact=False) or not source.exhausted
+                    ):
+                        raise BundleError(
+                            f"{what}: its frame does not end with the chunk's stored bytes"
+                        )
+                    if chunk.index == image.chunk_count - 1:
+                        self._check_image(image, image_hash.hexdigest())
+                        if (image.name, chunk.index) == final:
+                            self._check_end()
+                    yield image, chunk, data
 
     def verify_payload(self) -> None:
         """Read and check every chunk and every image hash; write nothing."""
@@ -399,6 +541,74 @@ class BundleReader:
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         self._position += len(data)
         return data
+
+
+class _VerifiedFrame:
+    """The stored bytes of one zstd-stream frame as a file for the decoder to read: each chunk
+    is read from the bundle and checked against its hash only when the decoder asks for more,
+    so the decoder never sees a byte that was not authenticated."""
+
+    def __init__(
+        self,
+        reader: BundleReader,
+        manifest: Manifest,
+        image: ImageEntry,
+        frame: tuple[ChunkEntry, ...],
+        first: bytes,
+    ) -> None:
+        self._reader = reader
+        self._manifest = manifest
+        self._image = image
+        self._pending = list(frame[1:])
+        self._buffer = memoryview(first)
+        self._end = _FrameEnd(first, zstandard.get_frame_parameters(first).window_size)
+        self._feed(frame[0], first)
+
+    def _feed(self, chunk: ChunkEntry, stored: bytes) -> None:
+        try:
+            self._end.feed(stored)
+            if not self._pending and not self._end.ended:
+                raise BundleError("ends before its zstd frame does")
+        except BundleError as error:
+            raise BundleError(
+                f"{self._reader.name}: chunk {chunk.index} of image {self._image.name}: {error}"
+            ) from None
+
+    @property
+    def exhausted(self) -> bool:
+        return not self._buffer and not self._pending
+
+    def read(self, size: int = -1) -> bytes:
+        while not self._buffer and self._pending:
+            chunk = self._pending.pop(0)
+            stored = self._reader._verified_stored(self._manifest, self._image, chunk)
+            self._feed(chunk, stored)
+            self._buffer = memoryview(stored)
+        if size < 0:
+            size = len(self._buffer)
+        data = bytes(self._buffer[:size])
+        self._buffer = self._buffer[size:]
+        return data
+
+
+def _read_decoded(
+    decoder: zstandard.ZstdDecompressionReader, size: int, what: str, *, exact: bool = True
+) -> bytes:
+    parts: list[bytes] = []
+    remaining = size
+    try:
+        while remaining:
+            part = decoder.read(remaining)
+            if not part:
+                break
+            parts.append(part)
+            remaining -= len(part)
+    except zstandard.ZstdError as error:
+        raise BundleError(f"{what}: cannot be decompressed: {error}") from None
+    data = b"".join(parts)
+    if exact and len(data) != size:
+        raise BundleError(f"{what}: its frame ends {size - len(data)} bytes before the chunk's end")
+    return data
 
 
 def _tell(stream: BinaryIO) -> int | None:

@@ -38,12 +38,14 @@ from avobuild.bundle.manifest import (
     ImageRef,
     Manifest,
     Policy,
+    StreamParameters,
     check_build_date,
     check_chunk_size,
     check_compatible,
     check_identifier,
     check_image_name,
     check_policy,
+    check_stream,
     chunk_count,
     max_stored_size,
     render_manifest,
@@ -58,6 +60,10 @@ from avobuild.bundle.sign import (
 from avobuild.errors import BundleError
 
 DEFAULT_LEVEL = 10
+# zstd-stream defaults (docs/bundle-format.md 5.2): 64 chunks (64 MiB) per frame, so an
+# interrupted install resumes at most 64 MiB back, and a 16 MiB window, which a device
+# decodes in about 17 MiB of memory (the bound format version 1 already had for a chunk).
+DEFAULT_STREAM = StreamParameters(frame_chunks=64, window_log=24)
 _COPY_BLOCK = 1 << 20
 
 Progress = Callable[[int, int], None]
@@ -129,6 +135,7 @@ def write_bundle(
     policy: Policy | None = None,
     encryption_key: bytes | None = None,
     recipients: Sequence[PublicKey] = (),
+    stream: StreamParameters = DEFAULT_STREAM,
 ) -> Manifest:
     """Write a signed bundle of `images` to `output` atomically; return its manifest.
 
@@ -138,7 +145,8 @@ def write_bundle(
     installation policy lines (manifest version 2). `encryption_key` (32 bytes) or
     `recipients` (RSA/EC public keys; a random key is made for them) encrypt the payload
     (avobuild/bundle/crypt.py). `threads` defaults to the number of CPUs;
-    `progress(done, total)` counts image bytes.
+    `progress(done, total)` counts image bytes. `stream` cuts a `zstd-stream` payload
+    into frames (ignored by the other compressions).
     """
     check_identifier("name", name)
     check_identifier("version", version)
@@ -162,7 +170,10 @@ def write_bundle(
     )
     check_build_date(build_date)
     check_chunk_size(chunk_size)
-    if compression is Compression.ZSTD and not 1 <= level <= zstandard.MAX_COMPRESSION_LEVEL:
+    streamed = compression is Compression.ZSTD_STREAM
+    if streamed:
+        check_stream(stream)
+    if compression is not Compression.NONE and not 1 <= level <= zstandard.MAX_COMPRESSION_LEVEL:
         raise BundleError(
             f"compression level: expected 1 to {zstandard.MAX_COMPRESSION_LEVEL}, got {level}"
         )
@@ -198,8 +209,13 @@ def write_bundle(
             tempfile.TemporaryFile(dir=directory, prefix=f".{output.name}.payload.") as payload,
             ThreadPoolExecutor(workers, thread_name_prefix="avobuild-zstd") as pool,
         ):
-            encoder = _ChunkEncoder(compression, level, encryption_key)
-            writer = _PayloadWriter(payload, pool, 2 * workers, encoder, chunk_size)
+            writer: _PayloadWriter | _StreamWriter
+            if streamed:
+                frames = _FrameEncoder(level, stream, chunk_size, encryption_key)
+                writer = _StreamWriter(payload, pool, workers + 1, frames, chunk_size, stream)
+            else:
+                encoder = _ChunkEncoder(compression, level, encryption_key)
+                writer = _PayloadWriter(payload, pool, 2 * workers, encoder, chunk_size)
             entries = []
             for source, size in zip(images, sizes, strict=True):
                 entries.append(writer.add_image(source, size, lambda done: report(done, total)))
@@ -222,6 +238,7 @@ def write_bundle(
                     if encryption_key is not None
                     else None
                 ),
+                stream=stream if streamed else None,
             )
             manifest_bytes = render_manifest(manifest)
             block = sign_manifest_with(manifest_bytes, all_signers, certificates)
@@ -306,6 +323,143 @@ class _PayloadWriter:
                     store_oldest()
             while pending:
                 store_oldest()
+        finally:
+            for future in pending:
+                future.cancel()
+        return ImageEntry(source.name, size, image_hash.hexdigest(), tuple(chunks))
+
+
+@dataclass(frozen=True)
+class _EncodedChunk:
+    stored: bytes
+    sha256: str
+    data_sha256: str
+    data_size: int
+
+
+class _FrameEncoder:
+    """Compresses one frame of a zstd-stream payload: `frame_chunks` chunks read from the
+    image file, one zstd stream flushed at every chunk boundary (FLUSH_BLOCK), so that each
+    chunk's stored bytes end on a block boundary and decode to exactly that chunk's data.
+
+    Frames are independent, so they are compressed in parallel, one thread each; a frame is
+    single-threaded and carries its content size and no checksum, so its bytes depend only on
+    the data, the level and the window. Long-distance matching is off: it finds matches
+    only inside the window, which the device's memory keeps at a few MiB.
+    """
+
+    def __init__(
+        self,
+        level: int,
+        stream: StreamParameters,
+        chunk_size: int,
+        content_key: bytes | None,
+    ) -> None:
+        self._parameters = zstandard.ZstdCompressionParameters.from_level(
+            level,
+            window_log=stream.window_log,
+            write_content_size=True,
+            write_checksum=False,
+            write_dict_id=False,
+            threads=0,
+        )
+        self._chunk_size = chunk_size
+        self._content_key = content_key
+
+    def encode(self, source: ImageSource, first: int, sizes: Sequence[int]) -> list[_EncodedChunk]:
+        compressor = zstandard.ZstdCompressor(compression_params=self._parameters)
+        encoder = compressor.compressobj(size=sum(sizes))
+        chunks: list[_EncodedChunk] = []
+        try:
+            with source.path.open("rb") as handle:
+                handle.seek(first * self._chunk_size)
+                for number, data_size in enumerate(sizes):
+                    data = handle.read(data_size)
+                    if len(data) != data_size:
+                        raise BundleError(
+                            f"image {source.name}: {source.path} shrank while it was read"
+                        )
+                    last = number == len(sizes) - 1
+                    stored = encoder.compress(data) + encoder.flush(
+                        zstandard.COMPRESSOBJ_FLUSH_FINISH
+                        if last
+                        else zstandard.COMPRESSOBJ_FLUSH_BLOCK
+                    )
+                    if self._content_key is not None:
+                        stored = crypt.encrypt_chunk(
+                            self._content_key, source.name, first + number, stored
+                        )
+                    chunks.append(
+                        _EncodedChunk(
+                            stored,
+                            hashlib.sha256(stored).hexdigest(),
+                            hashlib.sha256(data).hexdigest(),
+                            data_size,
+                        )
+                    )
+        except OSError as error:
+            raise BundleError(
+                f"image {source.name}: cannot read {source.path}: {error.strerror or error}"
+            ) from None
+        return chunks
+
+
+class _StreamWriter:
+    """Appends zstd-stream images to the payload frame by frame, at most `window` frames in
+    flight. Each worker reads its frame from the image file itself and keeps only the
+    compressed bytes, so memory is a few frames' compressed size plus the zstd contexts; the
+    image hash is computed here, by one more sequential read (from the page cache)."""
+
+    def __init__(
+        self,
+        payload: BinaryIO,
+        pool: ThreadPoolExecutor,
+        window: int,
+        frames: _FrameEncoder,
+        chunk_size: int,
+        stream: StreamParameters,
+    ) -> None:
+        self._payload = payload
+        self._pool = pool
+        self._window = window
+        self._frames = frames
+        self._chunk_size = chunk_size
+        self._stream = stream
+        self.done = 0
+
+    def add_image(
+        self, source: ImageSource, size: int, report: Callable[[int], None]
+    ) -> ImageEntry:
+        count = chunk_count(size, self._chunk_size)
+        sizes = [min(self._chunk_size, size - index * self._chunk_size) for index in range(count)]
+        step = self._stream.frame_chunks
+        chunks: list[ChunkEntry] = []
+        pending: deque[Future[list[_EncodedChunk]]] = deque()
+        image_hash = hashlib.sha256()
+        hashed = _read_chunks(source, size, self._chunk_size)
+
+        def store_oldest() -> None:
+            for encoded in pending.popleft().result():
+                image_hash.update(next(hashed))
+                self._payload.write(encoded.stored)
+                chunks.append(
+                    ChunkEntry(
+                        len(chunks), len(encoded.stored), encoded.sha256, encoded.data_sha256
+                    )
+                )
+                self.done += encoded.data_size
+                report(self.done)
+
+        try:
+            for first in range(0, count, step):
+                frame_sizes = sizes[first : first + step]
+                pending.append(self._pool.submit(self._frames.encode, source, first, frame_sizes))
+                if len(pending) >= self._window:
+                    store_oldest()
+            while pending:
+                store_oldest()
+            for _ in hashed:  # the check that the file did not grow
+                pass
         finally:
             for future in pending:
                 future.cancel()

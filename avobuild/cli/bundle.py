@@ -96,11 +96,18 @@ def bundle_create(
     encryption_key: EncryptionKeyOption = None,
     chunk_size: Annotated[str, typer.Option(help="Chunk size, e.g. 1M.")] = "1M",
     level: Annotated[int, typer.Option(help="zstd compression level (1-19).")] = 10,
+    compression: Annotated[
+        str,
+        typer.Option(
+            help="zstd-stream (manifest version 3: compresses across chunks), zstd (one frame "
+            "per chunk, readable by every avobuild applier) or none."
+        ),
+    ] = "zstd-stream",
     workdir: WorkdirOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Create a signed full bundle from a recipe or from prebuilt images."""
-    from avobuild.bundle.manifest import COMPATIBLE_PATTERN
+    from avobuild.bundle.manifest import COMPATIBLE_PATTERN, Compression
     from avobuild.bundle.writer import ImageSource, write_bundle
     from avobuild.image.rootfs import build_slot_images
     from avobuild.model.recipe import NAME_PATTERN, load_recipe
@@ -111,6 +118,8 @@ def bundle_create(
         chunk_bytes = parse_size(chunk_size)
     except ValueError:
         raise RecipeError(f"--chunk-size: expected a size like 1M, got {chunk_size!r}") from None
+    if compression not in {member.value for member in Compression}:
+        raise RecipeError(f"--compression: expected zstd-stream, zstd or none, got {compression!r}")
     loaded = None
     prebuilt: list[tuple[str, Path]] = []
     if recipe is not None:
@@ -165,6 +174,7 @@ def bundle_create(
                 recipients=material.recipients,
                 chunk_size=chunk_bytes,
                 level=level,
+                compression=Compression(compression),
                 progress=update,
             )
     size = output.stat().st_size

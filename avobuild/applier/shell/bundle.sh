@@ -176,8 +176,8 @@ parse_manifest() {
     expect avobuild-manifest
     manifest_version=$value
     case $manifest_version in
-    1 | 2) ;;
-    *) refuse "$bundle_name: unsupported manifest version '$value' (this applier reads versions 1 and 2)" ;;
+    1 | 2 | 3) ;;
+    *) refuse "$bundle_name: unsupported manifest version '$value' (this applier reads versions 1 to 3)" ;;
     esac
     expect type
     case $value in
@@ -194,7 +194,7 @@ parse_manifest() {
     bundle_compatible=$value
     v2_features=0
     if ! is_name identifier "$value"; then
-        [ "$manifest_version" = 2 ] && is_name compatible_glob "$value" \
+        [ "$manifest_version" != 1 ] && is_name compatible_glob "$value" \
             || refuse "$bundle_name: manifest: bad compatible"
         v2_features=1
     fi
@@ -205,7 +205,7 @@ parse_manifest() {
     read -r keyword value rest <&3 || refuse "$bundle_name: manifest ends before 'chunk-size'"
     for optional in security-version min-applier-version expires; do
         [ "$keyword" = "$optional" ] || continue
-        [ "$manifest_version" = 2 ] && [ -n "$value" ] && [ -z "$rest" ] \
+        [ "$manifest_version" != 1 ] && [ -n "$value" ] && [ -z "$rest" ] \
             || refuse "$bundle_name: manifest: '$keyword' needs manifest version 2 and one value"
         case $keyword in
         security-version)
@@ -230,18 +230,34 @@ parse_manifest() {
     while [ "$power" -lt 16777216 ] && [ "$power" -lt "$chunk_size" ]; do power=$((power * 2)); done
     [ "$power" = "$chunk_size" ] \
         || refuse "$bundle_name: manifest: chunk-size '$chunk_size' is not a power of two from 64K to 16M"
-    expect compression
-    compression=$value
-    case $compression in zstd | none) ;; *) refuse "$bundle_name: manifest: compression '$compression'" ;; esac
+    # compression zstd | none | zstd-stream FRAME-CHUNKS WINDOW-LOG (version 3, section 5.2)
+    read -r keyword compression frame_chunks window_log rest <&3 \
+        || refuse "$bundle_name: manifest ends before 'compression'"
+    [ "$keyword" = compression ] && [ -n "$compression" ] && [ -z "$rest" ] \
+        || refuse "$bundle_name: manifest: expected 'compression', got '$keyword'"
+    case $compression in
+    zstd | none)
+        [ -z "$frame_chunks" ] || refuse "$bundle_name: manifest: compression: expected one value" ;;
+    zstd-stream)
+        [ "$manifest_version" = 3 ] \
+            || refuse "$bundle_name: manifest: compression zstd-stream needs manifest version 3"
+        is_number "$frame_chunks" 65536 && [ "$frame_chunks" -ge 1 ] \
+            && is_number "$window_log" 27 && [ "$window_log" -ge 10 ] \
+            || refuse "$bundle_name: manifest: compression zstd-stream: bad frame-chunks or window-log" ;;
+    *) refuse "$bundle_name: manifest: compression '$compression'" ;;
+    esac
     ! grep -q '^encryption ' "$manifest" || v2_features=1   # refused below, at its line
-    [ "$manifest_version" = 1 ] || [ "$v2_features" = 1 ] \
+    [ "$manifest_version" != 2 ] || [ "$v2_features" = 1 ] \
         || refuse "$bundle_name: manifest version 2 without any version 2 feature"
+    [ "$manifest_version" != 3 ] || [ "$compression" = zstd-stream ] \
+        || refuse "$bundle_name: manifest version 3 without compression zstd-stream"
     check_policy
 
     : > "$WORK/plan"
     image='' left=0 images=0 need=''
-    while read -r keyword a b c d rest <&3; do
-        [ -z "$rest" ] || refuse "$bundle_name: manifest: too many fields on a $keyword line"
+    while read -r keyword a b c d e rest <&3; do
+        [ -z "$rest" ] && { [ -z "$e" ] || [ "$keyword$compression" = chunkzstd-stream ]; } \
+            || refuse "$bundle_name: manifest: too many fields on a $keyword line"
         case $keyword in
         image)
             [ "$left" -eq 0 ] || refuse "$bundle_name: manifest: image $image lacks chunks"
@@ -288,15 +304,17 @@ parse_manifest() {
             [ "$a" = "$image" ] && [ "$b" = "$index" ] && [ "$left" -gt 0 ] \
                 || refuse "$bundle_name: manifest: unexpected chunk line"
             is_number "$c" && is_sha256 "$d" || refuse "$bundle_name: manifest: malformed chunk line"
+            [ "$compression" != zstd-stream ] || is_sha256 "$e" \
+                || refuse "$bundle_name: manifest: chunk $index of image $image lacks its data sha256"
             data_size=$((size - index * chunk_size))
             [ "$data_size" -le "$chunk_size" ] || data_size=$chunk_size
             if [ "$compression" = none ]; then limit=$data_size; else limit=$((data_size + data_size / 128 + 512)); fi
-            [ "$c" -ge 1 ] && [ "$c" -le "$limit" ] && { [ "$compression" = zstd ] || [ "$c" -eq "$data_size" ]; } \
+            [ "$c" -ge 1 ] && [ "$c" -le "$limit" ] && { [ "$compression" != none ] || [ "$c" -eq "$data_size" ]; } \
                 || refuse "$bundle_name: manifest: chunk $index of image $image: stored-size $c out of bounds"
             left=$((left - 1)) index=$((index + 1))
             ;;
         encryption)
-            [ "$images" -eq 0 ] && [ "$manifest_version" = 2 ] || refuse "$bundle_name: manifest: misplaced encryption line"
+            [ "$images" -eq 0 ] && [ "$manifest_version" != 1 ] || refuse "$bundle_name: manifest: misplaced encryption line"
             refuse "$bundle_name: encrypted bundles are not supported by this applier yet" ;;
         *) refuse "$bundle_name: manifest: unknown line '$keyword' (not part of manifest version $manifest_version)" ;;
         esac
@@ -399,10 +417,10 @@ read_bundle() {
     fi
     exec 3< "$WORK/manifest"
     image=''
-    while read -r keyword a b c d <&3; do
+    while read -r keyword a b c d _ <&3; do
         case $keyword in
         image)
-            image=$a size=$b image_sha=$c left=$d
+            image=$a size=$b image_sha=$c left=$d count=$d
             # shellcheck disable=SC2046  # the fields of the image's plan line
             set -- $(grep "^$a " "$WORK/plan")
             dev=$5 base=$6 slot_size=$7 target_size=${9} target_sha=${10}
@@ -418,6 +436,13 @@ read_bundle() {
                 || refuse "$bundle_name: chunk $b of image $image at byte offset $offset: sha256 mismatch"
             data_size=$((size - b * chunk_size))
             [ "$data_size" -le "$chunk_size" ] || data_size=$chunk_size
+            if [ "$compression" = zstd-stream ]; then
+                stream_chunk "$b"
+                offset=$((offset + c))
+                left=$((left - 1))
+                [ "$left" -ne 0 ] || { finish_image; image=''; }
+                continue
+            fi
             if [ "$compression" = zstd ]; then
                 one_zstd_frame "$WORK/chunk" "$data_size" \
                     || refuse "$bundle_name: chunk $b of image $image is not one zstd frame of $data_size bytes"
@@ -428,15 +453,8 @@ read_bundle() {
             fi
             [ "$(size_of "$WORK/data")" -eq "$data_size" ] \
                 || refuse "$bundle_name: chunk $b of image $image does not decompress to $data_size bytes"
-            if [ "$mode" = write ] && [ "$bundle_type" = full ]; then
-                slot_write "$dev" "$base" "$slot_size" $((b * chunk_size)) "$data_size" < "$WORK/data" \
-                    || die 1 "$dev: write failed at byte offset $((base + b * chunk_size))"
-                checkpoint
-            else
-                cat "$WORK/data" >&5
-                # A delta applier that stopped reports why in finish_image.
-                [ "$bundle_type" = full ] || cat "$WORK/data" >&6 2> /dev/null || true
-            fi
+            use_chunk_data "$b" "$data_size" "$WORK/data" \
+                || die 1 "$dev: write failed at byte offset $((base + b * chunk_size))"
             offset=$((offset + c))
             left=$((left - 1))
             ;;
@@ -446,6 +464,113 @@ read_bundle() {
     done
     exec 3<&-
     [ "$(take 1 | wc -c | tr -d ' ')" -eq 0 ] || refuse "$bundle_name: trailing data after the payload"
+}
+
+# use_chunk_data INDEX SIZE FILE: a checked chunk's data, written to the slot (write mode, full
+# bundle), or handed to the image hasher (fd 5) and the delta applier (fd 6).
+use_chunk_data() {
+    if [ "$mode" = write ] && [ "$bundle_type" = full ]; then
+        slot_write "$dev" "$base" "$slot_size" $(($1 * chunk_size)) "$2" < "$3" || return 1
+        checkpoint
+    else
+        cat "$3" >&5
+        # A delta applier that stopped reports why in finish_image.
+        [ "$bundle_type" = full ] || cat "$3" >&6 2> /dev/null || true
+    fi
+}
+
+# --- zstd-stream payloads (bundle-format.md 5.2) ---------------------------------------------
+# One `zstd -d` process per frame reads, through a FIFO on fd 7, only chunks whose stored bytes
+# matched their sha256; a background reader (decode_frame) takes each chunk's data from its
+# output, checks the data's own sha256 and only then uses it. Neither side waits for the
+# other (no lockstep with zstd's buffering), and the temporary space is one chunk.
+
+# stream_frame_header FILE SIZE WINDOW-LOG: FILE starts a zstd frame header (RFC 8878 3.1.1.1)
+# declaring SIZE bytes of content, no dictionary, a window of at most 2^WINDOW-LOG bytes.
+stream_frame_header() {
+    _sf_want=$2 _sf_log=$3
+    # shellcheck disable=SC2046  # the bytes as fields
+    set -- $(od -An -tu1 -N18 -v "$1")
+    [ $# -ge 6 ] && [ "$1 $2 $3 $4" = "40 181 47 253" ] || return 1
+    _sf_d=$5
+    shift 5
+    [ $((_sf_d & 8)) -eq 0 ] && [ $((_sf_d & 3)) -eq 0 ] || return 1
+    _sf_single=$(((_sf_d >> 5) & 1))
+    _sf_window=0
+    if [ "$_sf_single" = 0 ]; then
+        _sf_base=$((1 << (10 + ($1 >> 3))))
+        _sf_window=$((_sf_base + (_sf_base >> 3) * ($1 & 7)))
+        shift
+    fi
+    case $((_sf_d >> 6)) in 0) _sf_n=$_sf_single ;; 1) _sf_n=2 ;; 2) _sf_n=4 ;; *) _sf_n=8 ;; esac
+    [ "$_sf_n" -gt 0 ] && [ $# -ge "$_sf_n" ] || return 1
+    _sf_size=0 _sf_i=0
+    while [ "$_sf_i" -lt "$_sf_n" ]; do
+        _sf_size=$((_sf_size + ($1 << (8 * _sf_i))))
+        _sf_i=$((_sf_i + 1))
+        shift
+    done
+    [ "$_sf_n" != 2 ] || _sf_size=$((_sf_size + 256))
+    [ "$_sf_single" = 0 ] || _sf_window=$_sf_size
+    [ "$_sf_size" = "$_sf_want" ] && [ "$_sf_window" -le $((1 << _sf_log)) ]
+}
+
+# stream_chunk INDEX: the checked stored bytes of chunk INDEX ($WORK/chunk) into its frame's
+# decoder; the first chunk of a frame starts the decoder, the last one waits for its verdict.
+stream_chunk() {
+    _sc_first=$(($1 / frame_chunks * frame_chunks))
+    _sc_last=$((_sc_first + frame_chunks - 1))
+    [ "$_sc_last" -lt "$count" ] || _sc_last=$((count - 1))
+    if [ "$1" = "$_sc_first" ]; then
+        _sc_size=$((size - _sc_first * chunk_size))
+        [ "$_sc_size" -le $(((_sc_last - _sc_first + 1) * chunk_size)) ] \
+            || _sc_size=$(((_sc_last - _sc_first + 1) * chunk_size))
+        stream_frame_header "$WORK/chunk" "$_sc_size" "$window_log" \
+            || refuse "$bundle_name: chunk $1 of image $image does not start a zstd frame of $_sc_size bytes with a window of at most 2^$window_log"
+        awk -v image="$image" -v first="$_sc_first" -v last="$_sc_last" \
+            '$1 == "chunk" && $2 == image && $3 >= first && $3 <= last { print $3, $6 }' \
+            "$WORK/manifest" > "$WORK/frame.list"
+        rm -f "$WORK/frame.fifo" "$WORK/frame.status" "$WORK/zstd.status"
+        mkfifo "$WORK/frame.fifo"
+        { zstd -q -d -c --memory=$((1 << window_log)) < "$WORK/frame.fifo" 2> /dev/null
+            echo $? > "$WORK/zstd.status"; } | decode_frame &
+        frame_pid=$!
+        exec 7> "$WORK/frame.fifo"
+    fi
+    # A subshell: if the decoder is gone, the write fails (SIGPIPE) without killing the applier.
+    (cat "$WORK/chunk" >&7) 2> /dev/null || true
+    [ "$1" = "$_sc_last" ] || return 0
+    exec 7>&-
+    wait "$frame_pid" || true
+    _sc_status=$(cat "$WORK/frame.status" 2> /dev/null)
+    [ "$_sc_status" = ok ] || refuse "$bundle_name: ${_sc_status:-chunk $1 of image $image: its frame cannot be decoded}"
+    [ "$(cat "$WORK/zstd.status" 2> /dev/null)" = 0 ] \
+        || refuse "$bundle_name: chunk $1 of image $image: zstd refused its frame"
+}
+
+# decode_frame < DECODED-FRAME (a background job): the data of each chunk of $WORK/frame.list,
+# checked against its sha256, then used; the verdict goes to $WORK/frame.status. On an error
+# it keeps reading, so that the decoder and the applier never block on a full pipe.
+decode_frame() {
+    _df_status=ok
+    while read -r _df_index _df_sha <&4; do
+        _df_size=$((size - _df_index * chunk_size))
+        [ "$_df_size" -le "$chunk_size" ] || _df_size=$chunk_size
+        take "$_df_size" > "$WORK/frame.data"
+        if [ "$(size_of "$WORK/frame.data")" -ne "$_df_size" ]; then
+            _df_status="chunk $_df_index of image $image does not decode to $_df_size bytes"
+        elif [ "$(sha_of "$WORK/frame.data")" != "$_df_sha" ]; then
+            _df_status="chunk $_df_index of image $image: sha256 of its decompressed data does not match"
+        elif ! use_chunk_data "$_df_index" "$_df_size" "$WORK/frame.data"; then
+            _df_status="chunk $_df_index of image $image: write failed at byte offset $((base + _df_index * chunk_size))"
+        fi
+        [ "$_df_status" = ok ] || break
+    done 4< "$WORK/frame.list"
+    if [ "$_df_status" = ok ] && [ "$(take 1 | wc -c)" -ne 0 ]; then
+        _df_status="image $image: a frame decodes to more than its chunks"
+    fi
+    cat > /dev/null
+    echo "$_df_status" > "$WORK/frame.status"
 }
 
 # Per image: a hasher of the image bytes (fd 5), and for a delta the delta applier (fd 6),
