@@ -444,6 +444,7 @@ cmd_check() {
     agent_conf_load
     telemetry_load
     fleet_check
+    telemetry_send_if_due
     if [ -n "$offer_version" ]; then
         echo "update available: $offer_version (running $running_version, index serial $index_serial)"
     else
@@ -496,8 +497,11 @@ fleet_download() {
     _fd_event="\"duration\":$(($(clock) - _fd_started)),\"bytes\":$http_got,\"delta\":$_fd_kind"
     [ "$_fd_kind" = false ] || _fd_event="$_fd_event,\"from\":\"$running_version\""
     if [ "$_fd_code" != 0 ]; then
-        [ "$_fd_code" != 6 ] || rm -f "$_fd_part"
         telemetry_event download "$_fd_version" failed "$_fd_event"
+        if [ "$_fd_code" = 6 ]; then
+            rm -f "$_fd_part"
+            fleet_refuse 3 "$_fd_what: $(http_why "$_fd_code") (the index says $_fd_size bytes); nothing kept"
+        fi
         fleet_refuse 1 "$_fd_what: $(http_why "$_fd_code") (run again to resume)"
     fi
     _fd_got_sha=$(sha_of "$_fd_part")
