@@ -104,7 +104,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     repository = root / "repo"
     init_repository(repository, releases, key)
     bundles = releases.bundles
-    avobuild_cli("repo", "add", repository, bundles["1.0.0"], bundles["1.1.0"], "--channel", "stable")
+    avobuild_cli(
+        "repo", "add", repository, bundles["1.0.0"], bundles["1.1.0"], "--channel", "stable"
+    )
     old_index = (repository / "public" / "index.signed").read_bytes()
     delta = root / "delta.avb"
     avobuild_cli("repo", "deltas", repository, "--pair", "1.0.0:1.1.0", "-o", delta)
@@ -113,7 +115,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     init_repository(foreign, releases, index_key(root / "foreign-keys"))
     avobuild_cli("repo", "add", foreign, bundles["1.1.0"], "--channel", "stable")
     pki = make_pki(
-        root / "pki", ["dev-a", "dev-b", "dev-c", "dev-e", *(f"dev-d{n}" for n in range(7))]
+        root / "pki",
+        ["dev-a", "dev-b", "dev-c", "dev-e", "dev-f", *(f"dev-d{n}" for n in range(7))],
     )
     with running_server(repository, pki, root / "serve.log") as server:
         yield World(
@@ -184,7 +187,9 @@ def test_agent_finds_fetches_the_delta_installs_and_reports(world: World, tmp_pa
     result = device.run("agent", "--once")
     assert "reboot required" in result.stdout
     delta_sha = sha256(world.delta.read_bytes())
-    assert (device.state / "downloads" / f"{delta_sha}.avb").read_bytes() == world.delta.read_bytes()
+    assert (
+        device.state / "downloads" / f"{delta_sha}.avb"
+    ).read_bytes() == world.delta.read_bytes()
     assert device.boot_state().primary is Slot.A
     assert device.reboot() is Slot.A
     device.run("health-check")
@@ -204,9 +209,7 @@ def test_agent_finds_fetches_the_delta_installs_and_reports(world: World, tmp_pa
 
     # A lost answer makes the device send again: the server keeps one copy of each event.
     ids = {row[0] for row in stored}
-    replay = [
-        {"id": i, "type": "error", "time": 1, "version": "1.1.0", "detail": "x"} for i in ids
-    ]
+    replay = [{"id": i, "type": "error", "time": 1, "version": "1.1.0", "detail": "x"} for i in ids]
     (device.state / "telemetry" / "queue").write_text(
         "".join(json.dumps(event) + "\n" for event in replay)
     )
@@ -238,6 +241,25 @@ def test_outside_the_update_window_the_agent_waits(world: World, tmp_path: Path)
     assert not (device.state / "downloads").exists()
     result = device.run("agent", "--once", AVO_TEST_CLOCK_SHIFT=str(_shift_to_hour(3)))
     assert "reboot required" in result.stdout
+
+
+def test_a_failed_health_check_is_reported_as_a_rollback(world: World, tmp_path: Path) -> None:
+    device = fleet_device(world, tmp_path / "device", "dev-f")
+    hook = device.conf / "post-update.d" / "10-smoke"
+    hook.write_text("#!/bin/sh\nexit 3\n")
+    hook.chmod(0o755)
+    result = device.run("agent", "--once")
+    assert "reboot required" in result.stdout
+    assert device.reboot() is Slot.B
+    assert device.run("health-check", check=False).returncode == 1
+    assert device.boot_state().primary is Slot.A
+    assert [e["type"] for e in queue(device)][-2:] == ["validation", "rollback"]
+    assert device.reboot() is Slot.A
+    result = device.run("agent", "--once")  # back on 0.9.0: the failure goes out first
+    assert "skipped: it was rolled back on this device" in result.stdout
+    stored = {row[1]: row for row in events(world, "dev-f")}
+    assert stored["rollback"][2] == "1.1.0" and "post-update hook" in stored["rollback"][6]
+    assert stored["validation"][3] == "failed"
 
 
 def _shift_to_hour(hour: int) -> int:
@@ -290,7 +312,9 @@ class Hostile:
 
 def http(body: bytes, status: str = "200 OK", length: int | None = None) -> bytes:
     size = len(body) if length is None else length
-    return f"HTTP/1.1 {status}\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n".encode() + body
+    return (
+        f"HTTP/1.1 {status}\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n".encode() + body
+    )
 
 
 def serving(world: World, index: bytes, check: str | None = None, bundle: bytes | None = None):  # type: ignore[no-untyped-def]
@@ -344,16 +368,16 @@ def test_bad_input_is_refused_and_nothing_is_written(
     device.run("check")  # the real server: the newest index is accepted, serial stored
     index = (world.repository / "public" / "index.signed").read_bytes()
     full = world.releases.bundles["1.1.0"].read_bytes()
-    good = f"avobuild-check 1\nchannel stable\nserial 3\nupdate 1.1.0 {len(full)} {sha256(full)} /x\n"
+    good = (
+        f"avobuild-check 1\nchannel stable\nserial 3\nupdate 1.1.0 {len(full)} {sha256(full)} /x\n"
+    )
     hostile = {
         "tampered": lambda: serving(world, _tampered(index)),
         "replayed": lambda: serving(world, world.old_index),
         "foreign": lambda: serving(world, world.foreign_index),
         "expired": lambda: serving(world, index),
         "offer-hash": lambda: serving(world, index, good.replace(sha256(full), "0" * 64)),
-        "bundle-hash": lambda: serving(
-            world, index, good, http(full[:-1] + bytes([full[-1] ^ 1]))
-        ),
+        "bundle-hash": lambda: serving(world, index, good, http(full[:-1] + bytes([full[-1] ^ 1]))),
         "more-bytes": lambda: serving(world, index, good, http(full + b"x" * 100)),
     }[case]()
     system_a, system_b = device.partition(Role.SYSTEM_A), device.partition(Role.SYSTEM_B)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def check_target_tools(recipe: Recipe) -> None:
     if missing:
         why = {
             "busybox": "the shell and applets the applier runs on",
-            "openssl": "bundle signature checks",
+            "openssl": "bundle signature checks, and the agent's HTTPS client (s_client)",
             "zstd": "bundle chunk decompression",
             "fw_printenv": "reading the U-Boot environment (bootloader = u-boot)",
             "fw_setenv": "writing the U-Boot environment (bootloader = u-boot)",
@@ -221,7 +222,9 @@ def render_applier(recipe: Recipe, output: Path, *, test_hooks: bool = False) ->
         path = output / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-        mode = 0o755 if relative in (SCRIPT_PATH, INIT_SCRIPT_PATH, AGENT_INIT_SCRIPT_PATH) else 0o644
+        mode = (
+            0o755 if relative in (SCRIPT_PATH, INIT_SCRIPT_PATH, AGENT_INIT_SCRIPT_PATH) else 0o644
+        )
         path.chmod(mode)
         written.append(path)
     written += _write_keys(trusted_key_files(recipe), output / "etc/avocado/keys")
@@ -310,7 +313,7 @@ def signature_threshold(recipe: Recipe) -> int:
 
 
 def _agent_files(
-    recipe: Recipe, env: jinja2.Environment, values: dict[str, object]
+    recipe: Recipe, env: jinja2.Environment, values: Mapping[str, object]
 ) -> dict[str, str]:
     """agent.conf, update-telemetry.yaml and the agent's init script or unit ([fleet])."""
     fleet = recipe.fleet

@@ -55,6 +55,9 @@ COLLECT_EVENTS = {
     Collect.ERROR_LOGS: ("error",),
 }
 _INTERVAL_WORDS = {"hourly": 3600, "daily": 86400}
+HOUR = Duration("1h", 3600)
+FIVE_MINUTES = Duration("5m", 300)
+TEN_MINUTES = Duration("10m", 600)
 
 
 @dataclass(frozen=True)
@@ -71,12 +74,12 @@ class FleetConfig:
     key: str = "/etc/avocado/device.key"
     server_ca: Path | None = None  # host file, installed as /etc/avocado/fleet-ca.crt
     index_keys: tuple[Path, ...] = ()
-    check_interval: Duration = Duration("1h", 3600)
-    random_delay: Duration = Duration("5m", 300)
+    check_interval: Duration = HOUR
+    random_delay: Duration = FIVE_MINUTES
     auto_download: bool = True
     auto_apply: bool = False
     update_window: str | None = None
-    timeout: Duration = Duration("10m", 600)
+    timeout: Duration = TEN_MINUTES
 
 
 @dataclass(frozen=True)
@@ -147,14 +150,12 @@ def read_fleet(table: Table | None) -> FleetConfig | None:
         key=paths["key"],
         server_ca=server_ca,
         index_keys=index_keys,
-        check_interval=_duration(
-            table, "check-interval", Duration("1h", 3600), MAX_CHECK_INTERVAL
-        ),
+        check_interval=_duration(table, "check-interval", Duration("1h", 3600), MAX_CHECK_INTERVAL),
         random_delay=_duration(table, "random-delay", Duration("5m", 300), MAX_RANDOM_DELAY),
         auto_download=table.boolean("auto-download", default=True),
         auto_apply=table.boolean("auto-apply", default=False),
         update_window=window,
-        timeout=_duration(table, "timeout", Duration("10m", 600), 86400),
+        timeout=_duration(table, "timeout", TEN_MINUTES, 86400),
     )
     table.check_unknown()
     return config
@@ -176,10 +177,8 @@ def read_telemetry(table: Table | None, fleet: FleetConfig | None) -> TelemetryC
     if interval in _INTERVAL_WORDS:
         seconds = _INTERVAL_WORDS[interval]
     else:
-        seconds = _duration(table, "interval", Duration("1d", 86400), MAX_CHECK_INTERVAL).seconds
-    on_failure = table.string(
-        "on-failure", default="immediate", what='"immediate" or "interval"'
-    )
+        seconds = _duration(table, "interval", Duration("24h", 86400), MAX_CHECK_INTERVAL).seconds
+    on_failure = table.string("on-failure", default="immediate", what='"immediate" or "interval"')
     if on_failure not in ("immediate", "interval"):
         table.fail("on-failure", '"immediate" or "interval"', on_failure)
     max_queue = table.size("max-queue", default=256 << 10)

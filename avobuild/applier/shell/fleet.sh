@@ -570,6 +570,12 @@ agent_pass() {
     esac
     fleet_check
     [ -n "$offer_version" ] || { telemetry_send_if_due; return 0; }
+    if grep -qx "$offer_version" "$FLEET_DIR/rolled-back" 2> /dev/null; then
+        fleet_note waiting "$offer_version was rolled back on this device; not installed again"
+        echo "update $offer_version skipped: it was rolled back on this device"
+        telemetry_send_if_due
+        return 0
+    fi
     if ! in_window; then
         fleet_note waiting "$offer_version waits for the update window $update_window"
         echo "update $offer_version waits for the update window $update_window"
@@ -619,6 +625,15 @@ cmd_agent() {
         ( agent_pass ) || log "agent pass failed; next check in about $check_interval s"
         sleep $((check_interval + $(random_below $((random_delay + 1)))))
     done
+}
+
+# rolled_back VERSION: the agent does not install VERSION again by itself (a release that
+# failed here; an operator can still install it by hand, or delete the file).
+rolled_back() {
+    is_name identifier "$1" || return 0
+    mkdir -p "$FLEET_DIR" 2> /dev/null || return 0
+    { grep -vx "$1" "$FLEET_DIR/rolled-back" 2> /dev/null | tail -n 63; echo "$1"; } > "$WORK/rolled-back"
+    atomic_write "$FLEET_DIR/rolled-back" < "$WORK/rolled-back" 2> /dev/null || :
 }
 
 # --- telemetry (update-telemetry.yaml; the events of avobuild/fleet/telemetry.py) -----------

@@ -220,6 +220,7 @@ cmd_boot() {
             tries=$(slot_var "$target" tries)
             set_state RollingBack "reason=boot_failure: slot $target did not boot ($tries trial boots left), the bootloader fell back to slot $booted"
             record rollback "boot_failure" "from=$target" "to=$booted"
+            rolled_back "$(slot_var "$target" version)"
             telemetry_event rollback "$(slot_var "$target" version)" failed \
                 "\"detail\":$(json_string "boot_failure: slot $target did not boot, back to slot $booted")"
             avo_primary=$booted
@@ -267,6 +268,7 @@ do_rollback() {  # REASON: make the other slot primary, mark the running one fai
     set_slot "$booted" 0 0 "$(slot_var "$booted" version)"
     benv_save
     record rollback "$1" "from=$booted" "to=$to_slot"
+    [ "$1" = manual ] || rolled_back "$(slot_var "$booted" version)"
     telemetry_event rollback "$(slot_var "$booted" version)" failed "\"detail\":$(json_string "$1")"
 }
 
