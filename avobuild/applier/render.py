@@ -227,9 +227,9 @@ def render_applier(recipe: Recipe, output: Path, *, test_hooks: bool = False) ->
         )
         path.chmod(mode)
         written.append(path)
-    written += _write_keys(trusted_key_files(recipe), output / "etc/avocado/keys")
+    written += write_key_files(trusted_key_files(recipe), output / "etc/avocado/keys")
     if recipe.fleet is not None:
-        written += _write_keys(list(recipe.fleet.index_keys), output / "etc/avocado/index-keys")
+        written += write_key_files(list(recipe.fleet.index_keys), output / "etc/avocado/index-keys")
         if recipe.fleet.server_ca is not None:
             ca = output / "etc/avocado/fleet-ca.crt"
             ca.write_bytes(recipe.fleet.server_ca.read_bytes())
@@ -335,7 +335,7 @@ def _agent_files(
     return files
 
 
-def _write_keys(sources: list[Path], directory: Path) -> list[Path]:
+def write_key_files(sources: list[Path], directory: Path) -> list[Path]:
     """Each trusted key as KEY-ID.ALGORITHM.pem, the name the script looks a signer up by."""
     directory.mkdir(parents=True, exist_ok=True)
     written = []

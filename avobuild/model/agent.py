@@ -70,8 +70,9 @@ class FleetConfig:
     organization: str = "default"
     cohort: str = "stable"  # the channel
     mode: FleetMode = FleetMode.SERVER
-    certificate: str = "/etc/avocado/device.crt"
-    key: str = "/etc/avocado/device.key"
+    # Per device, so on the data partition: an update replaces the root filesystem.
+    certificate: str = "/data/avocado/device.crt"
+    key: str = "/data/avocado/device.key"
     server_ca: Path | None = None  # host file, installed as /etc/avocado/fleet-ca.crt
     index_keys: tuple[Path, ...] = ()
     check_interval: Duration = HOUR
@@ -123,7 +124,7 @@ def read_fleet(table: Table | None) -> FleetConfig | None:
         "cohort", default="stable", pattern=CHANNEL, what="a channel name ([a-z0-9][a-z0-9_-]*)"
     )
     paths = {}
-    defaults = (("certificate", "/etc/avocado/device.crt"), ("key", "/etc/avocado/device.key"))
+    defaults = (("certificate", "/data/avocado/device.crt"), ("key", "/data/avocado/device.key"))
     for key, default in defaults:
         paths[key] = table.string(
             key, default=default, pattern=SAFE_PATH, what="an absolute path on the device"

@@ -5,6 +5,15 @@
 # HTTPS client is `openssl s_client` behind the strict reader http_request: busybox wget has
 # no client certificates, and openssl is on every device already (docs/applier.md).
 FLEET_DIR=$STATE_DIR/fleet
+# The agent's files on the data partition, when provisioning wrote them, else the image's.
+if [ -z "$AGENT_CONF" ]; then
+    AGENT_CONF=$CONF_DIR/agent.conf
+    [ ! -f "$DATA_MOUNT/avocado/agent.conf" ] || AGENT_CONF=$DATA_MOUNT/avocado/agent.conf
+fi
+if [ -z "$TELEMETRY_YAML" ]; then
+    TELEMETRY_YAML=$CONF_DIR/update-telemetry.yaml
+    [ ! -f "$DATA_MOUNT/avocado/update-telemetry.yaml" ] || TELEMETRY_YAML=$DATA_MOUNT/avocado/update-telemetry.yaml
+fi
 TELEMETRY_DIR=$STATE_DIR/telemetry
 CR=$(printf '\r')
 MAX_INDEX_REGION=1048576
