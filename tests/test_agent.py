@@ -433,3 +433,97 @@ def test_a_full_data_partition_refuses_the_download(world: World, tmp_path: Path
     finally:
         subprocess.run(["umount", str(data)], check=True)
     shutil.rmtree(device.root, ignore_errors=True)
+
+
+# --- the recipe tables ----------------------------------------------------------------------
+
+
+def _fleet_recipe(tmp_path: Path, extra: str) -> Path:
+    product = write_product(tmp_path / "product")
+    with product.recipe.open("a") as handle:
+        handle.write(extra.replace("INDEX_KEY", str(product.public_key)))
+    return product.recipe
+
+
+AGENT_TABLES = """
+[applier]
+init = "INIT"
+target-tools = ["busybox", "openssl", "zstd", "systemctl"]
+
+[fleet]
+endpoint = "https://updates.example.com:8443/acme/"
+product = "acme"
+organization = "acme-corp"
+cohort = "beta"
+index-keys = ["INDEX_KEY"]
+check-interval = "30m"
+auto-apply = true
+update-window = "22:30-04:00"
+
+[telemetry]
+collect = ["download_time", "rollback_events"]
+interval = "hourly"
+max-queue = "64K"
+"""
+
+
+@pytest.mark.parametrize("init", ["busybox", "systemd"])
+def test_fleet_and_telemetry_tables_render_the_agent_files(tmp_path: Path, init: str) -> None:
+    import configparser
+
+    recipe = load_recipe(_fleet_recipe(tmp_path, AGENT_TABLES.replace("INIT", init)))
+    first, second = tmp_path / "one", tmp_path / "two"
+    render_applier(recipe, first)
+    render_applier(recipe, second)
+    files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(second) for p in second.rglob("*") if p.is_file())
+    for relative in files:  # reproducible: same recipe, same bytes
+        assert (first / relative).read_bytes() == (second / relative).read_bytes(), relative
+    conf = configparser.ConfigParser()
+    conf.read_string((first / "etc/avocado/agent.conf").read_text())
+    assert dict(conf["Fleet"]) == {
+        "organization": "acme-corp",
+        "product": "acme",
+        "cohort": "beta",
+        "mode": "server",
+    }
+    assert conf["Connection"]["endpoint"] == "https://updates.example.com:8443/acme"
+    assert conf["Connection"]["certificate"] == "/data/avocado/device.crt"
+    assert conf["Updates"]["checkinterval"] == "1800"
+    assert conf["Updates"]["autoapply"] == "true" and conf["Updates"]["autodownload"] == "true"
+    assert conf["Updates"]["updatewindow"] == "22:30-04:00"
+    yaml = (first / "etc/avocado/update-telemetry.yaml").read_text()
+    assert "    - download_time\n    - rollback_events\n\n" in yaml
+    assert "interval: hourly\n" in yaml and "max_queue: 65536\n" in yaml
+    assert list((first / "etc/avocado/index-keys").glob("*.ed25519.pem"))
+    unit = first / "usr/lib/systemd/system/avocado-agent.service"
+    script = first / "etc/init.d/S46avocado-agent"
+    assert unit.exists() is (init == "systemd") and script.exists() is (init == "busybox")
+    if init == "busybox":
+        assert script.stat().st_mode & 0o111
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "key"),
+    [
+        ('"https://updates.example.com:8443/acme/"', '"http://updates.example.com"', "endpoint"),
+        ('"https://updates.example.com:8443/acme/"', '"https://h:99999"', "endpoint"),
+        ('"22:30-04:00"', '"25:00-04:00"', "update-window"),
+        ('"22:30-04:00"', '"04:00-04:00"', "update-window"),
+        ('cohort = "beta"', 'cohort = "Beta!"', "cohort"),
+        ('"30m"', '"30d"', "check-interval"),
+        ('interval = "hourly"', 'interval = "weekly"', "interval"),
+        ('"64K"', '"1K"', "max-queue"),
+        ('collect = ["download_time"', 'collect = ["cpu_time"', "collect"),
+    ],
+)
+def test_bad_agent_values_are_refused_naming_the_key(
+    tmp_path: Path, old: str, new: str, key: str
+) -> None:
+    from avobuild.errors import RecipeError
+
+    text = AGENT_TABLES.replace("INIT", "busybox")
+    assert old in text
+    with pytest.raises(RecipeError) as error:
+        load_recipe(_fleet_recipe(tmp_path, text.replace(old, new)))
+    assert key in str(error.value)
