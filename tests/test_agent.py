@@ -218,6 +218,19 @@ def test_agent_finds_fetches_the_delta_installs_and_reports(world: World, tmp_pa
     assert events(world, "dev-a") == stored and queue(device) == []
 
 
+def test_agent_files_on_the_data_partition_come_first(world: World, tmp_path: Path) -> None:
+    device = fleet_device(world, tmp_path / "device", "dev-c")
+    data = device.root / "data" / "avocado"
+    data.mkdir(parents=True)
+    good = (device.conf / "agent.conf").read_text()
+    (data / "agent.conf").write_text(good)
+    (device.conf / "agent.conf").write_text(good.replace("Product = acme", "Product = other"))
+    result = device.run("check", AVO_DATA_MOUNT=str(device.root / "data"))
+    assert "update available: 1.1.0" in result.stdout
+    result = device.run("check", check=False)  # the image's file: another repository
+    assert result.returncode == 3 and "this device's is other" in result.stderr
+
+
 def test_interrupted_download_resumes_with_a_range(world: World, tmp_path: Path) -> None:
     device = fleet_device(world, tmp_path / "device", "dev-b")
     device.run("check")
