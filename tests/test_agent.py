@@ -116,7 +116,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     avobuild_cli("repo", "add", foreign, bundles["1.1.0"], "--channel", "stable")
     pki = make_pki(
         root / "pki",
-        ["dev-a", "dev-b", "dev-c", "dev-e", "dev-f", *(f"dev-d{n}" for n in range(7))],
+        ["dev-a", "dev-b", "dev-c", "dev-e", "dev-f", "dev-g", *(f"dev-d{n}" for n in range(7))],
     )
     with running_server(repository, pki, root / "serve.log") as server:
         yield World(
@@ -341,6 +341,22 @@ def serving(world: World, index: bytes, check: str | None = None, bundle: bytes 
         return http(b'{"error": "no"}', "404 Not Found")
 
     return Hostile(world.pki, answer)
+
+
+def test_a_server_window_makes_the_agent_check_again_when_it_opens(
+    world: World, tmp_path: Path
+) -> None:
+    device = fleet_device(world, tmp_path / "device", "dev-g")
+    index = (world.repository / "public" / "index.signed").read_bytes()
+    hostile = serving(world, index, "avobuild-check 1\nchannel stable\nserial 3\nnone window 120\n")
+    try:
+        conf = device.conf / "agent.conf"
+        conf.write_text(conf.read_text().replace(f":{world.server.port}", f":{hostile.port}"))
+        result = device.run("check")
+    finally:
+        hostile.close()
+    assert "no update: window (retry after 120 s)" in result.stdout
+    assert (device.state / "fleet" / "retry-after").read_text() == "120\n"
 
 
 def _tampered(index: bytes) -> bytes:

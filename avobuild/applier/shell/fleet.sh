@@ -441,6 +441,11 @@ fleet_check() {
     [ "$1" != update ] || offer_version=$2 offer_reason=
     printf 'serial=%s\nversion=%s\nreason=%s\n' "$index_serial" "$offer_version" "$offer_reason" \
         | atomic_write "$FLEET_DIR/offer"
+    # The server's update window opens in offer_wait seconds: the agent checks again then.
+    rm -f "$FLEET_DIR/retry-after"
+    if [ "$offer_reason" = window ] && is_number "$offer_wait" 604800; then
+        echo "$offer_wait" > "$FLEET_DIR/retry-after"
+    fi
     if [ -n "$offer_version" ]; then
         fleet_note check "index $index_serial: $offer_version offered (running $running_version)"
     else
@@ -632,7 +637,10 @@ cmd_agent() {
     sleep "$(random_below $((random_delay + 1)))"
     while :; do
         ( agent_pass ) || log "agent pass failed; next check in about $check_interval s"
-        sleep $((check_interval + $(random_below $((random_delay + 1)))))
+        _ca_wait=$check_interval
+        _ca_hint=$(cat "$FLEET_DIR/retry-after" 2> /dev/null)
+        ! is_number "$_ca_hint" || [ "$_ca_hint" -ge "$_ca_wait" ] || _ca_wait=$((_ca_hint + 1))
+        sleep $((_ca_wait + $(random_below $((random_delay + 1)))))
     done
 }
 
