@@ -116,7 +116,16 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     avobuild_cli("repo", "add", foreign, bundles["1.1.0"], "--channel", "stable")
     pki = make_pki(
         root / "pki",
-        ["dev-a", "dev-b", "dev-c", "dev-e", "dev-f", "dev-g", *(f"dev-d{n}" for n in range(7))],
+        [
+            "dev-a",
+            "dev-b",
+            "dev-c",
+            "dev-e",
+            "dev-f",
+            "dev-g",
+            "dev-h",
+            *(f"dev-d{n}" for n in range(7)),
+        ],
     )
     with running_server(repository, pki, root / "serve.log") as server:
         yield World(
@@ -243,6 +252,39 @@ def test_interrupted_download_resumes_with_a_range(world: World, tmp_path: Path)
     download = [event for event in queue(device) if event["type"] == "download"]
     assert download[-1]["bytes"] == len(full) - 30000 and download[-1]["delta"] is False
     assert "verified" in device.run("verify", "--bundle", out).stdout
+
+
+def test_a_connection_cut_mid_download_is_resumed_by_the_next_pass(
+    world: World, tmp_path: Path
+) -> None:
+    device = fleet_device(world, tmp_path / "device", "dev-h")
+    conf = device.conf / "agent.conf"
+    conf.write_text(conf.read_text().replace("AutoApply = true", "AutoApply = false"))
+    device.run("check")
+    index = (world.repository / "public" / "index.signed").read_bytes()
+    full = world.releases.bundles["1.1.0"].read_bytes()
+    check = (
+        f"avobuild-check 1\nchannel stable\nserial 3\nupdate 1.1.0 {len(full)} {sha256(full)} /x\n"
+    )
+    # The server announces the whole file, sends 40000 bytes, and the connection ends.
+    cut = http(full[:40000], length=len(full))
+    hostile = serving(world, index, check, cut)
+    text = conf.read_text()
+    try:
+        conf.write_text(text.replace(f":{world.server.port}", f":{hostile.port}"))
+        result = device.run("agent", "--once", check=False)
+    finally:
+        hostile.close()
+    assert result.returncode == 1 and "truncated" in result.stderr, result.stderr
+    part = device.state / "downloads" / f"{sha256(full)}.part"
+    assert part.read_bytes() == full[:40000]
+    conf.write_text(text)
+    assert "downloaded 1.1.0" in device.run("agent", "--once").stdout
+    assert (device.state / "downloads" / f"{sha256(full)}.avb").read_bytes() == full
+    download = [e for e in queue(device) if e["type"] == "download"] or [
+        {"bytes": int(row[4])} for row in events(world, "dev-h") if row[1] == "download"
+    ]
+    assert len(full) - 40000 in [e["bytes"] for e in download]
 
 
 def test_outside_the_update_window_the_agent_waits(world: World, tmp_path: Path) -> None:
