@@ -158,6 +158,9 @@ def fleet_device(world: World, root: Path, device_id: str, port: int | None = No
         }.get(name)
         lines.append(f"{name} = {replacement}" if replacement else line)
     conf.write_text("\n".join(lines) + "\n")
+    # Every pass sends (the recipe's smallest interval, 1 s, would make sending depend on timing).
+    yaml = device.conf / "update-telemetry.yaml"
+    yaml.write_text(yaml.read_text().replace("interval_seconds: 1\n", "interval_seconds: 0\n"))
     (device.proc / "uptime").write_text("7.25 3.10\n")
     return device
 
