@@ -124,6 +124,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             "dev-f",
             "dev-g",
             "dev-h",
+            "dev-s",
             *(f"dev-d{n}" for n in range(7)),
         ],
     )
@@ -402,6 +403,32 @@ def test_a_server_window_makes_the_agent_check_again_when_it_opens(
         hostile.close()
     assert "no update: window (retry after 120 s)" in result.stdout
     assert (device.state / "fleet" / "retry-after").read_text() == "120\n"
+
+
+def test_a_static_repository_gives_the_same_offer(world: World, tmp_path: Path) -> None:
+    """Mode = static: any HTTPS server of the repository's public/ directory will do; the
+    device computes its offer from the index (repository-format.md section 6)."""
+    public = world.repository / "public"
+
+    def static(path: str) -> bytes:
+        name = path.removeprefix("/")
+        if name == "index.signed" or (name.startswith("bundles/") and "/" not in name[8:]):
+            file = public / name
+            if file.is_file():
+                return http(file.read_bytes())
+        return http(b"not found", "404 Not Found")
+
+    device = fleet_device(world, tmp_path / "device", "dev-s")
+    conf = device.conf / "agent.conf"
+    server = Hostile(world.pki, static)
+    try:
+        text = conf.read_text().replace("Mode = server", "Mode = static")
+        conf.write_text(text.replace(f":{world.server.port}", f":{server.port}"))
+        assert "update available: 1.1.0" in device.run("check").stdout
+        out = device.run("download", "--version", "1.1.0").stdout.strip()
+    finally:
+        server.close()
+    assert Path(out).read_bytes() == world.releases.bundles["1.1.0"].read_bytes()
 
 
 def _tampered(index: bytes) -> bytes:
