@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+import jinja2
 
 from avobuild import __version__
 from avobuild.applier.scripts import applier_templates, library_parts, link_program, shell_source
@@ -40,6 +43,7 @@ from avobuild.disk.gpt import ENTRY_SIZE
 from avobuild.disk.plan import plan_layout
 from avobuild.disk.table import partition_uuid, write_partition_table
 from avobuild.errors import RecipeError
+from avobuild.model.agent import TelemetryConfig
 from avobuild.model.applier import ApplierConfig, Bootloader, InitSystem
 from avobuild.model.boot import UBOOT_ENV_FILE, UBOOT_SCRIPT_FILE, UbootEnv
 from avobuild.model.layout import IMAGE_SLOT_CLASS, Role, Slot, TableType
@@ -48,6 +52,7 @@ from avobuild.run import run
 
 SCRIPT_PATH = "usr/sbin/avocado-update"
 INIT_SCRIPT_PATH = "etc/init.d/S45avocado-update"
+AGENT_INIT_SCRIPT_PATH = "etc/init.d/S46avocado-agent"
 FW_CONFIG_PATH = "/etc/fw_env.config"
 # The code of avocado-update after its configuration and the shared library, in order.
 APPLIER_PARTS = (
@@ -56,6 +61,7 @@ APPLIER_PARTS = (
     "delta.sh",
     "verbs.sh",
     "health.sh",
+    "fleet.sh",
     "help.sh",
     "main.sh",
 )
@@ -89,7 +95,7 @@ def check_target_tools(recipe: Recipe) -> None:
     if missing:
         why = {
             "busybox": "the shell and applets the applier runs on",
-            "openssl": "bundle signature checks",
+            "openssl": "bundle signature checks, and the agent's HTTPS client (s_client)",
             "zstd": "bundle chunk decompression",
             "fw_printenv": "reading the U-Boot environment (bootloader = u-boot)",
             "fw_setenv": "writing the U-Boot environment (bootloader = u-boot)",
@@ -202,6 +208,8 @@ def render_applier(recipe: Recipe, output: Path, *, test_hooks: bool = False) ->
             files[f"usr/lib/systemd/system/{unit}"] = env.get_template(unit + ".j2").render(values)
     else:
         files[INIT_SCRIPT_PATH] = shell_source("S45avocado-update.sh")
+    if recipe.fleet is not None:
+        files.update(_agent_files(recipe, env, values))
     if config.bootloader is Bootloader.GRUB:
         files["boot/efi/EFI/BOOT/grub.cfg"] = env.get_template("grub.cfg.j2").render(values)
     else:
@@ -215,10 +223,19 @@ def render_applier(recipe: Recipe, output: Path, *, test_hooks: bool = False) ->
         path = output / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-        mode = 0o755 if relative in (SCRIPT_PATH, INIT_SCRIPT_PATH) else 0o644
+        mode = (
+            0o755 if relative in (SCRIPT_PATH, INIT_SCRIPT_PATH, AGENT_INIT_SCRIPT_PATH) else 0o644
+        )
         path.chmod(mode)
         written.append(path)
-    written += _write_keys(recipe, output / "etc/avocado/keys")
+    written += write_key_files(trusted_key_files(recipe), output / "etc/avocado/keys")
+    if recipe.fleet is not None:
+        written += write_key_files(list(recipe.fleet.index_keys), output / "etc/avocado/index-keys")
+        if recipe.fleet.server_ca is not None:
+            ca = output / "etc/avocado/fleet-ca.crt"
+            ca.write_bytes(recipe.fleet.server_ca.read_bytes())
+            ca.chmod(0o644)
+            written.append(ca)
     if config.bootloader is Bootloader.UBOOT:
         written += _write_uboot_files(recipe, config, output)
     return RenderedApplier(output, tuple(sorted(written)))
@@ -296,11 +313,34 @@ def signature_threshold(recipe: Recipe) -> int:
     return max(load_keyring(source).threshold for source in trusted_key_files(recipe))
 
 
-def _write_keys(recipe: Recipe, directory: Path) -> list[Path]:
+def _agent_files(
+    recipe: Recipe, env: jinja2.Environment, values: Mapping[str, object]
+) -> dict[str, str]:
+    """agent.conf, update-telemetry.yaml and the agent's init script or unit ([fleet])."""
+    fleet = recipe.fleet
+    assert fleet is not None
+    telemetry = recipe.telemetry or TelemetryConfig(enabled=False)
+    threshold = max(load_keyring(source).threshold for source in fleet.index_keys)
+    agent = {**values, "fleet": fleet, "telemetry": telemetry, "index_threshold": threshold}
+    files = {
+        "etc/avocado/agent.conf": env.get_template("agent.conf.j2").render(agent),
+        "etc/avocado/update-telemetry.yaml": env.get_template("update-telemetry.yaml.j2").render(
+            agent
+        ),
+    }
+    if recipe.applier.init is InitSystem.SYSTEMD:
+        unit = "avocado-agent.service"
+        files[f"usr/lib/systemd/system/{unit}"] = env.get_template(unit + ".j2").render(agent)
+    else:
+        files[AGENT_INIT_SCRIPT_PATH] = shell_source("S46avocado-agent.sh")
+    return files
+
+
+def write_key_files(sources: list[Path], directory: Path) -> list[Path]:
     """Each trusted key as KEY-ID.ALGORITHM.pem, the name the script looks a signer up by."""
     directory.mkdir(parents=True, exist_ok=True)
     written = []
-    for source in trusted_key_files(recipe):
+    for source in sources:
         keyring = load_keyring(source)
         if keyring.anchors:
             raise RecipeError(

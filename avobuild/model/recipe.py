@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from avobuild.model.agent import FleetConfig, TelemetryConfig, read_fleet, read_telemetry
 from avobuild.model.applier import (
     TOOL_NAME,
     ApplierConfig,
@@ -171,6 +172,8 @@ class Recipe:
     boot: BootConfig = field(default_factory=BootConfig)
     kernel_modules: KernelModules = KernelModules()
     target: TargetConfig = TargetConfig()
+    fleet: FleetConfig | None = None
+    telemetry: TelemetryConfig | None = None
 
     @property
     def signing_key(self) -> Path | None:
@@ -254,6 +257,8 @@ def load_recipe(path: Path) -> Recipe:
     target_table = root.table("target")
     target = _read_target(target_table) if target_table is not None else TargetConfig()
     rollback = read_rollback(root.table("rollback"))
+    fleet = read_fleet(root.table("fleet"))
+    telemetry = read_telemetry(root.table("telemetry"), fleet)
     persist_table = root.table("persist")
     persist = _read_persist(persist_table, applier) if persist_table else PersistConfig()
     root.check_unknown()
@@ -281,6 +286,8 @@ def load_recipe(path: Path) -> Recipe:
         boot=boot,
         kernel_modules=kernel_modules,
         target=target,
+        fleet=fleet,
+        telemetry=telemetry,
     )
 
 

@@ -3,7 +3,13 @@
 # bundle gets the same verdict from both (tests/test_differential.py).
 refuse() { set_state_failed "$*"; die 3 "refused: $*"; }
 incompatible() { set_state_failed "$*"; die 4 "refused: $*"; }
-set_state_failed() { [ "${NO_STATE:-0}" = 1 ] || set_state Failed "reason=$*"; }
+set_state_failed() {
+    if [ "${FLEET_REFUSE:-0}" = 1 ]; then
+        fleet_failed "$*"
+    elif [ "${NO_STATE:-0}" != 1 ]; then
+        set_state Failed "reason=$*"
+    fi
+}
 
 # sig_check ALGORITHM PUBLIC-KEY MANIFEST SIGNATURE: one openssl command per algorithm
 # (docs/signing.md, "Verifying with openssl"). Trusted keys are stored as KEY-ID.ALGORITHM.pem.

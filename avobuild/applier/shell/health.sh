@@ -59,6 +59,10 @@ cmd_pre_check() {
 flatten_rollback() {
     [ -f "$WORK/rollback.conf" ] && return 0
     [ -f "$ROLLBACK_YAML" ] || { : > "$WORK/rollback.conf"; return 0; }
+    yaml_flatten | sed 's/^rollback\.triggers\.//' > "$WORK/rollback.conf"
+}
+# yaml_flatten: the YAML file ROLLBACK_YAML names as path.key=value lines (lists: path.N=).
+yaml_flatten() {
     awk '
     function path(depth,   i, p) { p = ""; for (i = 1; i <= depth; i++) p = p (p == "" ? "" : ".") key[i]; return p }
     {
@@ -76,7 +80,7 @@ flatten_rollback() {
         value = line; sub(/^[^:]*:[ ]*/, "", value); gsub(/^["\x27]|["\x27]$/, "", value)
         if (value == "") { depth++; level[depth] = indent; key[depth] = name }
         else print path(depth) "." name "=" value
-    }' "$ROLLBACK_YAML" | sed 's/^rollback\.triggers\.//' > "$WORK/rollback.conf"
+    }' "$ROLLBACK_YAML"
 }
 cfg() { value=$(sed -n "s/^$1=//p" "$WORK/rollback.conf" | head -n 1); echo "${value:-$2}"; }
 cfg_list() { sed -n "s/^$1\.[0-9]*=//p" "$WORK/rollback.conf"; }
@@ -182,10 +186,12 @@ cmd_health_check() {
     fi
     if [ -z "$health_reason" ]; then
         record health ok "slot=$booted"
+        telemetry_event validation "$(slot_var "$booted" version)" ok
         cmd_confirm
         return 0
     fi
     log "health check failed: $health_reason"
+    telemetry_event validation "$(slot_var "$booted" version)" failed "\"detail\":$(json_string "$health_reason")"
     do_rollback "$health_reason"
     echo "rolled back: $health_reason"
     reboot_now

@@ -6,7 +6,9 @@
 # verb_table: one "VERB^ARGUMENTS^WHAT IT DOES" line per verb (docs/applier.md, "Verbs").
 verb_table() {
     cat << 'VERBS'
-download^(--url URL | --version V) [-o FILE]^fetch a bundle (wget -c: a rerun resumes)
+check^^ask the fleet server (or the static index) whether an update is offered; the index is verified first
+download^(--url URL | --version V) [-o FILE]^fetch a bundle: by URL (wget -c), or the delta or full bundle of V through the verified index (resumed)
+agent^[--once]^the update agent: check, download, apply and report on CheckInterval within the UpdateWindow
 verify^--bundle FILE|-^signature, manifest, every chunk; writes nothing (off the device too)
 validate^--bundle FILE^verify, then the compatible string and each image's partition size
 simulate^--bundle FILE^everything but the writes; prints the plan

@@ -1,11 +1,13 @@
 # --- avocado-update: the verbs by name (applier/shell/main.sh) ----------------------------------
 main() {
-    [ $# -ge 1 ] || usage "avocado-update VERB [OPTIONS] (verbs: download verify apply commit confirm status rollback verify-partition check-compatibility backup pre-check validate simulate history report monitor health-check boot)"
+    [ $# -ge 1 ] || usage "avocado-update VERB [OPTIONS] (verbs: check download agent verify apply commit confirm status rollback verify-partition check-compatibility backup pre-check validate simulate history report monitor health-check boot)"
     verb=$1
     shift
     mkdir -p "$WORK" || die 1 "$WORK: cannot create a work directory"
     case $verb in
+    check) cmd_check "$@" ;;
     download) cmd_download "$@" ;;
+    agent) cmd_agent "$@" ;;
     verify) cmd_verify "$@" ;;
     apply | apply-delta) cmd_apply "$@" ;;
     commit) cmd_commit "$@" ;;

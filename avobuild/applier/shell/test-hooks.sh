@@ -12,3 +12,5 @@ checkpoint() {
     echo "$_cp_steps" > "$_cp_counter"
     [ "$_cp_steps" -lt "$AVO_TEST_KILL_AFTER" ] || kill -9 0
 }
+# clock: the time, shifted by AVO_TEST_CLOCK_SHIFT seconds (a device whose clock is wrong).
+clock() { echo $(($(date +%s) + ${AVO_TEST_CLOCK_SHIFT:-0})); }

@@ -59,6 +59,10 @@ reset_if_stale() {
 
 cmd_download() {
     parse_common "$@"
+    if [ -z "$url" ] && [ -n "$version_arg" ] && [ -f "$AGENT_CONF" ]; then
+        cmd_download_version
+        return
+    fi
     [ -n "$url" ] || {
         [ -n "$version_arg" ] && [ -n "$DOWNLOAD_URL" ] || usage "download --url URL | --version VERSION"
         is_name identifier "$version_arg" || die 2 "--version: '$version_arg' is not a version"
@@ -212,6 +216,7 @@ cmd_confirm() {
     benv_save
     set_state Active "target=$booted" "step="
     record confirm "$(slot_var "$booted" version)" "slot=$booted"
+    telemetry_event confirm "$(slot_var "$booted" version)" ok
     echo "confirmed slot $booted ($(slot_var "$booted" version))"
 }
 
@@ -222,6 +227,12 @@ cmd_boot() {
     booted=$(booted_slot)
     target=$(state_get target)
     current=$(state_get state)
+    if [ "$current" = Testing ] && [ "$booted" = "$target" ]; then
+        # A trial boot of the new release: its boot time (seconds since the kernel started).
+        uptime=$(cut -d. -f1 "$PROC/uptime" 2> /dev/null)
+        is_number "$uptime" || uptime=0
+        telemetry_event boot "$(slot_var "$booted" version)" ok "\"duration\":$uptime"
+    fi
     case $current in
     Applying)
         if [ "$(state_get step)" = applied ] && [ "$avo_primary" = "$target" ] && [ "$booted" = "$target" ]; then
@@ -235,6 +246,9 @@ cmd_boot() {
             tries=$(slot_var "$target" tries)
             set_state RollingBack "reason=boot_failure: slot $target did not boot ($tries trial boots left), the bootloader fell back to slot $booted"
             record rollback "boot_failure" "from=$target" "to=$booted"
+            rolled_back "$(slot_var "$target" version)"
+            telemetry_event rollback "$(slot_var "$target" version)" failed \
+                "\"detail\":$(json_string "boot_failure: slot $target did not boot, back to slot $booted")"
             avo_primary=$booted
             set_slot "$target" 0 0 "$(slot_var "$target" version)"
             benv_save
@@ -280,6 +294,8 @@ do_rollback() {  # REASON: make the other slot primary, mark the running one fai
     set_slot "$booted" 0 0 "$(slot_var "$booted" version)"
     benv_save
     record rollback "$1" "from=$booted" "to=$to_slot"
+    [ "$1" = manual ] || rolled_back "$(slot_var "$booted" version)"
+    telemetry_event rollback "$(slot_var "$booted" version)" failed "\"detail\":$(json_string "$1")"
 }
 
 reboot_now() {
