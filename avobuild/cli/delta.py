@@ -81,6 +81,15 @@ def delta_create(
         ),
     ] = False,
     level: Annotated[int, typer.Option(help="zstd level of the delta operations.")] = 9,
+    stream_version: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=2,
+            help="Delta stream version: 2 (file-aware bsdiff; the device needs bspatch and "
+            "xz) or 1 (zstd only, for appliers that read version 1).",
+        ),
+    ] = 2,
     workdir: WorkdirOption = None,
 ) -> None:
     """Create a signed delta bundle that turns the images of --from into those of --to.
@@ -129,6 +138,7 @@ def delta_create(
             full_if_larger=full_if_larger,
             level=level,
             progress=update,
+            stream_version=stream_version,
         )
     console.print(stats_line(result.full_size, result.delta_size, result.reduction))
     if result.delta_size >= result.full_size:
