@@ -27,6 +27,8 @@ from avobuild.delta.encode import DeltaSummary, encode_delta
 from avobuild.delta.files import _normalised
 from avobuild.errors import BundleError
 
+REPO = Path(__file__).resolve().parent.parent
+BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 IMAGE_SIZE = 24 << 20
 EDITS = ("recompiled", "relinked", "patched", "renamed", "grown", "unchanged")
 
@@ -194,3 +196,29 @@ def test_a_damaged_window_or_bspatch_is_refused(tmp_path: Path) -> None:
         with pytest.raises(BundleError, match=message):
             apply_delta_file(bad, old, output)
         assert not output.exists()
+
+
+def test_documented_busybox_applier_applies_version_2(tmp_path: Path) -> None:
+    """The script of docs/delta-format.md (busybox sh, dd, zstd, bspatch, /usr/bin/xz)
+    rebuilds the exact target from a version 2 stream with x86-filtered bspatch ops."""
+    old, new = build_images(tmp_path, 5, ["recompiled"] * 6)
+    stream, summary = make_delta(tmp_path, old, new)
+    assert summary.op_counts["bspatch"] >= 1
+    assert any(line.split(b" ")[3] == b"x86" for line in stream_lines(stream, b"bspatch"))
+    text = (REPO / "docs" / "delta-format.md").read_text()
+    match = re.search(r"<!-- delta-apply-example -->\n```sh\n(.*?)```", text, re.DOTALL)
+    assert match is not None
+    script = tmp_path / "apply-delta.sh"
+    script.write_text(match.group(1))
+    output = tmp_path / "out.img"
+    with stream.open("rb") as stdin:
+        result = subprocess.run(
+            [BUSYBOX, "sh", script, old, output, tmp_path / "work"],
+            stdin=stdin,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "applied"
+    assert output.read_bytes()[: new.stat().st_size] == new.read_bytes()
