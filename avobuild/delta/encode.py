@@ -62,8 +62,9 @@ from avobuild.errors import BundleError
 DEFAULT_DELTA_LEVEL = 9
 # A plain frame is tried too only when the patch kept more than 1/PLAIN_WORTH_TRYING of it.
 PLAIN_WORTH_TRYING = 4
-# bsdiff is not tried when zstd already made the piece this small.
+# bsdiff is not tried when zstd already made the piece this small, or 1/BSDIFF_RATIO of it.
 BSDIFF_WORTH_TRYING = 256
+BSDIFF_RATIO = 100
 _READ_SIZE = 1 << 20
 
 DeltaProgress = Callable[[int, int], None]
@@ -181,7 +182,7 @@ class _Encoder:
             if self._pairing is not None
             and self._processes is not None
             and extent.kind is ExtentKind.CHANGED
-            and op.payload_size > BSDIFF_WORTH_TRYING
+            and op.payload_size > max(BSDIFF_WORTH_TRYING, extent.length // BSDIFF_RATIO)
             else None
         )
         if window is None:

@@ -28,7 +28,8 @@ from avobuild.delta.stream import MAX_WINDOW_EXTENTS, Filter
 from avobuild.errors import AvobuildError
 from avobuild.fs.ext4 import Ext4FileMap, FileBlocks, ext4_block_size, ext4_file_map
 
-# The window of a piece: twice the piece plus this margin, at most MAX_FILE_WINDOW.
+# The window of a piece: the piece plus this margin, at most MAX_FILE_WINDOW (bsdiff's suffix
+# sort costs time per window byte; a wider window found no more on recompiled libraries).
 WINDOW_MARGIN = 1 << 20
 MAX_FILE_WINDOW = 4 << 20
 _ELF_MAGIC = b"\x7fELF"
@@ -149,7 +150,7 @@ class FilePairing:
             return None
         target_start = logical + (offset - start)
         middle = (target_start + length // 2) * old.size // new_size
-        span = min(MAX_FILE_WINDOW, 2 * length + WINDOW_MARGIN, old_bytes)
+        span = min(MAX_FILE_WINDOW, length + WINDOW_MARGIN, old_bytes)
         first = min(max(0, middle - span // 2), old_bytes - span) // size * size
         extents = _source_ranges(old, first, min(old_bytes, first + span), size)
         if (
