@@ -46,7 +46,7 @@ KEY = REPO / "keys-example" / "insecure-example.key.pem"
 MARKER = b"AVOBUILD-BOOT-OK"
 DATA_FILE = "lifecycle/keep.bin"
 MEDIA = "/run/updates"
-SAMPLE_LIBRARY = "/usr/lib/avobuild-demo/libsample.so"
+SAMPLE_LIBRARIES = "/usr/lib/avobuild-demo"
 
 
 def demo_variant(
@@ -126,16 +126,20 @@ def build_updates(tmp_path: Path) -> tuple[dict[str, Path], bytes]:
     """The bundles of the lifecycle and the seeded data file, on an ext4 'update stick'."""
     stick = tmp_path / "stick"
     stick.mkdir()
-    # 1.1.0 -> 1.2.0 recompiles a library (one of the host's x86-64 ELF files, its calls
-    # moved), so the delta (stream version 2) holds bspatch operations with the x86 filter,
-    # which the device applies with bspatch and xz from its target-tools.
-    library = host_elf_files(1)[0].read_bytes()
+    # 1.1.0 -> 1.2.0 recompiles six libraries (the host's x86-64 ELF files, their calls
+    # moved), so the delta (stream version 2) holds bspatch operations, which the device
+    # applies with bspatch (and xz for the x86 filter) from its target-tools.
+    rng = random.Random(12)
+    libraries = {
+        f"{SAMPLE_LIBRARIES}/lib{letter}.so": path.read_bytes()
+        for letter, path in zip("abcdef", host_elf_files(6), strict=True)
+    }
     full_v11 = stick / "demo-1.1.0.avb"
-    recipe = demo_variant(tmp_path, "1.1.0", binaries={SAMPLE_LIBRARY: library})
+    recipe = demo_variant(tmp_path, "1.1.0", binaries=libraries)
     avobuild_cli("bundle", "create", recipe, "-o", full_v11)
     full_v12 = tmp_path / "demo-1.2.0.avb"
-    recompiled = recompile(random.Random(12), library)
-    recipe = demo_variant(tmp_path, "1.2.0", binaries={SAMPLE_LIBRARY: recompiled})
+    recompiled = {dest: recompile(rng, data) for dest, data in libraries.items()}
+    recipe = demo_variant(tmp_path, "1.2.0", binaries=recompiled)
     avobuild_cli("bundle", "create", recipe, "-o", full_v12)
     delta = stick / "demo-1.1.0-1.2.0.delta.avb"
     avobuild_cli("delta", "create", "--from", full_v11, "--to", full_v12, "-o", delta, "--key", KEY)
