@@ -123,7 +123,7 @@ lint: venv
 	$(BIN)/mypy --strict avobuild
 
 test: setup
-	$(BIN)/pytest -q -n auto --dist loadfile
+	$(BIN)/pytest -q -n auto --dist loadfile --no-loadscope-reorder
 
 clean:
 	rm -rf $(OUT) build/debian $(ARM64) .pytest_cache .mypy_cache .ruff_cache

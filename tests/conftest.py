@@ -24,15 +24,16 @@ settings.register_profile("avobuild", derandomize=True, database=None, deadline=
 settings.load_profile("avobuild")
 
 
-# The suite runs on every core (pytest-xdist, `--dist loadfile`: a file's tests stay on one
-# worker, so module fixtures are built once). The longest files, each a device's life in
-# QEMU, are handed out first, so that they run side by side and the short files fill the
-# gaps; the rest keep their order.
+# The suite runs on every core (pytest-xdist, `--dist loadfile --no-loadscope-reorder`: a
+# file's tests stay on one worker, so module fixtures are built once, and files are handed out
+# in this order). Each worker starts with two files, the first worker the 1st and 3rd, the
+# second the 2nd and 4th: the longest files, each a device's life in QEMU, go first and in
+# pairs that take about as long, and the short files fill the gaps; the rest keep their order.
 LONGEST_FIRST = (
     "test_device_lifecycle.py",
     "test_distro.py",
-    "test_device_arm64.py",
     "test_differential.py",
+    "test_device_arm64.py",
     "test_applier_device.py",
     "test_media_boot.py",
 )

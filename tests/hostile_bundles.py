@@ -15,6 +15,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
+import bsdiff4
 import zstandard
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
@@ -418,3 +419,63 @@ def stream_draft(
         compression=compression or f"zstd-stream {frame_chunks} {window_log}",
     )
     return Draft([*heading, *lines], stored, signers)
+
+
+WINDOW_LINES = (b"window ", b"extent ")
+
+
+@dataclass(frozen=True)
+class DeltaV2Base(DeltaBase):
+    """A valid version 2 delta: its `window` and `extent` lines are ops of their own here
+    (so that they can be mutated alone), which the `end` count leaves out."""
+
+    def stream(self, ops: Sequence[Op] | None = None, **options: object) -> bytes:
+        chosen = self.ops if ops is None else ops
+        options.setdefault("magic", b"avobuild-delta 2")
+        count = sum(not op.line.startswith(WINDOW_LINES) for op in chosen)
+        options.setdefault("end", b"end %d" % count)
+        return super().stream(chosen, **options)
+
+
+def make_delta_v2(source: bytes, rng: random.Random) -> DeltaV2Base:
+    """copy, zero, a raw window and bspatch, copy, an x86 window and bspatch, copy to the
+    end; the bspatch targets are the window's bytes with seeded edits (a moved block and
+    changed bytes). The x86 one is made the way avobuild's encoder makes it."""
+    from avobuild.delta import filters
+    from avobuild.delta.stream import Filter
+
+    ops: list[Op] = []
+    target = bytearray()
+
+    def copy(length: int, source_offset: int) -> None:
+        piece = source[source_offset : source_offset + length]
+        ops.append(Op(f"copy {len(target)} {length} {source_offset} {sha(piece)}".encode()))
+        target.extend(piece)
+
+    def bspatch(offset: int, length: int, filter_: Filter, start: int, target_start: int) -> None:
+        window = source[offset : offset + 2 * length]
+        piece = bytearray(window[length // 2 : length // 2 + length])
+        piece[100:100] = piece[-300:]
+        del piece[-300:]
+        for _ in range(30):
+            piece[rng.randrange(length)] = rng.randrange(256)
+        new = bytes(piece)
+        if filter_ is Filter.RAW:
+            payload = bsdiff4.diff(window, new)
+        else:
+            wrapped = filters.wrap_lzma2(filters.forward(new, filter_, target_start))
+            payload = bsdiff4.diff(filters.forward(window, filter_, start), wrapped)
+        ops.append(Op(f"window 1 {len(window)} {filter_} {start} {sha(window)}".encode()))
+        ops.append(Op(f"extent {offset} {len(window)}".encode()))
+        words = f"bspatch {len(target)} {length} {filter_} {target_start} {sha(window)}"
+        ops.append(Op(f"{words} {len(payload)} {sha(new)}".encode(), payload))
+        target.extend(new)
+
+    copy(65536, 0)
+    ops.append(Op(f"zero {len(target)} 8192".encode()))
+    target.extend(bytes(8192))
+    bspatch(300000, 16384, Filter.RAW, 0, 0)
+    copy(40960, len(target))
+    bspatch(700000, 12288, Filter.X86, 4096, 8192)
+    copy(len(source) - len(target), len(target))
+    return DeltaV2Base(source, bytes(target), tuple(ops))

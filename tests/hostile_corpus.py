@@ -24,6 +24,7 @@ from hostile_bundles import (
     frame,
     full_draft,
     head_lines,
+    make_delta_v2,
     raw_frame,
     sha,
     stream_draft,
@@ -102,6 +103,7 @@ def build_corpus(ctx: Context) -> list[Case]:
         payload_cases,
         stream_cases,
         delta_cases,
+        delta_v2_cases,
     ):
         cases.extend(group(ctx))
     names = [name for name, _ in cases]
@@ -831,3 +833,84 @@ def _truncated_delta(ctx: Context, index: int) -> bytes:
     marker = base.ops[index].line + b"\n"
     cut = stream[: stream.index(marker) + len(marker)]
     return delta_draft(cut, base.source_ref, base.target_ref, (ctx.trusted,)).render()
+
+
+# --- delta stream version 2: windows and bspatch ------------------------------------------------
+
+
+def delta_v2_cases(ctx: Context) -> Iterator[Case]:
+    base = make_delta_v2(ctx.delta.source, random.Random(7))
+    ops = list(base.ops)
+
+    def signed(new_ops: list[Op], **stream: object) -> bytes:
+        return delta_draft(
+            base.stream(new_ops, **stream), base.source_ref, base.target_ref, (ctx.trusted,)
+        ).render()
+
+    def word(index: int, field_index: int, value: bytes) -> list[Op]:
+        changed = list(ops)
+        changed[index] = Op(_set_word(ops[index].line, field_index, value), ops[index].payload)
+        return changed
+
+    yield "delta2-valid", signed(ops)
+    yield "delta2-as-version-1", signed(ops, magic=b"avobuild-delta 1")
+    windows = [i for i, op in enumerate(ops) if op.line.startswith(b"window ")]
+    patches = [i for i, op in enumerate(ops) if op.line.startswith(b"bspatch ")]
+    for label, window, patch in zip(("raw", "x86"), windows, patches, strict=True):
+        extent = window + 1
+        length = ops[window].line.split(b" ")[2]
+        payload = ops[patch].payload
+        for name, new_ops in {
+            "window-sha": word(window, 5, sha(b"w").encode()),
+            "window-count-2": word(window, 1, b"2"),
+            "window-count-0": word(window, 1, b"0"),
+            "window-count-65": word(window, 1, b"65"),
+            "window-length-short": word(window, 2, str(int(length) - 1).encode()),
+            "window-length-over-16M": word(window, 2, b"16777217"),
+            "window-filter-arm": word(window, 3, b"arm"),
+            "window-start-leading-zero": word(window, 4, b"01"),
+            "extent-past-source": word(extent, 1, str(base.source_ref.size - 10).encode()),
+            "extent-2^63": word(extent, 1, BIG.encode()),
+            "extent-length-zero": word(extent, 2, b"0"),
+            "extent-other-offset": word(
+                extent, 1, str(int(ops[extent].line.split(b" ")[1]) + 1).encode()
+            ),
+            "extent-missing": ops[:extent] + ops[extent + 1 :],
+            "extent-keyword": [
+                *ops[:extent],
+                Op(b"copy" + ops[extent].line[6:]),
+                *ops[extent + 1 :],
+            ],
+            "window-dropped": ops[:window] + ops[extent + 1 :],
+            "bspatch-filter-other": word(patch, 3, b"arm64"),
+            "bspatch-window-sha": word(patch, 5, sha(b"w").encode()),
+            "bspatch-sha": word(patch, 7, sha(b"t").encode()),
+            "bspatch-start": word(patch, 4, b"4097"),
+            "bspatch-payload-size-short": word(patch, 6, str(len(payload) - 1).encode()),
+            "bspatch-payload-zero": word(patch, 6, b"0"),
+            "bspatch-length-over-16M": word(patch, 2, b"16777217"),
+            "bspatch-extra-field": [
+                *ops[:patch],
+                Op(ops[patch].line + b" 0", payload),
+                *ops[patch + 1 :],
+            ],
+        }.items():
+            yield f"delta2-{label}-{name}", signed(new_ops)
+        for name, changed_payload in {
+            "magic": b"BSDIFF41" + payload[8:],
+            "new-size": payload[:24]
+            + (int.from_bytes(payload[24:32], "little") + 1).to_bytes(8, "little")
+            + payload[32:],
+            "flipped": payload[:40] + bytes([payload[40] ^ 0x55]) + payload[41:],
+            "cut": payload[: len(payload) // 2],
+        }.items():
+            words = ops[patch].line.split(b" ")
+            words[6] = str(len(changed_payload)).encode()
+            changed = list(ops)
+            changed[patch] = Op(b" ".join(words), changed_payload)
+            yield f"delta2-{label}-payload-{name}", signed(changed)
+    # A bspatch before any window, and a window at the very end (nothing uses it).
+    first = windows[0]
+    yield "delta2-bspatch-without-window", signed(ops[:first] + ops[first + 2 :])
+    yield "delta2-window-before-end", signed([*ops, ops[windows[1]], ops[windows[1] + 1]])
+    yield "delta2-end-counts-windows", signed(ops, end=b"end %d" % len(ops))

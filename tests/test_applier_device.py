@@ -115,14 +115,14 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
 
 
 def _busybox_path(directory: Path) -> str:
-    """A PATH with busybox applets, openssl and zstd, and nothing else."""
+    """A PATH with busybox applets, openssl, zstd and bspatch, and nothing else."""
     directory.mkdir()
     busybox = shutil.which("busybox")
     assert busybox is not None
     applets = subprocess.run([busybox, "--list"], capture_output=True, text=True, check=True)
     for applet in applets.stdout.split():
         (directory / applet).symlink_to(busybox)
-    for tool in ("openssl", "zstd"):
+    for tool in ("openssl", "zstd", "bspatch"):
         found = shutil.which(tool)
         assert found is not None
         (directory / tool).unlink(missing_ok=True)

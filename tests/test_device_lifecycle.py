@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import json
 import random
+import re
 import shutil
 import subprocess
 import time
@@ -38,11 +39,15 @@ from typing import Any
 import pytest
 import tomli_w
 from conftest import REPO, avobuild_cli
+from elf_edits import host_elf_files, recompile
 from test_device_boot import ext4_dump, partition_bytes
 from test_fleet_support import Pki, Server, index_key, leaf, make_pki, running_server
 from test_media_boot import MENU, POWER_OFF, Qemu, qemu, restore_factory_image, uefi_args
 
 from avobuild.applier.render import write_key_files
+from avobuild.bundle.keys import load_keyring
+from avobuild.bundle.reader import BundleReader
+from avobuild.delta.apply import image_chunks
 
 pytestmark = pytest.mark.slow
 
@@ -52,6 +57,7 @@ KEY = REPO / "keys-example" / "insecure-example.key.pem"
 MARKER = b"AVOBUILD-BOOT-OK"
 DATA_FILE = "lifecycle/keep.bin"
 MEDIA = "/run/updates"
+SAMPLE_LIBRARIES = "/usr/lib/avobuild-demo"
 
 
 def demo_variant(
@@ -59,13 +65,14 @@ def demo_variant(
     version: str,
     *,
     files: dict[str, str] | None = None,
+    binaries: dict[str, bytes] | None = None,
     app_validation: bool = False,
     base: Path = DEMO_V2,
     layout: Path | None = None,
 ) -> Path:
     """A demo recipe (`base`, demo-v2.toml by default) at another version, with extra rootfs
-    files (dest -> text, mode 0755), optionally the application self-test enabled and another
-    layout; written to tmp_path."""
+    files (dest -> text or, in `binaries`, bytes; mode 0755), optionally the application
+    self-test enabled and another layout; written to tmp_path."""
     recipe: dict[str, Any] = tomllib.loads(base.read_text())
 
     def absolute(value: str) -> str:
@@ -88,9 +95,10 @@ def demo_variant(
     motd = sources / "motd"
     motd.write_text(f"avobuild demo {version}\n")
     extra = {"/etc/motd": motd}
-    for index, (dest, text) in enumerate((files or {}).items()):
+    contents = {dest: text.encode() for dest, text in (files or {}).items()}
+    for index, (dest, data) in enumerate({**contents, **(binaries or {})}.items()):
         source = sources / f"file-{index}"
-        source.write_text(text)
+        source.write_bytes(data)
         extra[dest] = source
     recipe["rootfs"]["file"] = [
         entry for entry in recipe["rootfs"]["file"] if entry["dest"] not in extra
@@ -237,17 +245,40 @@ def make_stick(stick: Path, image: Path) -> None:
     )
 
 
+def delta_operations(bundle: Path) -> bytes:
+    """The rootfs delta stream of a delta bundle (its lines and payloads, joined)."""
+    with BundleReader.open(bundle) as reader:
+        reader.verify_signature(load_keyring(REPO / "keys-example" / "insecure-example.pub.pem"))
+        image = reader.manifest.image("rootfs")
+        assert image is not None
+        return b"".join(image_chunks(reader.iter_chunks(), image))
+
+
 def build_updates(tmp_path: Path) -> tuple[dict[str, Path], bytes]:
     """The bundles of the lifecycle and the seeded data file, for the ext4 'update stick'
     (`tmp_path/stick`, made into an image by make_stick once the fleet files are there)."""
     stick = tmp_path / "stick"
     stick.mkdir()
+    # 1.1.0 -> 1.2.0 recompiles six libraries (the host's x86-64 ELF files, their calls
+    # moved), so the delta (stream version 2) holds bspatch operations, which the device
+    # applies with bspatch (and xz for the x86 filter) from its target-tools.
+    rng = random.Random(12)
+    libraries = {
+        f"{SAMPLE_LIBRARIES}/lib{letter}.so": path.read_bytes()
+        for letter, path in zip("abcdef", host_elf_files(6), strict=True)
+    }
     full_v11 = stick / "demo-1.1.0.avb"
-    avobuild_cli("bundle", "create", DEMO_V2, "-o", full_v11)
+    recipe = demo_variant(tmp_path, "1.1.0", binaries=libraries)
+    avobuild_cli("bundle", "create", recipe, "-o", full_v11)
     full_v12 = tmp_path / "demo-1.2.0.avb"
-    avobuild_cli("bundle", "create", demo_variant(tmp_path, "1.2.0"), "-o", full_v12)
+    recompiled = {dest: recompile(rng, data) for dest, data in libraries.items()}
+    recipe = demo_variant(tmp_path, "1.2.0", binaries=recompiled)
+    avobuild_cli("bundle", "create", recipe, "-o", full_v12)
     delta = stick / "demo-1.1.0-1.2.0.delta.avb"
     avobuild_cli("delta", "create", "--from", full_v11, "--to", full_v12, "-o", delta, "--key", KEY)
+    operations = delta_operations(delta)
+    assert operations.startswith(b"avobuild-delta 2\n"), operations[:40]
+    assert re.search(rb"\nbspatch \d+ \d+ (raw|x86) ", operations), "no bspatch in the delta"
     bad_health = stick / "demo-1.3.0.avb"
     recipe = demo_variant(
         tmp_path,

@@ -83,6 +83,9 @@ tree = "rootfs"
 [data]
 tree = "data"
 
+[boot]
+method = "external"
+
 [signing]
 key = "{TRUSTED_KEY}"
 
@@ -114,7 +117,7 @@ class Product:
     rendered: Path
     keyring: Path
     plan: DiskPlan
-    path: str  # PATH with busybox applets, openssl and zstd only
+    path: str  # PATH with busybox applets, openssl, zstd and bspatch only
     context: Context
 
 
@@ -125,7 +128,7 @@ def _busybox_path(directory: Path) -> str:
     applets = subprocess.run([busybox, "--list"], capture_output=True, text=True, check=True)
     for applet in applets.stdout.split():
         (directory / applet).symlink_to(busybox)
-    for tool in ("openssl", "zstd"):
+    for tool in ("openssl", "zstd", "bspatch"):
         found = shutil.which(tool)
         assert found is not None
         (directory / tool).unlink(missing_ok=True)
@@ -368,3 +371,20 @@ def test_sample_of_the_corpus_same_verdict(
 @pytest.mark.slow
 def test_whole_corpus_same_verdict(product: Product, corpus: list[Case], tmp_path: Path) -> None:
     report_known(run_corpus(product, tmp_path / "readers", corpus))
+
+
+def test_delta_version_2_same_verdict(product: Product, corpus: list[Case], tmp_path: Path) -> None:
+    """Stream version 2 (windows, bspatch raw and with the x86 filter): every case, from a
+    file and from a pipe, with the valid one applied by both readers."""
+    cases = [case for case in corpus if case[0].startswith("delta2-")]
+    assert len(cases) >= 50
+    readers = Readers(product, tmp_path / "valid")
+    for name, accepted in (("delta2-valid", True), ("delta2-as-version-1", False)):
+        python, shell, found = readers.judge(name, dict(cases)[name])
+        assert (python.accepted, shell.accepted, found) == (accepted, accepted, []), (
+            python.detail,
+            shell.detail,
+        )
+    known = run_corpus(product, tmp_path / "readers", cases)
+    known += run_corpus(product, tmp_path / "from-a-pipe", cases[::3], streaming=True)
+    report_known(known)

@@ -38,7 +38,7 @@ from avobuild.bundle.sign import (
     MAX_SIGNATURES,
     signature_algorithm,
 )
-from avobuild.delta.stream import MAX_EXTENT, MAX_LINE
+from avobuild.delta.stream import MAX_EXTENT, MAX_LINE, MAX_WINDOW_EXTENTS
 from avobuild.disk.gpt import ENTRY_SIZE
 from avobuild.disk.plan import plan_layout
 from avobuild.disk.table import partition_uuid, write_partition_table
@@ -254,6 +254,7 @@ def applier_limits() -> dict[str, int]:
         "certificate_size": MAX_CERTIFICATE_SIZE,
         "delta_line": MAX_LINE,
         "delta_extent": MAX_EXTENT,
+        "window_extents": MAX_WINDOW_EXTENTS,
         "state_entry": MAX_STATE_ENTRY,
         "history_size": MAX_HISTORY,
     }

@@ -90,6 +90,15 @@ def delta_create(
         ),
     ] = False,
     level: Annotated[int, typer.Option(help="zstd level of the delta operations.")] = 9,
+    stream_version: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=2,
+            help="Delta stream version: 2 (file-aware bsdiff; the device needs bspatch and "
+            "xz) or 1 (zstd only, for appliers that read version 1).",
+        ),
+    ] = 2,
     workdir: WorkdirOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -139,6 +148,7 @@ def delta_create(
             full_if_larger=full_if_larger,
             level=level,
             progress=update,
+            stream_version=stream_version,
         )
     if as_json:
         document = {

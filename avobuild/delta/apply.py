@@ -11,6 +11,11 @@ dictionary against their hashes, a decoded DATA/PATCH frame against its target h
 longer than 8 MiB is written in pieces and its hash checked with the last one; its source was
 already verified as part of the whole source image.) The whole target hash is checked at the
 end.
+
+Version 2: a `window` line's extents are read from the source and hashed before any
+`bspatch` uses them; a `bspatch` names the window's hash and filter, its BSDIFF40 header
+must declare the size the operation produces, and its output (after the inverse branch
+filter, if any) is checked against the operation's hash before it is written.
 """
 
 from __future__ import annotations
@@ -21,14 +26,22 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import bsdiff4
 import zstandard
 
 from avobuild.bundle.manifest import ChunkEntry, ImageEntry, ImageRef
 from avobuild.bundle.reader import decode_frame
+from avobuild.delta import filters
 from avobuild.delta.stream import (
+    BSDIFF_HEADER,
+    BSDIFF_MAGIC,
     MAX_LINE,
+    Filter,
     Op,
     OpKind,
+    Window,
+    lzma2_wrapped_size,
+    parse_extent,
     parse_magic,
     parse_op,
     parse_ref,
@@ -48,6 +61,8 @@ class ChunkStream:
         self._buffer = b""
         self._position = 0
         self.offset = 0
+        # The delta stream version, once `read_delta_header` has read the first line.
+        self.version = 1
 
     def read(self, size: int) -> bytes:
         """Exactly `size` bytes, fewer only at the end of the stream."""
@@ -127,7 +142,7 @@ class Region:
 
 def read_delta_header(stream: ChunkStream, name: str) -> tuple[ImageRef, ImageRef]:
     """The source and target refs from the first three lines of a delta stream."""
-    parse_magic(_line(stream, name))
+    stream.version = parse_magic(_line(stream, name))
     source = parse_ref(_line(stream, name), "source")
     target = parse_ref(_line(stream, name), "target")
     return source, target
@@ -214,9 +229,13 @@ def replay_delta(
     target_hash = hashlib.sha256()
     position = 0
     count = 0
+    window: _LoadedWindow | None = None
     while True:
         where = f"{name}: byte offset {stream.offset}"
-        parsed = _parse(_line(stream, name), where)
+        parsed = _parse(_line(stream, name), where, stream.version)
+        if isinstance(parsed, Window):
+            window = _load_window(parsed, stream, name, where, source, source_ref)
+            continue
         if isinstance(parsed, int):
             if parsed != count:
                 raise BundleError(f"{where}: end line counts {parsed} operations, saw {count}")
@@ -227,7 +246,12 @@ def replay_delta(
                 f"{where}: operation for target bytes [{op.offset}, {op.end}) does not follow "
                 f"byte {position} within the target's {target_ref.size} bytes"
             )
-        _apply_op(op, stream, where, source, source_ref, target, target_hash, decompressor)
+        if op.kind is OpKind.BSPATCH:
+            data = _bspatch(op, stream, where, window)
+            _write(target, op.offset, data)
+            target_hash.update(data)
+        else:
+            _apply_op(op, stream, where, source, source_ref, target, target_hash, decompressor)
         position = op.end
         count += 1
         if progress is not None:
@@ -256,11 +280,94 @@ def _line(stream: ChunkStream, name: str) -> str:
         raise BundleError(f"{name}: non-ASCII delta line at byte offset {offset}") from None
 
 
-def _parse(line: str, where: str) -> Op | int:
+def _parse(line: str, where: str, version: int) -> Op | Window | int:
     try:
-        return parse_op(line)
+        return parse_op(line, version)
     except BundleError as error:
         raise BundleError(f"{where}: {error}") from None
+
+
+@dataclass(frozen=True)
+class _LoadedWindow:
+    """The current window: its line, and the bytes `bspatch` diffs against (filtered)."""
+
+    line: Window
+    data: bytes
+
+
+def _load_window(
+    window: Window,
+    stream: ChunkStream,
+    name: str,
+    where: str,
+    source: Region,
+    source_ref: ImageRef,
+) -> _LoadedWindow:
+    """Read a window's extent lines and bytes; refuse it unless they hash to its sha256."""
+    extents = []
+    for _ in range(window.count):
+        try:
+            extents.append(parse_extent(_line(stream, name)))
+        except BundleError as error:
+            raise BundleError(f"{where}: {error}") from None
+    if sum(length for _, length in extents) != window.length:
+        raise BundleError(f"{where}: the window's extents do not add up to {window.length} bytes")
+    for offset, length in extents:
+        if length > source_ref.size - offset:
+            raise BundleError(
+                f"{where}: window extent reads past the source's {source_ref.size} bytes"
+            )
+    data = b"".join(_pread(source, offset, length) for offset, length in extents)
+    if hashlib.sha256(data).hexdigest() != window.sha256:
+        raise BundleError(f"{where}: the window's source bytes do not match its hash")
+    if window.filter is not Filter.RAW:
+        data = filters.forward(data, window.filter, window.start)
+    return _LoadedWindow(window, data)
+
+
+def _bspatch(op: Op, stream: ChunkStream, where: str, window: _LoadedWindow | None) -> bytes:
+    """The target bytes of a BSPATCH operation, checked against its hash."""
+    if window is None or window.line.sha256 != op.source_sha256:
+        raise BundleError(
+            f"{where}: bspatch names window {op.source_sha256}, which is not the current one"
+        )
+    if window.line.filter is not op.filter:
+        raise BundleError(
+            f"{where}: bspatch filter {op.filter} differs from the window's {window.line.filter}"
+        )
+    payload = stream.read(op.payload_size)
+    if len(payload) != op.payload_size:
+        raise BundleError(f"{where}: the stream ends inside an operation's payload")
+    produced = op.length if op.filter is Filter.RAW else lzma2_wrapped_size(op.length)
+    if (
+        len(payload) < BSDIFF_HEADER
+        or payload[:8] != BSDIFF_MAGIC
+        or _offtin(payload[24:32]) != produced
+        or not 0 <= _offtin(payload[8:16]) <= len(payload) - BSDIFF_HEADER
+        or not 0 <= _offtin(payload[16:24]) <= len(payload) - BSDIFF_HEADER
+    ):
+        raise BundleError(
+            f"{where}: the payload is not a BSDIFF40 patch producing {produced} bytes"
+        )
+    try:
+        data: bytes = bsdiff4.patch(window.data, payload)
+    except (ValueError, OSError, MemoryError) as error:
+        raise BundleError(f"{where}: the bsdiff patch is corrupt: {error}") from None
+    if len(data) != produced:
+        raise BundleError(
+            f"{where}: the bsdiff patch produced {len(data)} bytes, expected {produced}"
+        )
+    if op.filter is not Filter.RAW:
+        data = filters.inverse(data, op.filter, op.start, op.length)
+    if hashlib.sha256(data).hexdigest() != op.sha256:
+        raise BundleError(f"{where}: patched bytes do not match the operation's hash")
+    return data
+
+
+def _offtin(field: bytes) -> int:
+    """A BSDIFF40 number: 8 bytes little-endian, the top bit the sign."""
+    value = int.from_bytes(field, "little")
+    return -(value & ~(1 << 63)) if value >> 63 else value
 
 
 def _apply_op(

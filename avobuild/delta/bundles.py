@@ -34,6 +34,7 @@ from avobuild.bundle.writer import ImageSource, write_bundle
 from avobuild.delta.apply import ChunkStream, apply_to_file, image_chunks
 from avobuild.delta.encode import DEFAULT_DELTA_LEVEL, DeltaSummary, encode_delta
 from avobuild.delta.plan import DEFAULT_DICTIONARY_SIZE, DEFAULT_EXTENT_SIZE
+from avobuild.delta.stream import STREAM_VERSION
 from avobuild.errors import BundleError
 
 # The delta stream is mostly zstd frames already; the bundle's own compression only needs to
@@ -119,8 +120,12 @@ def create_delta_bundle(
     dictionary_size: int = DEFAULT_DICTIONARY_SIZE,
     threads: int | None = None,
     progress: StepProgress = _no_progress,
+    stream_version: int = STREAM_VERSION,
 ) -> DeltaBundleResult:
     """Write the delta bundle from `old` to `new` (full bundles) to `output`.
+
+    `stream_version` 1 makes streams that appliers older than stream version 2 read (no
+    `bspatch`, docs/delta-format.md section 6).
 
     `signing` signs it (and encrypts its payload if it holds a content key); `policy` lines
     that are set replace the new bundle's. `decryption` opens encrypted `old` and `new`
@@ -165,6 +170,7 @@ def create_delta_bundle(
                 dictionary_size=dictionary_size,
                 threads=threads,
                 progress=report,
+                version=stream_version,
             )
         summaries.append((image.name, summary))
         sources.append(ImageSource(image.name, stream_path, source=source_ref, target=target_ref))

@@ -26,7 +26,9 @@ Only digests and extents are held in memory, never image data beyond one read bu
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
@@ -99,17 +101,41 @@ def plan_delta(
     dictionary_size: int = DEFAULT_DICTIONARY_SIZE,
 ) -> list[PlannedExtent]:
     """Extents tiling [0, target_size) in order (see the module docstring)."""
-    if not BLOCK_SIZE <= extent_size <= MAX_EXTENT or extent_size % BLOCK_SIZE:
-        raise BundleError(f"extent size {extent_size}: expected a multiple of {BLOCK_SIZE}")
-    if not 0 < dictionary_size <= MAX_EXTENT:
-        raise BundleError(f"dictionary size {dictionary_size}: expected 1 to {MAX_EXTENT}")
+    return split_runs(
+        plan_runs(source, source_size, target, target_size),
+        source_size,
+        extent_size=extent_size,
+        dictionary_size=dictionary_size,
+    )
+
+
+def plan_runs(
+    source: Path, source_size: int, target: Path, target_size: int
+) -> list[PlannedExtent]:
+    """Steps 1 and 2 of the module docstring: COPY, ZERO and whole CHANGED runs."""
     with ThreadPoolExecutor(2, thread_name_prefix="avobuild-hash") as pool:
         source_job = pool.submit(block_digests, source, source_size)
         target_job = pool.submit(block_digests, target, target_size)
         source_digests = source_job.result()
         target_digests = target_job.result()
-    runs = _classify(source_digests, target_digests, target_size)
-    return _split_changed(runs, source_size, extent_size, dictionary_size)
+    return _classify(source_digests, target_digests, target_size)
+
+
+def split_runs(
+    runs: list[PlannedExtent],
+    source_size: int,
+    *,
+    extent_size: int = DEFAULT_EXTENT_SIZE,
+    dictionary_size: int = DEFAULT_DICTIONARY_SIZE,
+    cuts: list[int] | None = None,
+) -> list[PlannedExtent]:
+    """Step 3: CHANGED runs cut into pieces with their dictionaries; a piece also ends at
+    every offset of `cuts` (sorted target offsets, for example where files begin and end)."""
+    if not BLOCK_SIZE <= extent_size <= MAX_EXTENT or extent_size % BLOCK_SIZE:
+        raise BundleError(f"extent size {extent_size}: expected a multiple of {BLOCK_SIZE}")
+    if not 0 < dictionary_size <= MAX_EXTENT:
+        raise BundleError(f"dictionary size {dictionary_size}: expected 1 to {MAX_EXTENT}")
+    return _split_changed(runs, source_size, extent_size, dictionary_size, cuts or [])
 
 
 def _classify(
@@ -193,7 +219,11 @@ def _fold(extents: list[PlannedExtent]) -> list[PlannedExtent]:
 
 
 def _split_changed(
-    extents: list[PlannedExtent], source_size: int, extent_size: int, dictionary_size: int
+    extents: list[PlannedExtent],
+    source_size: int,
+    extent_size: int,
+    dictionary_size: int,
+    cuts: list[int],
 ) -> list[PlannedExtent]:
     before_of, after_of = _neighbour_copies(extents)
     planned: list[PlannedExtent] = []
@@ -204,13 +234,17 @@ def _split_changed(
         gap_start, gap_length = _source_gap(
             extent, before_of[position], after_of[position], source_size
         )
-        for offset in range(extent.offset, extent.end, extent_size):
-            length = min(extent_size, extent.end - offset)
-            planned.append(
-                _with_dictionary(
-                    extent, offset, length, gap_start, gap_length, source_size, dictionary_size
+        inner = cuts[
+            bisect.bisect_right(cuts, extent.offset) : bisect.bisect_left(cuts, extent.end)
+        ]
+        for piece_start, piece_end in itertools.pairwise([extent.offset, *inner, extent.end]):
+            for offset in range(piece_start, piece_end, extent_size):
+                length = min(extent_size, piece_end - offset)
+                planned.append(
+                    _with_dictionary(
+                        extent, offset, length, gap_start, gap_length, source_size, dictionary_size
+                    )
                 )
-            )
     return planned
 
 

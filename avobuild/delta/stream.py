@@ -6,6 +6,11 @@ by a binary payload whose size the line gives), then an `end` line. The operatio
 target exactly, so an applier writes the target front to back, once, and a POSIX shell can
 replay the stream with `read`, `dd` and `zstd -d [--patch-from=…]`.
 
+Version 2 adds a `window` line (followed by its `extent` lines: the source ranges, usually
+the old version of one file, that are joined into the window) and the `bspatch` operation,
+a BSDIFF40 patch from the current window to the target range, optionally in the domain of
+an xz branch filter (`x86`, `arm64`) that turns relative call targets into absolute ones.
+
 Everything an applier allocates is bounded by the line before it is read: an operation's
 payload and its dictionary are at most `MAX_EXTENT` bytes, a line at most `MAX_LINE` bytes.
 """
@@ -19,12 +24,19 @@ from enum import StrEnum
 from avobuild.bundle.manifest import ImageRef
 from avobuild.errors import BundleError, shown
 
-STREAM_VERSION = 1
+STREAM_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 BLOCK_SIZE = 4096
 # Largest target extent of a `data`/`patch` operation and largest `patch` dictionary: what
 # an applier must hold in memory for one operation (plus the payload, bounded below).
 MAX_EXTENT = 16 << 20
 MAX_LINE = 512
+# A `window` joins at most this many source extents.
+MAX_WINDOW_EXTENTS = 64
+# An LZMA2 uncompressed chunk holds at most 64 KiB (docs/delta-format.md, "Branch filters").
+LZMA2_CHUNK = 1 << 16
+BSDIFF_MAGIC = b"BSDIFF40"
+BSDIFF_HEADER = 32
 # Every number is at most what 64-bit signed shell arithmetic holds, as in the manifest.
 MAX_NUMBER = (1 << 63) - 1
 
@@ -39,6 +51,15 @@ _LINES = {
     ),
     "end": re.compile(rf"end {_NUMBER}", re.ASCII),
 }
+# Version 2 lines.
+_FILTER = r"(raw|x86|arm64)"
+_LINES_2 = {
+    "window": re.compile(rf"window {_NUMBER} {_NUMBER} {_FILTER} {_NUMBER} {_SHA}", re.ASCII),
+    "bspatch": re.compile(
+        rf"bspatch {_NUMBER} {_NUMBER} {_FILTER} {_NUMBER} {_SHA} {_NUMBER} {_SHA}", re.ASCII
+    ),
+}
+_EXTENT = re.compile(rf"extent {_NUMBER} {_NUMBER}", re.ASCII)
 _MAGIC = re.compile(r"avobuild-delta (0|[1-9][0-9]{0,8})", re.ASCII)  # one spelling per version
 _REF = re.compile(rf"(source|target) {_NUMBER} {_SHA}", re.ASCII)
 
@@ -48,6 +69,15 @@ class OpKind(StrEnum):
     ZERO = "zero"
     DATA = "data"
     PATCH = "patch"
+    BSPATCH = "bspatch"
+
+
+class Filter(StrEnum):
+    """The branch filter of a window and its `bspatch` operations (xz's BCJ filters)."""
+
+    RAW = "raw"
+    X86 = "x86"
+    ARM64 = "arm64"
 
 
 @dataclass(frozen=True)
@@ -57,7 +87,10 @@ class Op:
     `sha256` is the hash of the target range (empty for ZERO: zeros need no hash). COPY reads
     source [source_offset, +length), which holds the same bytes, so the same hash checks it;
     PATCH uses source [source_offset, +source_length) as the zstd dictionary, checked by
-    `source_sha256`. DATA and PATCH carry `payload_size` bytes of zstd frame.
+    `source_sha256`. DATA and PATCH carry `payload_size` bytes of zstd frame. BSPATCH carries
+    a BSDIFF40 patch from the current window, whose hash is `source_sha256`; with a filter
+    other than RAW the patch's output is the filtered target (filter start `start`) in LZMA2
+    uncompressed chunks.
     """
 
     kind: OpKind
@@ -68,10 +101,32 @@ class Op:
     source_length: int = 0
     source_sha256: str = ""
     payload_size: int = 0
+    filter: Filter = Filter.RAW
+    start: int = 0
 
     @property
     def end(self) -> int:
         return self.offset + self.length
+
+
+@dataclass(frozen=True)
+class Window:
+    """A `window` line: `length` bytes joined from `extents` (source offset, length; `count`
+    of them, on the `extent` lines that follow) with sha256 `sha256`, used by the `bspatch`
+    operations that follow, filtered by `filter` starting at `start` (the window's offset in
+    the file it was taken from)."""
+
+    count: int
+    length: int
+    filter: Filter
+    start: int
+    sha256: str
+    extents: tuple[tuple[int, int], ...] = ()
+
+
+def lzma2_wrapped_size(length: int) -> int:
+    """The size of `length` bytes as LZMA2 uncompressed chunks with the end marker."""
+    return length + 3 * (-(-length // LZMA2_CHUNK)) + 1
 
 
 def max_payload_size(length: int) -> int:
@@ -79,9 +134,9 @@ def max_payload_size(length: int) -> int:
     return length + length // 128 + 512
 
 
-def render_header(source: ImageRef, target: ImageRef) -> bytes:
+def render_header(source: ImageRef, target: ImageRef, version: int = STREAM_VERSION) -> bytes:
     return (
-        f"avobuild-delta {STREAM_VERSION}\n"
+        f"avobuild-delta {version}\n"
         f"source {source.size} {source.sha256}\n"
         f"target {target.size} {target.sha256}\n"
     ).encode("ascii")
@@ -94,27 +149,43 @@ def render_op(op: Op) -> bytes:
         line = f"zero {op.offset} {op.length}"
     elif op.kind is OpKind.DATA:
         line = f"data {op.offset} {op.length} {op.payload_size} {op.sha256}"
-    else:
+    elif op.kind is OpKind.PATCH:
         line = (
             f"patch {op.offset} {op.length} {op.source_offset} {op.source_length} "
             f"{op.source_sha256} {op.payload_size} {op.sha256}"
         )
+    else:
+        line = (
+            f"bspatch {op.offset} {op.length} {op.filter} {op.start} {op.source_sha256} "
+            f"{op.payload_size} {op.sha256}"
+        )
     return line.encode("ascii") + b"\n"
+
+
+def render_window(window: Window) -> bytes:
+    lines = [
+        f"window {window.count} {window.length} {window.filter} {window.start} {window.sha256}"
+    ]
+    lines += [f"extent {offset} {length}" for offset, length in window.extents]
+    return "".join(line + "\n" for line in lines).encode("ascii")
 
 
 def render_end(op_count: int) -> bytes:
     return b"end %d\n" % op_count
 
 
-def parse_magic(line: str) -> None:
+def parse_magic(line: str) -> int:
+    """The stream version of the first line."""
     match = _MAGIC.fullmatch(line)
     if match is None:
         raise BundleError(f"not a delta stream: it starts with {shown(line, 40)}")
-    if int(match.group(1)) != STREAM_VERSION:
+    version = int(match.group(1))
+    if version not in READABLE_VERSIONS:
         raise BundleError(
-            f"unsupported delta stream version {match.group(1)} (this avobuild reads "
-            f"version {STREAM_VERSION})"
+            f"unsupported delta stream version {version} (this avobuild reads versions "
+            f"{' and '.join(map(str, READABLE_VERSIONS))})"
         )
+    return version
 
 
 def parse_ref(line: str, keyword: str) -> ImageRef:
@@ -124,24 +195,28 @@ def parse_ref(line: str, keyword: str) -> ImageRef:
     return ImageRef(int(match.group(2)), match.group(3))
 
 
-def parse_op(line: str) -> Op | int:
-    """An operation, or the op count of the `end` line; BundleError for anything else.
+def parse_op(line: str, version: int = 1) -> Op | Window | int:
+    """An operation, a window (its extents still to be read with `parse_extent`), or the op
+    count of the `end` line; BundleError for anything else, and for a line of version 2 in a
+    version 1 stream.
 
     Bounds that do not depend on the position in the stream are checked here; the reader
     checks offsets against the target and source sizes.
     """
     keyword = line.partition(" ")[0]
-    pattern = _LINES.get(keyword)
+    pattern = _LINES.get(keyword) or (_LINES_2.get(keyword) if version >= 2 else None)
     match = pattern.fullmatch(line) if pattern is not None else None
     # Numbers have at most 19 digits (hashes have 64), so 19-digit values above 2^63 - 1 are
     # the only numbers the grammar lets through that the format forbids.
     if match is None or any(
-        len(value) <= 19 and int(value) > MAX_NUMBER for value in match.groups()
+        len(value) <= 19 and value.isdigit() and int(value) > MAX_NUMBER for value in match.groups()
     ):
         raise BundleError(f"malformed delta operation {shown(line, 120)}")
     values = match.groups()
     if keyword == "end":
         return int(values[0])
+    if keyword == "window":
+        return _parse_window(line, values)
     kind = OpKind(keyword)
     offset, length = int(values[0]), int(values[1])
     if length == 0:
@@ -154,8 +229,21 @@ def parse_op(line: str) -> Op | int:
         raise BundleError(
             f"delta operation {shown(line, 120)}: {length} bytes, over the limit of {MAX_EXTENT}"
         )
+    if kind is OpKind.BSPATCH and values[2] == Filter.RAW and int(values[3]):
+        raise BundleError(f"delta operation {shown(line, 120)}: a raw bspatch has start 0")
     if kind is OpKind.DATA:
         op = Op(kind, offset, length, values[3], payload_size=int(values[2]))
+    elif kind is OpKind.BSPATCH:
+        op = Op(
+            kind,
+            offset,
+            length,
+            values[6],
+            source_sha256=values[4],
+            payload_size=int(values[5]),
+            filter=Filter(values[2]),
+            start=int(values[3]),
+        )
     else:
         op = Op(
             kind,
@@ -178,3 +266,30 @@ def parse_op(line: str) -> Op | int:
             f"to {max_payload_size(length)}"
         )
     return op
+
+
+def _parse_window(line: str, values: tuple[str, ...]) -> Window:
+    count, length, start = int(values[0]), int(values[1]), int(values[3])
+    window = Window(count, length, Filter(values[2]), start, values[4])
+    if not 1 <= count <= MAX_WINDOW_EXTENTS:
+        raise BundleError(
+            f"delta window {shown(line, 120)}: {count} extents, expected 1 to {MAX_WINDOW_EXTENTS}"
+        )
+    if not 1 <= length <= MAX_EXTENT:
+        raise BundleError(
+            f"delta window {shown(line, 120)}: {length} bytes, expected 1 to {MAX_EXTENT}"
+        )
+    if window.filter is Filter.RAW and start:
+        raise BundleError(f"delta window {shown(line, 120)}: a raw window has start 0")
+    return window
+
+
+def parse_extent(line: str) -> tuple[int, int]:
+    """One `extent <source-offset> <length>` line of a window."""
+    match = _EXTENT.fullmatch(line)
+    if match is None or any(int(value) > MAX_NUMBER for value in match.groups()):
+        raise BundleError(f"malformed window extent {shown(line, 120)}")
+    offset, length = int(match.group(1)), int(match.group(2))
+    if length == 0:
+        raise BundleError(f"window extent {shown(line, 120)} has length 0")
+    return offset, length

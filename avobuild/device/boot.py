@@ -95,6 +95,8 @@ TOOL_PACKAGES = {
     "busybox": "busybox-static",
     "openssl": "openssl",
     "zstd": "zstd",
+    "bspatch": "bsdiff",
+    "xz": "xz-utils",
     "fw_printenv": "libubootenv-tool",
     "fw_setenv": "libubootenv-tool",
     "systemctl": "systemd",

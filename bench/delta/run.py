@@ -4,6 +4,11 @@
 Usage (from the repository root; `make -f bench/Makefile bench-delta` runs exactly this):
 
     .venv/bin/python bench/delta/run.py [--work build/bench] [--runs 3] [--skip bsdiff]
+        [--corpus wheels|debian] [--images OLD.img NEW.img]
+
+`--corpus debian` builds the second corpus (bench/delta/debian.py: two point releases of 24
+Debian 12 packages and the kernel, from the Debian archive); `--images` measures two
+prebuilt images instead.
 
 For every tool it records the delta size, the creation wall time and peak RSS, and the apply
 wall time and peak RSS (GNU time's %e and %M for the tool's process tree), checks that the
@@ -33,6 +38,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench" / "delta"))
 
 from corpus import build_corpus  # noqa: E402
+from debian import build_debian_corpus  # noqa: E402
 
 from avobuild.bundle.keys import load_private_key  # noqa: E402
 from avobuild.bundle.writer import ImageSource, write_bundle  # noqa: E402
@@ -211,6 +217,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=REPO / "build" / "bench")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--skip", action="append", default=[], help="tool to leave out")
+    parser.add_argument("--corpus", choices=("wheels", "debian"), default="wheels")
+    parser.add_argument("--images", nargs=2, type=Path, metavar=("OLD", "NEW"))
     parser.add_argument(
         "--with-slow",
         action="store_true",
@@ -222,7 +230,12 @@ def main() -> None:
     work: Path = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     info = machine()
-    images = build_corpus(work)
+    if args.images:
+        images = {"old": args.images[0].resolve(), "new": args.images[1].resolve()}
+    elif args.corpus == "debian":
+        images = build_debian_corpus(work)
+    else:
+        images = build_corpus(work)
     bundles = full_bundles(work, images)
     old, new = images["old"], images["new"]
     expected = sha256(new)
@@ -252,8 +265,14 @@ def main() -> None:
     stream = out / "avobuild.stream"
     engine = [sys.executable, str(REPO / "bench" / "delta" / "engine.py")]
     run(
-        "avobuild engine (image to stream)",
-        [*engine, "encode", str(old), str(new), str(stream)],
+        "avobuild engine, stream v2 (image to stream)",
+        [*engine, "encode", str(old), str(new), str(stream), "2"],
+        [*engine, "apply", str(stream), str(old), str(applied)],
+        stream, applied, expected, args.runs,
+    )  # fmt: skip
+    run(
+        "avobuild engine, stream v1 (zstd only)",
+        [*engine, "encode", str(old), str(new), str(stream), "1"],
         [*engine, "apply", str(stream), str(old), str(applied)],
         stream, applied, expected, args.runs,
     )  # fmt: skip

@@ -6,8 +6,12 @@
 #          the target it would produce goes to $WORK/target.fifo (hashed by the caller), so a
 #          file install refuses a bad delta before its first write.
 #   write: writes the target slot; copy and zero operations go straight from device to device
-#          (no temporary copy), data and patch operations are decoded and hashed before they
-#          are written. The source slot is only ever read.
+#          (no temporary copy), data, patch and bspatch operations are decoded and hashed
+#          before they are written. The source slot is only ever read.
+# Stream version 2 adds `window` (its `extent` lines joined from the source, hashed, and for
+# a branch filter filtered with /usr/bin/xz) and `bspatch` (bspatch against the window, the
+# inverse filter with /usr/bin/xz, then the hash check). busybox's own xz applet has no
+# filters, so xz is called by its full path.
 # Reads the caller's src_dev, src_base, src_part, src_size, src_sha (the source slot: device,
 # byte offset, partition size, image size and hash) and dev, base, slot_size, target_size,
 # target_sha (the target slot), all checked by parse_manifest.
@@ -63,9 +67,75 @@ apply_delta() (
         for value in "$@"; do is_number "$value" || dfail "$op at $a: malformed number"; done
     }
 
-    consumed=0
+    # load_window: the window line in op a b c d e, then its extent lines: the source ranges
+    # joined into delta.window, hashed, and filtered when the line names a filter.
+    load_window() {
+        numbers "$a" "$b" "$d"
+        is_sha256 "$e" || dfail "window at byte offset $line_at: malformed sha256"
+        case $c in raw | x86 | arm64) ;; *) dfail "window at byte offset $line_at: unknown filter" ;; esac
+        [ "$a" -ge 1 ] && [ "$a" -le "$MAX_WINDOW_EXTENTS" ] && [ "$b" -ge 1 ] && [ "$b" -le "$MAX_DELTA_EXTENT" ] \
+            && { [ "$c" != raw ] || [ "$d" = 0 ]; } || dfail "window at byte offset $line_at: bad sizes"
+        win_count=$a win_length=$b win_filter=$c win_start=$d win_sha=$e win_at=$line_at win_total=0
+        rm -f "$WORK/delta.window"
+        : > "$WORK/delta.window.raw"
+        while [ "$win_count" -gt 0 ]; do
+            next_line
+            [ "$fields $op" = "3 extent" ] || dfail "window at byte offset $win_at: expected an extent line"
+            numbers "$a" "$b"
+            [ "$b" -ge 1 ] && [ "$a" -le "$src_size" ] && [ "$b" -le $((src_size - a)) ] \
+                && [ "$b" -le $((win_length - win_total)) ] || dfail "window at byte offset $win_at: extent past the source or the window"
+            source_range "$a" "$b" >> "$WORK/delta.window.raw"
+            win_total=$((win_total + b)) win_count=$((win_count - 1))
+        done
+        [ "$win_total" = "$win_length" ] && [ "$(sha_of "$WORK/delta.window.raw")" = "$win_sha" ] \
+            || dfail "window at byte offset $win_at: source hash mismatch"
+        if [ "$win_filter" = raw ]; then
+            mv "$WORK/delta.window.raw" "$WORK/delta.window"
+        else
+            "$XZ" --format=raw "--$win_filter=start=$win_start" --lzma2=preset=0 -c < "$WORK/delta.window.raw" 2> /dev/null \
+                | "$XZ" -d --format=raw --lzma2=preset=0 -c 2> /dev/null > "$WORK/delta.window" \
+                && [ "$(size_of "$WORK/delta.window")" = "$win_length" ] || dfail "window at byte offset $win_at: xz $win_filter filter failed"
+            rm -f "$WORK/delta.window.raw"
+        fi
+        win_ready=1
+    }
+    # bspatch_op: the bspatch line in op a b c d e f g: its BSDIFF40 payload applied to the
+    # window (and the inverse filter) into delta.out.
+    bspatch_op() {
+        numbers "$d" "$f"
+        is_sha256 "$e" && is_sha256 "$g" || dfail "bspatch at $a: malformed sha256"
+        [ "$b" -le "$MAX_DELTA_EXTENT" ] && [ "$f" -ge 32 ] && [ "$f" -le $((b + b / 128 + 512)) ] \
+            && { [ "$c" != raw ] || [ "$d" = 0 ]; } || dfail "bspatch at $a: bad sizes"
+        [ "$win_ready" = 1 ] && [ "$e" = "$win_sha" ] && [ "$c" = "$win_filter" ] \
+            || dfail "bspatch at $a: not the current window"
+        take "$f" > "$WORK/delta.payload"
+        [ "$(size_of "$WORK/delta.payload")" -eq "$f" ] || dfail "the stream ends inside the payload at target offset $a"
+        consumed=$((consumed + f))
+        bs_produced=$b
+        [ "$c" = raw ] || bs_produced=$((b + 3 * ((b + 65535) / 65536) + 1))
+        [ "$(dd if="$WORK/delta.payload" bs=8 count=1 2> /dev/null)" = BSDIFF40 ] \
+            && [ "$(od -An -tu8 -j24 -N8 "$WORK/delta.payload" | tr -d ' ')" = "$bs_produced" ] \
+            || dfail "the payload at target offset $a is not a BSDIFF40 patch of $bs_produced bytes"
+        bspatch "$WORK/delta.window" "$WORK/delta.patched" "$WORK/delta.payload" 2> /dev/null \
+            && [ "$(size_of "$WORK/delta.patched")" = "$bs_produced" ] || dfail "bspatch at $a failed"
+        rm -f "$WORK/delta.payload"
+        if [ "$c" = raw ]; then
+            mv "$WORK/delta.patched" "$WORK/delta.out"
+        else
+            "$XZ" -d --format=raw "--$c=start=$d" --lzma2=preset=0 -c < "$WORK/delta.patched" 2> /dev/null \
+                | take $((b + 1)) > "$WORK/delta.out"
+            rm -f "$WORK/delta.patched"
+        fi
+        [ "$(size_of "$WORK/delta.out")" -eq "$b" ] || dfail "bspatch at $a does not produce $b bytes"
+        [ "$(sha_of "$WORK/delta.out")" = "$g" ] || dfail "bspatch at $a: hash mismatch"
+    }
+
+    consumed=0 win_ready=0
     next_line
-    [ "$fields $op $a" = "2 avobuild-delta 1" ] || dfail "not a version 1 delta stream"
+    case "$fields $op $a" in
+    "2 avobuild-delta 1" | "2 avobuild-delta 2") version=$a ;;
+    *) dfail "not a version 1 or 2 delta stream" ;;
+    esac
     next_line
     [ "$fields $op $a $b" = "3 source $src_size $src_sha" ] || dfail "the stream's source line differs from the manifest"
     next_line
@@ -74,9 +144,13 @@ apply_delta() (
     while :; do
         next_line
         [ "$op" != end ] || break
-        case $op:$fields in
-        copy:5 | zero:3 | data:5 | patch:8) ;;
-        *) dfail "malformed delta operation at byte offset $((consumed - ${#line} - 1))" ;;
+        line_at=$((consumed - ${#line} - 1))
+        case $version:$op:$fields in
+        ?:copy:5 | ?:zero:3 | ?:data:5 | ?:patch:8 | 2:bspatch:8) ;;
+        2:window:6)
+            load_window
+            continue ;;
+        *) dfail "malformed delta operation at byte offset $line_at" ;;
         esac
         numbers "$a" "$b"
         [ "$a" = "$position" ] && [ "$b" -ge 1 ] && [ "$b" -le $((target_size - a)) ] \
@@ -117,17 +191,21 @@ apply_delta() (
             [ "$b" -le "$MAX_DELTA_EXTENT" ] && [ "$d" -ge 1 ] && [ "$d" -le "$MAX_DELTA_EXTENT" ] \
                 && [ "$c" -le "$src_size" ] && [ "$d" -le $((src_size - c)) ] \
                 && [ "$f" -ge 1 ] && [ "$f" -le $((b + b / 128 + 512)) ] || dfail "patch at $a: bad sizes"
-            source_range "$c" "$d" > "$WORK/delta.window"
-            [ "$(sha_of "$WORK/delta.window")" = "$e" ] || dfail "patch at $a: source window hash mismatch"
-            decode "$b" "$f" "$WORK/delta.window"
-            rm -f "$WORK/delta.window"
+            source_range "$c" "$d" > "$WORK/delta.dictionary"
+            [ "$(sha_of "$WORK/delta.dictionary")" = "$e" ] || dfail "patch at $a: source window hash mismatch"
+            decode "$b" "$f" "$WORK/delta.dictionary"
+            rm -f "$WORK/delta.dictionary"
             [ "$(sha_of "$WORK/delta.out")" = "$g" ] || dfail "patch at $a: hash mismatch"
+            put ;;
+        bspatch)
+            bspatch_op
             put ;;
         esac
         rm -f "$WORK/delta.out"
         position=$((a + b))
         count=$((count + 1))
     done
+    rm -f "$WORK/delta.window"
     [ "$fields" = 2 ] && is_number "$a" && [ "$a" = "$count" ] || dfail "missing or wrong end line"
     [ "$position" = "$target_size" ] || dfail "the operations end at $position, not $target_size"
     [ "$(take 1 | wc -c | tr -d ' ')" -eq 0 ] && [ "$consumed" = "$stream_size" ] \

@@ -1,0 +1,203 @@
+"""File-aware deltas: each changed file of the new image diffed against its own old version.
+
+For ext4 images (`fs.ext4.ext4_file_map`, debugfs extents) every regular file of the target
+image is paired with a file of the source image, trying in turn the same path, the same path
+with digits and `-xxxxxxxx` hash suffixes normalised (a kernel ABI directory `6.1.0-50` ->
+`6.1.0-57`, auditwheel's vendored `libfoo-1a2b3c4d.so`) when that is unique, and the same
+base name when that is unique.
+
+The planner cuts changed target runs wherever a file's extent begins or ends
+(`FilePairing.cuts`), so each changed piece lies in one file at a known file offset. Its
+window is the old file's bytes around the same proportional position, as the source image's
+byte ranges (`FileWindow`), at most `MAX_FILE_WINDOW` bytes: the `window` line of stream
+version 2. The encoder then tries bsdiff against that window (docs/delta-format.md).
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import posixpath
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from avobuild.delta.stream import MAX_WINDOW_EXTENTS, Filter
+from avobuild.errors import AvobuildError
+from avobuild.fs.ext4 import Ext4FileMap, FileBlocks, ext4_block_size, ext4_file_map
+
+# The window of a piece: the piece plus this margin, at most MAX_FILE_WINDOW (bsdiff's suffix
+# sort costs time per window byte; a wider window found no more on recompiled libraries).
+WINDOW_MARGIN = 1 << 20
+MAX_FILE_WINDOW = 4 << 20
+_ELF_MAGIC = b"\x7fELF"
+_ELF_MACHINES = {62: Filter.X86, 183: Filter.ARM64}
+_HASH_SUFFIX = re.compile(r"-[0-9a-f]{8}(?=[.-])")
+_DIGITS = re.compile(r"[0-9]+")
+
+
+@dataclass(frozen=True)
+class FileWindow:
+    """The window of one changed target piece: `extents` (source offset, length) joined,
+    `start` its offset in the old file; `target_start` the piece's offset in the new file;
+    `filter` the branch filter worth trying (RAW: none, or the window has holes)."""
+
+    path: str
+    extents: tuple[tuple[int, int], ...]
+    start: int
+    target_start: int
+    filter: Filter
+
+    @property
+    def length(self) -> int:
+        return sum(length for _, length in self.extents)
+
+
+def _normalised(path: str) -> str:
+    return _DIGITS.sub("#", _HASH_SUFFIX.sub("", path))
+
+
+def _unique(paths: list[str], key: Callable[[str], str]) -> dict[str, str]:
+    """key -> path for the keys that exactly one path has."""
+    keys = {path: key(path) for path in paths}
+    counts = Counter(keys.values())
+    return {value: path for path, value in keys.items() if counts[value] == 1}
+
+
+class FilePairing:
+    """Which old file each new file's changed pieces are diffed against."""
+
+    def __init__(
+        self,
+        source_size: int,
+        source_map: Ext4FileMap,
+        target: Path,
+        target_map: Ext4FileMap,
+    ) -> None:
+        self._source_size = source_size
+        self._source_map = source_map
+        self._target_map = target_map
+        old_paths = list(source_map.files)
+        by_normalised = _unique(old_paths, _normalised)
+        by_name = _unique(old_paths, posixpath.basename)
+        new_normalised = _unique(list(target_map.files), _normalised)
+        new_name = _unique(list(target_map.files), posixpath.basename)
+        self._pairs: dict[str, str] = {}
+        for path in target_map.files:
+            if path in source_map.files:
+                self._pairs[path] = path
+                continue
+            normal = _normalised(path)
+            name = posixpath.basename(path)
+            if normal in by_normalised and new_normalised.get(normal) == path:
+                self._pairs[path] = by_normalised[normal]
+            elif name in by_name and new_name.get(name) == path:
+                self._pairs[path] = by_name[name]
+        size = target_map.block_size
+        # (physical start byte, physical end byte, path, logical start byte), by start.
+        self._extents = sorted(
+            (physical * size, (physical + count) * size, path, logical * size)
+            for path, blocks in target_map.files.items()
+            for logical, physical, count in blocks.extents
+        )
+        self._starts = [extent[0] for extent in self._extents]
+        self._machines = self._read_machines(target)
+
+    @property
+    def paired(self) -> int:
+        return len(self._pairs)
+
+    def cuts(self) -> list[int]:
+        """Every target offset where a file extent begins or ends, sorted."""
+        return sorted({offset for extent in self._extents for offset in extent[:2]})
+
+    def _read_machines(self, target: Path) -> dict[str, Filter]:
+        """The branch filter of each paired ELF file of a known machine, from its header."""
+        machines: dict[str, Filter] = {}
+        size = self._target_map.block_size
+        fd = os.open(target, os.O_RDONLY)
+        try:
+            for path in self._pairs:
+                blocks = self._target_map.files[path]
+                if not blocks.extents or blocks.extents[0][0] != 0 or blocks.size < 20:
+                    continue
+                header = os.pread(fd, 20, blocks.extents[0][1] * size)
+                if header[:4] == _ELF_MAGIC and header[5] == 1:  # little-endian
+                    machine = _ELF_MACHINES.get(int.from_bytes(header[18:20], "little"))
+                    if machine is not None:
+                        machines[path] = machine
+        finally:
+            os.close(fd)
+        return machines
+
+    def window(self, offset: int, length: int) -> FileWindow | None:
+        """The window for target piece [offset, +length), None unless it lies in one paired
+        file whose old version has bytes to diff against."""
+        index = bisect.bisect_right(self._starts, offset) - 1
+        if index < 0:
+            return None
+        start, end, path, logical = self._extents[index]
+        if offset + length > end or path not in self._pairs:
+            return None
+        old_path = self._pairs[path]
+        old = self._source_map.files[old_path]
+        new_size = self._target_map.files[path].size
+        size = self._source_map.block_size
+        old_bytes = _allocated_end(old) * size
+        if not old_bytes or not new_size:
+            return None
+        target_start = logical + (offset - start)
+        middle = (target_start + length // 2) * old.size // new_size
+        span = min(MAX_FILE_WINDOW, length + WINDOW_MARGIN, old_bytes)
+        first = min(max(0, middle - span // 2), old_bytes - span) // size * size
+        extents = _source_ranges(old, first, min(old_bytes, first + span), size)
+        if (
+            not extents
+            or len(extents) > MAX_WINDOW_EXTENTS
+            or any(begin + size > self._source_size for begin, size in extents)
+        ):
+            return None
+        contiguous = sum(length for _, length in extents) == min(old_bytes, first + span) - first
+        return FileWindow(
+            path,
+            tuple(extents),
+            first,
+            target_start,
+            self._machines.get(path, Filter.RAW) if contiguous else Filter.RAW,
+        )
+
+
+def _allocated_end(blocks: FileBlocks) -> int:
+    """The logical block after the file's last allocated one."""
+    return max((logical + count for logical, _, count in blocks.extents), default=0)
+
+
+def _source_ranges(blocks: FileBlocks, first: int, end: int, size: int) -> list[tuple[int, int]]:
+    """The source image byte ranges holding the file's bytes [first, end); holes skipped."""
+    ranges: list[tuple[int, int]] = []
+    for logical, physical, count in blocks.extents:
+        low = max(first, logical * size)
+        high = min(end, (logical + count) * size)
+        if low >= high:
+            continue
+        source = physical * size + (low - logical * size)
+        if ranges and ranges[-1][0] + ranges[-1][1] == source:
+            ranges[-1] = (ranges[-1][0], ranges[-1][1] + high - low)
+        else:
+            ranges.append((source, high - low))
+    return ranges
+
+
+def file_pairing(source: Path, source_size: int, target: Path) -> FilePairing | None:
+    """The pairing of two ext4 images, None when either is not ext4 or cannot be read (the
+    delta is then made without it: file awareness only makes it smaller)."""
+    if not source_size or ext4_block_size(source) is None or ext4_block_size(target) is None:
+        return None
+    try:
+        source_map = ext4_file_map(source)
+        target_map = ext4_file_map(target)
+    except AvobuildError:
+        return None
+    return FilePairing(source_size, source_map, target, target_map)
