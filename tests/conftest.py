@@ -47,6 +47,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=rank)
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A run that passed leaves nothing behind: its temporary directory goes, the module and
+    session fixtures' images with it (the failed tests' directories are kept for reading).
+    Only the directory pytest chose is removed, never a --basetemp the user named; under
+    pytest-xdist the controller removes it, the workers' directories being inside it."""
+    config = session.config
+    if exitstatus != 0 or config.option.basetemp or hasattr(config, "workerinput"):
+        return
+    factory = getattr(config, "_tmp_path_factory", None)
+    basetemp = getattr(factory, "_basetemp", None)
+    if basetemp is not None:
+        shutil.rmtree(basetemp, ignore_errors=True)
+
+
 def avobuild_cli(
     *args: str | Path, check: bool = True, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
