@@ -92,3 +92,41 @@ def test_misspelt_keys_are_named(product: Product) -> None:
     product.layout.write_text(layout.replace('role = "data"', 'rol = "data"'))
     required = avobuild_cli("layout", "check", product.layout, check=False).stderr
     assert "[partition.data] role: missing" in required and "'rol': a misspelling" in required
+
+
+@pytest.mark.slow
+def test_the_starter_boots_in_qemu(tmp_path: Path) -> None:
+    """What `recipe init` writes boots as it is: GRUB, slot A, the applier's boot marker."""
+    from test_media_boot import qemu, uefi_args
+
+    starter = tmp_path / "starter"
+    avobuild_cli("recipe", "init", starter, "--kernel", KERNEL, "--name", "first")
+    built = json.loads(
+        avobuild_cli("image", starter / "recipe.toml", "-o", tmp_path / "out", "--json").stdout
+    )
+    args = [
+        *uefi_args(tmp_path),
+        "-drive",
+        f"file={built['path']},format=raw,if=virtio,snapshot=on",
+        "-net",
+        "none",
+    ]
+    with qemu(args, tmp_path / "console.log") as machine:
+        machine.expect(b"AVOBUILD-BOOT-OK slot=A version=0.1.0\r\n", timeout=300)
+
+
+@pytest.mark.skipif(not KERNEL.is_file(), reason="needs scripts/fetch-kernel (make does it)")
+def test_a_slot_without_init_is_refused(tmp_path: Path) -> None:
+    """An image the slot initramfs could not hand over to is never built: no /sbin/init, or
+    one that is a dangling link, names the path and what to do."""
+    starter = tmp_path / "starter"
+    avobuild_cli("recipe", "init", starter, "--kernel", KERNEL, "--name", "first")
+    init = starter / "rootfs" / "sbin" / "init"
+    init.unlink()
+    result = avobuild_cli("image", starter / "recipe.toml", "-o", tmp_path / "out", check=False)
+    assert result.returncode == 11, result.stderr
+    assert "/sbin/init (/sbin/init) is missing" in result.stderr
+    assert "Traceback" not in result.stderr and not list((tmp_path / "out").glob("*.img"))
+    init.symlink_to("../bin/nothing-here")
+    result = avobuild_cli("image", starter / "recipe.toml", "-o", tmp_path / "out", check=False)
+    assert result.returncode == 11 and "(/bin/nothing-here) is missing" in result.stderr

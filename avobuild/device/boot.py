@@ -66,6 +66,8 @@ DEVICE_MODULES = (
     "nls_utf8",
     "nls_ascii",
 )
+# What the slot initramfs runs after switch_root.
+DEVICE_INIT = "/sbin/init"
 TOOL_DIRECTORIES = ("bin", "sbin", "usr/bin", "usr/sbin")
 INIT_APPLETS = (
     "sh",
@@ -215,7 +217,7 @@ def render_device_init(recipe: Recipe) -> str:
         esp_mount=config.esp_mount.rstrip("/"),
         persist=recipe.persist,
         persist_dir=persist_dir if recipe.persist.enabled else "",
-        init="/sbin/init",
+        init=DEVICE_INIT,
     )
 
 
@@ -320,6 +322,21 @@ def enable_systemd_units(overlay: Overlay) -> list[str]:
     return enabled
 
 
+def check_init(recipe: Recipe, overlay: Overlay, tree: Mapping[str, FsEntry]) -> None:
+    """The slot initramfs hands over to /sbin/init: it must be an executable file of the
+    image (through its links, resolved inside the image), or the image cannot boot."""
+    present = overlay.entries()
+    resolved = resolve_in_image(tree, DEVICE_INIT)
+    entry = tree.get(resolved) or present.get(resolve_in_image(present, resolved))
+    if entry is None or entry.kind is not EntryKind.FILE or not entry.mode & 0o111:
+        found = "missing" if entry is None else f"not an executable file ({entry.kind.value})"
+        raise RecipeError(
+            f"{recipe.path}: the slot's {DEVICE_INIT} ({'/' + resolved}) is {found}; the slot "
+            "initramfs starts it after mounting the root: add it to [rootfs] (busybox's init "
+            "or systemd's), or set [boot] method = \"external\" for a boot chain of your own"
+        )
+
+
 def install_slot_boot(recipe: Recipe, overlay: Overlay, tree: Mapping[str, FsEntry]) -> None:
     """Add the rendered applier (its units enabled), its target tools and the device
     initramfs to the additions of a rootfs."""
@@ -330,6 +347,7 @@ def install_slot_boot(recipe: Recipe, overlay: Overlay, tree: Mapping[str, FsEnt
     install_target_tools(recipe, overlay, tree)
     build_device_initramfs(recipe, overlay.path(INITRD_PATH))
     overlay.path(INITRD_PATH).chmod(0o644)
+    check_init(recipe, overlay, tree)
 
 
 def boot_state_on_boot_partition(recipe: Recipe) -> bool:
