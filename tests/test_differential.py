@@ -83,6 +83,7 @@ tree = "rootfs"
 [data]
 tree = "data"
 
+# No kernel: only the boot state matters to the readers under test.
 [boot]
 method = "external"
 
@@ -91,10 +92,6 @@ key = "{TRUSTED_KEY}"
 
 [applier]
 keys = ["trusted/release.pub.pem", "trusted/second.pub.pem"]
-
-# No kernel: only the boot state matters to the readers under test.
-[boot]
-method = "external"
 """
 
 

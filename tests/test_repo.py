@@ -427,7 +427,9 @@ def test_publishing_is_atomic_for_readers(tmp_path: Path, releases: Releases) ->
         stop.set()
         thread.join()
     assert failures == []
-    assert serials == sorted(serials) and serials[-1] == 32 and len(set(serials)) > 5
+    # The reader may stop before the last publication: the index left behind is the last one.
+    last = read_signed_index(path.read_bytes(), keyring, now=int(time.time())).index.serial
+    assert serials == sorted(serials) and serials[-1] <= last == 32 and len(set(serials)) > 5
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")

@@ -333,7 +333,7 @@ def check_init(recipe: Recipe, overlay: Overlay, tree: Mapping[str, FsEntry]) ->
         raise RecipeError(
             f"{recipe.path}: the slot's {DEVICE_INIT} ({'/' + resolved}) is {found}; the slot "
             "initramfs starts it after mounting the root: add it to [rootfs] (busybox's init "
-            "or systemd's), or set [boot] method = \"external\" for a boot chain of your own"
+            'or systemd\'s), or set [boot] method = "external" for a boot chain of your own'
         )
 
 
