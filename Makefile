@@ -33,7 +33,8 @@ $(KERNEL):
 # binaries it needs on the target (busybox, openssl, zstd, fw_printenv/fw_setenv with their
 # libraries) unpacked from Debian's arm64 packages into a sysroot; nothing is installed.
 ARM64 := build/debian-arm64
-ARM64_PACKAGES := busybox-static openssl zstd libubootenv-tool
+# bsdiff and xz-utils: bspatch and xz apply the executable-aware deltas (stream version 2).
+ARM64_PACKAGES := busybox-static openssl zstd libubootenv-tool bsdiff xz-utils
 KERNEL_ARM64 := $(ARM64)/modules/.complete
 SYSROOT_ARM64 := $(ARM64)/sysroot/.complete
 $(KERNEL_ARM64):
