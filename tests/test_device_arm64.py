@@ -7,7 +7,9 @@ its serial console like the x86 demo device (tests/test_device_lifecycle.py):
   boot A 1.0.0, write a file to /data
   -> full bundle 1.1.0 into B (the on-target applier, fw_setenv on /boot/efi/uboot.env),
      reboot, U-Boot trial-boots B, the health check confirms B
-  -> delta bundle 1.1.0 -> 1.2.0 into A, reboot, trial boot, confirmed
+  -> delta bundle 1.1.0 -> 1.2.0 into A (stream version 2: six of the device's own arm64
+     libraries recompiled, so bspatch operations against their old versions, applied with
+     the device's bspatch), reboot, trial boot, confirmed
   -> 1.3.0 (a delta too), whose init crashes (kernel panic): U-Boot trial-boots B
      max_attempts times, then A
   -> the /data file is intact, and U-Boot's /uboot.env reads back on the host (avobuild's
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 import shutil
 import subprocess
 import time
@@ -31,8 +34,15 @@ from pathlib import Path
 import pytest
 import tomli_w
 from conftest import REPO, avobuild_cli
+from elf_edits import arm64_elf_files, recompile_arm64
 from test_device_boot import ext4_dump, partition_bytes, partition_span
-from test_device_lifecycle import CRASHING_INIT, Device, demo_variant
+from test_device_lifecycle import (
+    CRASHING_INIT,
+    SAMPLE_LIBRARIES,
+    Device,
+    delta_operations,
+    demo_variant,
+)
 from test_media_boot import AARCH64_VIRT, POWER_OFF, qemu
 
 from avobuild.boot.uboot import read_uboot_env
@@ -83,19 +93,37 @@ def build_updates(tmp_path: Path, layout: Path) -> tuple[Path, dict[str, Path], 
     assert "panic-reboot = 1" in factory.read_text()
     stick = tmp_path / "stick"
     stick.mkdir()
+    # 1.1.0 -> 1.2.0 recompiles six of the sysroot's arm64 libraries (B/BL targets moved at
+    # six places each), so the delta (stream version 2) holds bspatch operations, which the
+    # device applies with the bspatch (and xz, for the arm64 filter where it pays) of its
+    # target-tools.
+    rng = random.Random(14)
+    libraries = {
+        f"{SAMPLE_LIBRARIES}/lib{letter}.so": path.read_bytes()
+        for letter, path in zip("abcdef", arm64_elf_files(6), strict=True)
+    }
     full_v11 = stick / "demo-1.1.0.avb"
-    recipe = demo_variant(tmp_path, "1.1.0", base=DEMO_ARM64, layout=layout)
+    recipe = demo_variant(tmp_path, "1.1.0", base=DEMO_ARM64, layout=layout, binaries=libraries)
     avobuild_cli("bundle", "create", recipe, "-o", full_v11)
     full_v12 = tmp_path / "demo-1.2.0.avb"
-    recipe = demo_variant(tmp_path, "1.2.0", base=DEMO_ARM64, layout=layout)
+    recompiled = {dest: recompile_arm64(rng, data) for dest, data in libraries.items()}
+    recipe = demo_variant(tmp_path, "1.2.0", base=DEMO_ARM64, layout=layout, binaries=recompiled)
     avobuild_cli("bundle", "create", recipe, "-o", full_v12)
     delta = stick / "demo-1.1.0-1.2.0.delta.avb"
     avobuild_cli("delta", "create", "--from", full_v11, "--to", full_v12, "-o", delta, "--key", KEY)
+    operations = delta_operations(delta)
+    assert operations.startswith(b"avobuild-delta 2\n"), operations[:40]
+    assert re.search(rb"\nbspatch \d+ \d+ (raw|arm64) ", operations), "no bspatch in the delta"
     # The crashing 1.3.0 travels as a delta from the running 1.2.0 as well: a full bundle
     # would cost another ~2 minutes of writing a whole slot under emulation.
     full_v13 = tmp_path / "demo-1.3.0.avb"
     recipe = demo_variant(
-        tmp_path, "1.3.0", base=DEMO_ARM64, layout=layout, files={"/sbin/init": CRASHING_INIT}
+        tmp_path,
+        "1.3.0",
+        base=DEMO_ARM64,
+        layout=layout,
+        files={"/sbin/init": CRASHING_INIT},
+        binaries=recompiled,
     )
     avobuild_cli("bundle", "create", recipe, "-o", full_v13)
     panic = stick / "demo-1.2.0-1.3.0.delta.avb"
