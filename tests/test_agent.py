@@ -901,6 +901,7 @@ def test_fleet_and_telemetry_tables_render_the_agent_files(tmp_path: Path, init:
     assert conf["Updates"]["updatewindow"] == "22:30-04:00"
     yaml = (first / "etc/avocado/update-telemetry.yaml").read_text()
     assert "    - download_time\n    - rollback_events\n\n" in yaml
+    assert "\n  endpoint:" not in yaml  # events go to agent.conf's endpoint
     assert "interval: hourly\n" in yaml and "max_queue: 65536\n" in yaml
     assert list((first / "etc/avocado/index-keys").glob("*.ed25519.pem"))
     unit = first / "usr/lib/systemd/system/avocado-agent.service"
@@ -908,6 +909,16 @@ def test_fleet_and_telemetry_tables_render_the_agent_files(tmp_path: Path, init:
     assert unit.exists() is (init == "systemd") and script.exists() is (init == "busybox")
     if init == "busybox":
         assert script.stat().st_mode & 0o111
+
+
+def test_a_telemetry_endpoint_is_rendered_for_the_agent(tmp_path: Path) -> None:
+    tables = AGENT_TABLES.replace("INIT", "busybox").replace(
+        'max-queue = "64K"', 'max-queue = "64K"\nendpoint = "https://telemetry.example.com:9443/t/"'
+    )
+    rendered = tmp_path / "rendered"
+    render_applier(load_recipe(_fleet_recipe(tmp_path, tables)), rendered)
+    yaml = (rendered / "etc/avocado/update-telemetry.yaml").read_text()
+    assert "\n  endpoint: https://telemetry.example.com:9443/t\n" in yaml
 
 
 @pytest.mark.parametrize(
