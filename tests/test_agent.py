@@ -10,13 +10,19 @@ serves tampered, replayed, foreign, oversized and substituted answers.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import random
+import re
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +131,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             "dev-g",
             "dev-h",
             "dev-s",
+            "dev-r",
+            "dev-t",
+            "dev-w",
+            *(f"dev-ra{n}" for n in range(10)),
             *(f"dev-d{n}" for n in range(7)),
         ],
     )
@@ -166,11 +176,11 @@ def fleet_device(world: World, root: Path, device_id: str, port: int | None = No
     return device
 
 
-def events(world: World, device_id: str) -> list[tuple[str, ...]]:
+def events(world: World, device_id: str, database: Path | None = None) -> list[tuple[str, ...]]:
     result = subprocess.run(
         [
             "sqlite3",
-            str(world.repository / "telemetry.sqlite"),
+            str(database or world.repository / "telemetry.sqlite"),
             "SELECT id, type, version, result, COALESCE(bytes, ''), COALESCE(delta, ''),"
             f" COALESCE(detail, '') FROM events WHERE device = '{device_id}' ORDER BY time, id",
         ],
@@ -182,10 +192,20 @@ def events(world: World, device_id: str) -> list[tuple[str, ...]]:
 
 
 def queue(device: Device) -> list[dict[str, object]]:
-    path = device.state / "telemetry" / "queue"
-    if not path.exists():
+    """The queued events, oldest first: one file per event, one JSON line each."""
+    spool = device.state / "telemetry" / "spool"
+    if not spool.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    names = sorted(
+        (p.name for p in spool.iterdir() if not p.name.startswith(".")),
+        key=lambda name: (int(name.split("-")[0]), name),
+    )
+    events = []
+    for name in names:
+        text = (spool / name).read_text()
+        assert text.endswith("\n") and text.count("\n") == 1, (name, text)
+        events.append(json.loads(text))
+    return events
 
 
 def test_agent_finds_fetches_the_delta_installs_and_reports(world: World, tmp_path: Path) -> None:
@@ -223,6 +243,7 @@ def test_agent_finds_fetches_the_delta_installs_and_reports(world: World, tmp_pa
     # A lost answer makes the device send again: the server keeps one copy of each event.
     ids = {row[0] for row in stored}
     replay = [{"id": i, "type": "error", "time": 1, "version": "1.1.0", "detail": "x"} for i in ids]
+    # (as the single queue file of an applier before the spool: it is moved into the spool)
     (device.state / "telemetry" / "queue").write_text(
         "".join(json.dumps(event) + "\n" for event in replay)
     )
@@ -322,8 +343,6 @@ def test_a_failed_health_check_is_reported_as_a_rollback(world: World, tmp_path:
 
 
 def _shift_to_hour(hour: int) -> int:
-    import time
-
     now = int(time.time())
     return (hour * 3600 + 1800 - now % 86400) % 86400
 
@@ -332,10 +351,17 @@ def _shift_to_hour(hour: int) -> int:
 
 
 class Hostile:
-    """A TLS server with the test PKI that answers each path with the bytes `answer` gives."""
+    """A TLS server with the test PKI that answers each path with the bytes `answer` gives
+    (`answer_body`: given the request body too); `requests` lists (path, head, body)."""
 
-    def __init__(self, pki: Pki, answer: Callable[[str], bytes]) -> None:
-        self.answer = answer
+    def __init__(
+        self,
+        pki: Pki,
+        answer: Callable[[str], bytes] | None = None,
+        answer_body: Callable[[str, bytes], bytes] | None = None,
+    ) -> None:
+        self.answer = answer_body or (lambda path, _body: answer(path) if answer else b"")
+        self.requests: list[tuple[str, str, bytes]] = []
         self.port = free_port()
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(pki.server_certificate, pki.server_key)
@@ -360,20 +386,36 @@ class Hostile:
                         if not chunk:
                             break
                         head += chunk
+                    head, _, body = head.partition(b"\r\n\r\n")
                     path = head.split(b" ", 2)[1].decode()
-                    connection.sendall(self.answer(path))
+                    length = re.search(rb"\r\ncontent-length: *(\d+)", head, re.IGNORECASE)
+                    while length and len(body) < int(length[1]):
+                        chunk = connection.recv(65536)
+                        if not chunk:
+                            break
+                        body += chunk
+                    self.requests.append((path, head.decode("latin-1"), body))
+                    connection.sendall(self.answer(path, body))
             except (OSError, IndexError):
                 pass
 
     def close(self) -> None:
+        # shutdown wakes the thread's accept(); close alone leaves the socket listening while
+        # accept() holds it, and a later test's server on the same port number would not be
+        # the one that answers.
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
+        self.thread.join(timeout=10)
 
 
-def http(body: bytes, status: str = "200 OK", length: int | None = None) -> bytes:
+def http(
+    body: bytes, status: str = "200 OK", length: int | None = None, headers: str = ""
+) -> bytes:
     size = len(body) if length is None else length
     return (
-        f"HTTP/1.1 {status}\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n".encode() + body
-    )
+        f"HTTP/1.1 {status}\r\nContent-Length: {size}\r\n{headers}Connection: close\r\n\r\n"
+    ).encode() + body
 
 
 def serving(world: World, index: bytes, check: str | None = None, bundle: bytes | None = None):  # type: ignore[no-untyped-def]
@@ -403,6 +445,270 @@ def test_a_server_window_makes_the_agent_check_again_when_it_opens(
         hostile.close()
     assert "no update: window (retry after 120 s)" in result.stdout
     assert (device.state / "fleet" / "retry-after").read_text() == "120\n"
+
+
+# --- Retry-After ------------------------------------------------------------------------------
+DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def http_date(at: float, form: str = "imf") -> str:
+    """RFC 9110 section 5.6.7's three forms, spelled out (no locale)."""
+    moment = time.gmtime(at)
+    day, month = DAYS[moment.tm_wday], MONTHS[moment.tm_mon - 1]
+    clock = time.strftime("%H:%M:%S", moment)
+    if form == "rfc850":
+        weekday = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+        date = f"{moment.tm_mday:02d}-{month}-{moment.tm_year % 100:02d}"
+        return f"{weekday[moment.tm_wday]}, {date} {clock} GMT"
+    if form == "asctime":
+        return f"{day} {month} {moment.tm_mday:2d} {clock} {moment.tm_year}"
+    return f"{day}, {moment.tm_mday:02d} {month} {moment.tm_year} {clock} GMT"
+
+
+# (Retry-After, the wait the device keeps: None when the value is refused)
+RETRY_AFTER: dict[str, tuple[Callable[[float], str], int | None]] = {
+    "seconds": (lambda now: "120", 120),
+    "leading-zeros": (lambda now: "0090", 90),
+    "imf-date": (lambda now: http_date(now + 300), 300),
+    "rfc850-date": (lambda now: http_date(now + 600, "rfc850"), 600),
+    "asctime-date": (lambda now: http_date(now + 900, "asctime"), 900),
+    "huge": (lambda now: "9" * 40, 86400),
+    "year-9999": (lambda now: "Fri, 31 Dec 9999 23:59:59 GMT", 86400),
+    "past-date": (lambda now: http_date(now - 3600), 0),
+    "negative": (lambda now: "-5", None),
+    "words": (lambda now: "soon", None),
+    "no-such-day": (lambda now: "Wed, 32 Dec 2026 06:00:00 GMT", None),
+    "two-values": (lambda now: "120, 60", None),
+}
+
+
+@pytest.mark.parametrize(
+    ("case", "status"),
+    [(case, "429 Too Many Requests") for case in sorted(RETRY_AFTER)]
+    # a 503 answer takes the same path: three cases show it
+    + [(case, "503 Service Unavailable") for case in ("seconds", "imf-date", "words")],
+)
+def test_retry_after_stops_every_request_until_it_passes(
+    world: World, tmp_path: Path, case: str, status: str
+) -> None:
+    make, wait = RETRY_AFTER[case]
+    device = fleet_device(world, tmp_path / "device", "dev-c")
+    value = make(time.time())
+    busy = http(b'{"error": "busy"}', status, headers=f"Retry-After: {value}\r\n")
+    hostile = Hostile(world.pki, lambda path: busy)
+    conf = device.conf / "agent.conf"
+    conf.write_text(conf.read_text().replace(f":{world.server.port}", f":{hostile.port}"))
+
+    def asked() -> int:  # index requests (a failure also sends its error event)
+        return sum(1 for path, _, _ in hostile.requests if path == "/index.signed")
+
+    try:
+        first = device.run("check", check=False)
+        status_file = device.state / "fleet" / "status"
+        status_text = status_file.read_text() if status_file.exists() else ""
+        not_before = device.state / "fleet" / f"not-before.127.0.0.1-{hostile.port}"
+        until = int(not_before.read_text()) if not_before.exists() else 0
+        asked_first = asked()
+        second = device.run("check", check=False)
+        asked_again = asked() - asked_first
+        later = device.run("check", check=False, AVO_TEST_CLOCK_SHIFT=str((wait or 0) + 2))
+        asked_later = asked() - asked_first - asked_again
+    finally:
+        hostile.close()
+    history = device.history()
+    assert asked_first == 1 and asked_later == 1  # once the wait is over, the device asks again
+    if wait:
+        assert first.returncode == 5 and "Retry-After" in first.stderr, first.stderr
+        kept = re.search(
+            r"\tbackoff\tHTTP \d+ from [^\n]*: no request to it for (\d+) s\n", history
+        )
+        assert kept and wait - 5 <= int(kept[1]) <= wait, history  # a date: seconds passed
+        assert f"for {kept[1]} s (Retry-After)" in first.stderr, first.stderr
+        assert abs(until - (time.time() + wait)) <= 10
+        assert "result=waiting" in status_text, status_text
+        # no request before it: the second check does not reach the server
+        assert second.returncode == 5 and asked_again == 0, second.stderr
+        assert "asked for no request before" in second.stderr
+    else:
+        # nothing to wait for: a failure like any other, and the next check asks again
+        assert first.returncode == 1 and status[:3] in first.stderr, first.stderr
+        assert second.returncode == 1 and asked_again == 1
+        if wait is None:
+            assert "is neither seconds nor an HTTP-date; ignored" in history
+    assert later.returncode in (1, 5)  # the server still answers busy, once asked
+
+
+def test_a_503_during_a_download_keeps_the_partial_file(world: World, tmp_path: Path) -> None:
+    device = fleet_device(world, tmp_path / "device", "dev-r")
+    conf = device.conf / "agent.conf"
+    conf.write_text(conf.read_text().replace("AutoApply = true", "AutoApply = false"))
+    device.run("check")
+    index = (world.repository / "public" / "index.signed").read_bytes()
+    full = world.releases.bundles["1.1.0"].read_bytes()
+    part = device.state / "downloads" / f"{sha256(full)}.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(full[:30000])
+    offer = (
+        f"avobuild-check 1\nchannel stable\nserial 3\nupdate 1.1.0 {len(full)} {sha256(full)} /x\n"
+    )
+    busy = http(b'{"error": "busy"}', "503 Service Unavailable", headers="Retry-After: 60\r\n")
+    hostile = serving(world, index, offer, busy)
+    text = conf.read_text()
+    conf.write_text(text.replace(f":{world.server.port}", f":{hostile.port}"))
+    try:
+        result = device.run("agent", "--once", check=False)
+    finally:
+        hostile.close()
+    assert result.returncode == 5 and "waiting" in result.stderr, result.stderr
+    bundle_requests = [head for path, head, _ in hostile.requests if path.startswith("/bundles/")]
+    assert len(bundle_requests) == 1 and "\r\nRange: bytes=30000-" in bundle_requests[0]
+    assert part.read_bytes() == full[:30000]  # kept for the next pass
+    assert not [e for e in queue(device) if e["type"] in ("download", "error")]  # not a failure
+    conf.write_text(text)
+    assert "downloaded 1.1.0" in device.run("agent", "--once").stdout
+    assert (device.state / "downloads" / f"{sha256(full)}.avb").read_bytes() == full
+
+
+def test_the_servers_rate_limit_makes_the_agent_wait(world: World, tmp_path: Path) -> None:
+    """`avobuild serve` answers a device over its burst with 429 and Retry-After."""
+    device = fleet_device(world, tmp_path / "device", "dev-ra0")
+    for _ in range(20):  # 20 requests at once (burst), two a check
+        result = device.run("check", check=False)
+        if result.returncode != 0:
+            break
+    assert result.returncode == 5 and "HTTP 429" in result.stderr, result.stderr
+    found = re.search(r"for (\d+) s \(Retry-After\)", result.stderr)
+    assert found and 1 <= int(found[1]) <= 31, result.stderr  # one token: 30 s at 120 an hour
+    assert f"HTTP 429 from 127.0.0.1:{world.server.port}: Retry-After '{found[1]}'" in (
+        device.history()
+    )
+    again = device.run("check", check=False)
+    assert again.returncode == 5 and "asked for no request before" in again.stderr
+
+
+# --- the telemetry endpoint ------------------------------------------------------------------
+
+
+def test_events_go_to_the_telemetry_endpoint(world: World, tmp_path: Path) -> None:
+    """update-telemetry.yaml's endpoint, with the device's own certificate: a second server
+    (the same repository, its own database) gets the events; the fleet server none."""
+    device = fleet_device(world, tmp_path / "device", "dev-t")
+    yaml = device.conf / "update-telemetry.yaml"
+    text = yaml.read_text()
+    assert "\n  collect:" in text
+    second_database = tmp_path / "second.sqlite"
+    with running_server(
+        world.repository, world.pki, tmp_path / "second.log", "--database", str(second_database)
+    ) as second:
+        endpoint = f"https://127.0.0.1:{second.port}/"
+        yaml.write_text(text.replace("\n  collect:", f"\n  endpoint: {endpoint}\n  collect:", 1))
+        device.run("check")
+        device.run("download", "--version", "1.1.0")
+        device.run("check")  # sends
+    assert queue(device) == []
+    stored = events(world, "dev-t", second_database)
+    assert [row[1:4] for row in stored] == [("download", "1.1.0", "ok")], stored
+    assert events(world, "dev-t") == []
+
+    # A bad endpoint: check refuses to run, naming it; events are still queued.
+    yaml.write_text(text.replace("\n  collect:", "\n  endpoint: http://127.0.0.1\n  collect:", 1))
+    result = device.run("check", check=False)
+    assert result.returncode == 2 and "metrics.endpoint 'http://127.0.0.1'" in result.stderr
+
+
+# --- the queue: several processes, kills ------------------------------------------------------
+
+
+def test_concurrent_writers_a_sender_and_a_kill_lose_and_repeat_no_event(
+    world: World, tmp_path: Path
+) -> None:
+    """The agent, the boot hook and the health check are separate processes on one data
+    partition. Three write events at once (each `check` against its own closed port queues
+    one error event naming that port) while a fourth sends, and one writer is killed at a
+    seeded moment. The oracle: the collector got every id exactly once, as valid JSON; the
+    two writers that ran to the end have exactly their events; the killed one those of the
+    checks it finished, or one more (killed after the event, before its "done" line)."""
+    rng = random.Random(20261202)
+    device = fleet_device(world, tmp_path / "device", "dev-w")
+    index = (world.repository / "public" / "index.signed").read_bytes()
+    posted: list[dict[str, object]] = []
+    malformed: list[bytes] = []
+
+    def collect(path: str, body: bytes) -> bytes:
+        if path.endswith("/index.signed"):
+            return http(index)
+        if "/updates/check/" in path:
+            return http(b"avobuild-check 1\nchannel stable\nserial 3\nnone current\n")
+        if path.endswith("/telemetry"):
+            try:
+                batch = json.loads(body)["events"]
+            except (ValueError, KeyError):
+                malformed.append(body)
+                return http(b'{"error": "bad"}', "400 Bad Request")
+            posted.extend(batch)
+            return http(json.dumps({"stored": len(batch), "duplicates": 0}).encode())
+        return http(b"{}", "404 Not Found")
+
+    collector = Hostile(world.pki, answer_body=collect)
+    conf = device.conf / "agent.conf"
+    text = conf.read_text()
+    conf.write_text(text.replace(f":{world.server.port}", f":{collector.port}"))
+    script = world.setup.rendered / "usr" / "sbin" / "avocado-update"
+    checks = 12
+    writers: list[tuple[int, subprocess.Popen[bytes], Path]] = []
+    for number in range(3):
+        port = free_port()  # nothing listens there
+        writer_conf = device.conf / f"writer-{number}.conf"
+        writer_conf.write_text(text.replace(f":{world.server.port}", f":{port}"))
+        log = tmp_path / f"writer-{number}.log"
+        loop = (
+            f"i=0; while [ $i -lt {checks} ]; do i=$((i + 1)); "
+            f"sh {script} check > /dev/null 2>&1; echo done $i; done"
+        )
+        with log.open("wb") as output:
+            process = subprocess.Popen(
+                [f"{world.setup.busybox_path}/sh", "-c", loop],
+                env=device.env(AVO_AGENT_CONF=str(writer_conf)),
+                stdout=output,
+                start_new_session=True,
+            )
+        writers.append((port, process, log))
+    try:
+        killed_at = time.monotonic() + rng.uniform(1.0, 3.0)
+        killed = False
+        while any(process.poll() is None for _, process, _ in writers):
+            device.run("check", check=False)  # the sender, against the collector
+            if not killed and time.monotonic() >= killed_at:
+                os.killpg(writers[2][1].pid, signal.SIGKILL)
+                killed = True
+        if not killed:
+            pytest.fail("the writers finished before the kill; make them longer")
+        left = device.run("check", check=False)  # what is left
+        assert left.returncode == 0, left.stderr
+        # What a process killed between writing and renaming leaves is swept once it is gone.
+        leftover = device.state / "telemetry" / "spool" / ".new-4194305-7-0badcafe"
+        leftover.write_text('{"id": "half')
+        (device.state / "telemetry" / "urgent").write_text("")
+        device.run("check")
+        assert not leftover.exists()
+    finally:
+        for _, process, _ in writers:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        collector.close()
+    assert malformed == []
+    ids = [str(event["id"]) for event in posted]
+    assert len(ids) == len(set(ids)), "an event was sent twice"
+    assert queue(device) == []
+    for number, (port, _, log) in enumerate(writers):
+        mine = [e for e in posted if f"127.0.0.1:{port}:" in str(e.get("detail", ""))]
+        finished = len(log.read_text().split()) // 2
+        if number < 2:
+            assert finished == checks and len(mine) == checks, (number, finished, len(mine))
+        else:
+            assert finished < checks and len(mine) in (finished, finished + 1), (finished, mine)
 
 
 def test_a_static_repository_gives_the_same_offer(world: World, tmp_path: Path) -> None:
@@ -595,6 +901,7 @@ def test_fleet_and_telemetry_tables_render_the_agent_files(tmp_path: Path, init:
     assert conf["Updates"]["updatewindow"] == "22:30-04:00"
     yaml = (first / "etc/avocado/update-telemetry.yaml").read_text()
     assert "    - download_time\n    - rollback_events\n\n" in yaml
+    assert "\n  endpoint:" not in yaml  # events go to agent.conf's endpoint
     assert "interval: hourly\n" in yaml and "max_queue: 65536\n" in yaml
     assert list((first / "etc/avocado/index-keys").glob("*.ed25519.pem"))
     unit = first / "usr/lib/systemd/system/avocado-agent.service"
@@ -602,6 +909,16 @@ def test_fleet_and_telemetry_tables_render_the_agent_files(tmp_path: Path, init:
     assert unit.exists() is (init == "systemd") and script.exists() is (init == "busybox")
     if init == "busybox":
         assert script.stat().st_mode & 0o111
+
+
+def test_a_telemetry_endpoint_is_rendered_for_the_agent(tmp_path: Path) -> None:
+    tables = AGENT_TABLES.replace("INIT", "busybox").replace(
+        'max-queue = "64K"', 'max-queue = "64K"\nendpoint = "https://telemetry.example.com:9443/t/"'
+    )
+    rendered = tmp_path / "rendered"
+    render_applier(load_recipe(_fleet_recipe(tmp_path, tables)), rendered)
+    yaml = (rendered / "etc/avocado/update-telemetry.yaml").read_text()
+    assert "\n  endpoint: https://telemetry.example.com:9443/t\n" in yaml
 
 
 @pytest.mark.parametrize(

@@ -8,9 +8,11 @@ console, as mkosi and RAUC test themselves:
   -> 1.4.0, whose init crashes (kernel panic): every trial boot panics, GRUB falls back to A
   -> the network: the device's agent asks the host's `avobuild serve` (user-mode networking,
      mutual TLS): a device outside the 10 % rollout is not offered 1.5.0 until it is promoted
-     to 100 %, the device waits outside its update window, then finds 1.5.0 by itself,
-     downloads the delta, installs, reboots, confirms; `fleet report` shows its download,
-     apply and boot times, the confirmation and the rollbacks of 1.3.0 and 1.4.0
+     to 100 %, the device waits outside its update window, then finds 1.5.0 by itself and
+     downloads the delta; the network is cut in the middle of it, and the next agent pass
+     resumes it with a Range request from the partial file; it installs, reboots, confirms;
+     `fleet report` shows its download, apply and boot times, the confirmation and the
+     rollbacks of 1.3.0 and 1.4.0
   -> the /data file is intact (read back on the host with debugfs)
   -> the disk is broken; the USB recovery stick restores the factory image; A 1.0.0 boots.
 
@@ -28,10 +30,13 @@ import json
 import random
 import re
 import shutil
+import socket
 import subprocess
+import threading
 import time
 import tomllib
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -41,7 +46,7 @@ import tomli_w
 from conftest import REPO, avobuild_cli
 from elf_edits import host_elf_files, recompile
 from test_device_boot import ext4_dump, partition_bytes
-from test_fleet_support import Pki, Server, index_key, leaf, make_pki, running_server
+from test_fleet_support import Pki, index_key, leaf, make_pki, running_server
 from test_media_boot import MENU, POWER_OFF, Qemu, qemu, restore_factory_image, uefi_args
 
 from avobuild.applier.render import write_key_files
@@ -199,7 +204,11 @@ def prepare_fleet(tmp_path: Path, full_v12: Path, stick: Path) -> tuple[Path, Pk
         "--key", key, "--delta-key", KEY,
     )  # fmt: skip
     v15 = tmp_path / f"demo-{NETWORK_VERSION}.avb"
-    avobuild_cli("bundle", "create", demo_variant(tmp_path, NETWORK_VERSION), "-o", v15)
+    # 256 KiB that do not compress: a delta long enough to be cut in the middle.
+    blob = {"/usr/share/avobuild-demo/network.bin": random.Random(15).randbytes(256 << 10)}
+    avobuild_cli(
+        "bundle", "create", demo_variant(tmp_path, NETWORK_VERSION, binaries=blob), "-o", v15
+    )
     avobuild_cli("repo", "add", repository, full_v12, "--channel", "stable")
     avobuild_cli("repo", "add", repository, v15, "--channel", "stable", "--percent", "10")
     delta = tmp_path / "network-delta.avb"
@@ -220,11 +229,62 @@ def prepare_fleet(tmp_path: Path, full_v12: Path, stick: Path) -> tuple[Path, Pk
     return repository, pki
 
 
-def provision(stick: Path, pki: Pki, server: Server, window: str) -> None:
+class CuttingProxy:
+    """A TCP relay to the server (TLS passes through it untouched) that, once armed, ends the
+    next connection whose answer passes `limit` bytes, after exactly `limit` bytes: the
+    network cut in the middle of the only answer that long, the bundle download."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.limit = 0
+        self.cut = threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def arm(self, limit: int) -> None:
+        self.limit = limit
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+                server = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                return
+            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, answer: bool) -> None:
+        sent = 0
+        try:
+            while chunk := source.recv(65536):
+                if answer and self.limit and sent + len(chunk) > self.limit:
+                    sink.sendall(chunk[: self.limit - sent])
+                    self.limit = 0
+                    self.cut.set()
+                    break
+                sink.sendall(chunk)
+                sent += len(chunk)
+        except OSError:
+            pass
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+            end.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+
+
+def provision(stick: Path, pki: Pki, ports: tuple[int, int], window: str) -> None:
     """What provisioning writes per device: its certificate, key and agent configuration
-    (the device copies `fleet/inside` to /data/avocado; `outside` is used from the stick)."""
-    for name, device, enabled in zip(
-        ("inside", "outside"), fleet_ids(), (True, False), strict=True
+    (the device copies `fleet/inside` to /data/avocado; `outside` is used from the stick);
+    `ports`: the server's port each of them is given."""
+    for name, device, enabled, port in zip(
+        ("inside", "outside"), fleet_ids(), (True, False), ports, strict=True
     ):
         directory = stick / "fleet" / name
         directory.mkdir()
@@ -232,7 +292,7 @@ def provision(stick: Path, pki: Pki, server: Server, window: str) -> None:
         shutil.copyfile(certificate, directory / "device.crt")
         shutil.copyfile(key, directory / "device.key")
         where = "/data/avocado" if name == "inside" else f"{MEDIA}/fleet/outside"
-        (directory / "agent.conf").write_text(agent_conf(server.port, where, window))
+        (directory / "agent.conf").write_text(agent_conf(port, where, window))
         (directory / "update-telemetry.yaml").write_text(telemetry_yaml(enabled))
         shutil.copyfile(stick / "fleet" / "fleet-ca.crt", directory / "fleet-ca.crt")
         shutil.copytree(stick / "fleet" / "index-keys", directory / "index-keys")
@@ -375,11 +435,21 @@ def restore_with_usb_stick(tmp_path: Path, firmware: list[str], disk: Path, fact
         assert partition_bytes(disk, label) == partition_bytes(factory, label), label
 
 
+@dataclass(frozen=True)
+class Network:
+    """The host side of the network stage."""
+
+    proxy: CuttingProxy  # between the inside device and the server
+    server_log: Path  # `serve --access-log`
+    delta: Path  # the delta bundle the device should fetch
+
+
 def lifecycle(
     machine: Qemu,
     bundles: dict[str, Path],
     data: bytes,
     repository: Path,
+    network: Network,
     phase: Callable[[str], None],
 ) -> None:
     """Steps 1 to 4 and the network stage, on one machine."""
@@ -447,7 +517,7 @@ def lifecycle(
     assert digest == hashlib.sha256(data).hexdigest()
     phase("1.4.0 panicked 3 times, fell back to A")
 
-    network_stage(machine, device, repository, phase)
+    network_stage(machine, device, repository, network, phase)
     machine.send("sync; poweroff -f\n")
     machine.expect(POWER_OFF, timeout=120)
     assert machine.ended.wait(timeout=60)
@@ -455,7 +525,11 @@ def lifecycle(
 
 
 def network_stage(
-    machine: Qemu, device: Device, repository: Path, phase: Callable[[str], None]
+    machine: Qemu,
+    device: Device,
+    repository: Path,
+    network: Network,
+    phase: Callable[[str], None],
 ) -> None:
     """The device's agent and the host's `avobuild serve`, over user-mode networking."""
     inside, outside = fleet_ids()
@@ -479,9 +553,27 @@ def network_stage(
     else:
         raise AssertionError(f"{outside} was not offered {NETWORK_VERSION} at 100 %")
     device.check("sed -i '/^UpdateWindow/d' /data/avocado/agent.conf")
+    # The network is cut 96 KiB into the answer to the download (of the delta's 256 KiB).
+    delta_size = network.delta.stat().st_size
+    delta_sha = hashlib.sha256(network.delta.read_bytes()).hexdigest()
+    network.proxy.arm(96 << 10)
+    code, cut = device.run("avocado-update agent --once", 900)
+    assert network.proxy.cut.is_set() and code == 1, (code, cut)
+    assert "the connection ended early" in cut and "run again to resume" in cut, cut
+    partial = int(device.check("cat /data/avocado-update/downloads/*.part | wc -c").split()[-1])
+    assert 0 < partial < delta_size, (partial, delta_size)
+    phase(f"network: cut mid-download, {partial} of the delta's {delta_size} bytes kept")
+
     machine.send("avocado-update agent --once\n")
     applied = machine.expect(f"applied {NETWORK_VERSION} to slot B".encode(), timeout=900)
     assert b"downloaded " + NETWORK_VERSION.encode() in applied
+    # The server's access log: the next pass asked for the rest, from the partial size on.
+    resumed = [
+        line
+        for line in network.server_log.read_text().splitlines()
+        if f'"GET /bundles/{delta_sha}.avb HTTP/1.1" 206 ' in line and f'"bytes={partial}-"' in line
+    ]
+    assert len(resumed) == 1, network.server_log.read_text()[-3000:]
     device.booted("B", NETWORK_VERSION)
     machine.expect(f"confirmed slot B ({NETWORK_VERSION})".encode(), timeout=240)
     phase(f"network: the agent found {NETWORK_VERSION}, installed the delta, B confirmed")
@@ -489,7 +581,7 @@ def network_stage(
     device.mount_media()
     device.check(NET_UP)
     device.check("avocado-update agent --once", 300)  # sends what the boot recorded
-    device.check("[ ! -s /data/avocado-update/telemetry/queue ]")  # everything was sent
+    device.check('[ -z "$(ls /data/avocado-update/telemetry/spool)" ]')  # everything was sent
     today = datetime.now(UTC).date().isoformat()
     report = json.loads(
         avobuild_cli(
@@ -507,6 +599,14 @@ def network_stage(
         capture_output=True, text=True, check=True,
     ).stdout.split()  # fmt: skip
     assert f"download|{NETWORK_VERSION}|1" in rows, rows  # the delta, not the full bundle
+    downloads = subprocess.run(
+        ["sqlite3", str(repository / "telemetry.sqlite"),
+         f"SELECT result, bytes FROM events WHERE device = '{inside}' AND type = 'download'"
+         f" AND version = '{NETWORK_VERSION}' ORDER BY time, id"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    assert downloads[-1] == f"ok|{delta_size - partial}", downloads  # only the rest fetched
+    assert any(row.startswith("failed|") for row in downloads), downloads  # the cut, reported
     assert "rollback|1.3.0|" in rows and "rollback|1.4.0|" in rows, rows
     print(f"fleet report {NETWORK_VERSION}: " + json.dumps(row))
     phase("network: fleet report shows the device's times, confirmation and rollbacks")
@@ -530,11 +630,14 @@ def test_device_lifecycle(tmp_path: Path) -> None:
 
     firmware = uefi_args(tmp_path)  # one UEFI variable store for the device's whole life
     with contextlib.ExitStack() as stack:
-        server = stack.enter_context(running_server(repository, pki, tmp_path / "serve.log"))
+        server_log = tmp_path / "serve.log"
+        server = stack.enter_context(running_server(repository, pki, server_log, "--access-log"))
+        proxy = CuttingProxy(server.port)
+        stack.callback(proxy.close)
         # An update window that is closed now (the guest's clock is the host's, in UTC).
         later = datetime.now(UTC) + timedelta(hours=2)
         window = f"{later:%H}:00-{(later + timedelta(hours=1)):%H}:00"
-        provision(tmp_path / "stick", pki, server, window)
+        provision(tmp_path / "stick", pki, (proxy.port, server.port), window)
         make_stick(tmp_path / "stick", tmp_path / "stick.img")
         args = [
             *firmware,
@@ -549,7 +652,8 @@ def test_device_lifecycle(tmp_path: Path) -> None:
             "virtio-net-pci,netdev=net0,romfile=",
         ]
         machine = stack.enter_context(qemu(args, tmp_path / "console.log", reboot=True))
-        lifecycle(machine, bundles, data, repository, phase)
+        network = Network(proxy, server_log, tmp_path / "network-delta.avb")
+        lifecycle(machine, bundles, data, repository, network, phase)
 
     # The data file, read back from the data partition on the host.
     data_image = tmp_path / "data.img"

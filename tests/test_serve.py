@@ -581,6 +581,24 @@ def own_server(fleet: Fleet, tmp_path: Path) -> Iterator[tuple[Path, Server]]:
         yield repository, server
 
 
+def test_the_access_log_shows_each_request_and_its_range(fleet: Fleet, tmp_path: Path) -> None:
+    log = tmp_path / "access.log"
+    with running_server(
+        fleet.repository, fleet.pki, log, "--access-log", "--database", str(tmp_path / "t.sqlite")
+    ) as server:
+        client = server.client("dev010")
+        assert client.get("/updates/download/1.1.0", Range="bytes=4096-").status == 206
+        assert client.get("/index.signed").status == 200
+        deadline = time.monotonic() + 10
+        while log.read_text().count('"GET ') < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    size = fleet.releases.bundles["1.1.0"].stat().st_size
+    lines = [line for line in log.read_text().splitlines() if '"GET ' in line]
+    ranged = re.search(r'"GET /updates/download/1.1.0 HTTP/1.1" 206 (\d+) "bytes=4096-" ', lines[0])
+    assert ranged and size - 4096 < int(ranged[1]) < size, lines  # the bytes sent, with headers
+    assert '"GET /index.signed HTTP/1.1" 200 ' in lines[1] and ' "-" ' in lines[1], lines
+
+
 def test_publishing_while_serving_and_a_file_that_does_not_match(
     fleet: Fleet, own_server: tuple[Path, Server]
 ) -> None:
@@ -633,7 +651,7 @@ def test_publishing_while_serving_and_a_file_that_does_not_match(
     data[1000] ^= 0xFF
     path.write_bytes(bytes(data))
     refused = client.get("/updates/download/1.1.0")
-    assert refused.status == 503
+    assert refused.status == 503 and refused.headers["retry-after"] == "300"
     assert "is not the one the signed index names" in json.loads(refused.body)["error"]
     assert check(server, "dev005", "1.0.0")["reason"] == "halted"
     assert "sha256" in server.log.read_text()

@@ -59,6 +59,10 @@ log = logging.getLogger("avobuild.fleet.serve")
 HALT_REFRESH = 2.0
 MAX_DOWNLOADS_PER_DEVICE = 4
 JUDGE_PAUSE = 1.0
+# Retry-After of a 503 (RFC 9110 section 10.2.3; the agent waits at least that long): the
+# database is usually back soon; a bundle file that does not match the index needs an operator.
+RETRY_STORE = 30
+RETRY_FILE = 300
 CHECK_TEXT = "avobuild-check 1"
 _SHA_FILE = r"{name:[0-9a-f]{64}\.avb}"
 
@@ -82,6 +86,13 @@ class ApiError(Exception):
 
 def _fail(status: int, message: str, **extra: Any) -> NoReturn:
     raise ApiError(status, message, **extra)
+
+
+def _unavailable(message: str, seconds: int, **extra: Any) -> NoReturn:
+    """503 with Retry-After: devices come back after `seconds`, not at once."""
+    raise ApiError(
+        503, message, headers={"Retry-After": str(seconds)}, retry_after=seconds, **extra
+    )
 
 
 def _json_error(
@@ -236,7 +247,7 @@ class FleetServer:
                 halts = await self.store.halts()
             except FleetStoreError as error:
                 if self._halts.by_release is None:
-                    _fail(503, str(error))
+                    _unavailable(str(error), RETRY_STORE)
                 log.error("%s; using the halts read before", error)
             else:
                 self._halts = _Halts(now, {(h.version, h.channel): h for h in halts})
@@ -409,7 +420,7 @@ class FleetServer:
         try:
             path = await self.files.ready(sha256, size)
         except FileRefused as error:
-            _fail(503, str(error))
+            _unavailable(str(error), RETRY_FILE)
         running = self._downloads.get(device, 0)
         if running >= MAX_DOWNLOADS_PER_DEVICE:
             _fail(
@@ -475,7 +486,7 @@ class FleetServer:
         except StoreFull as error:
             _fail(507, str(error), stored=0)
         except FleetStoreError as error:
-            _fail(503, str(error), stored=0)
+            _unavailable(str(error), RETRY_STORE, stored=0)
         for version in {event.version for event in report.events if event.attempted}:
             self._want_judgement(version)
         return web.json_response({"stored": stored, "duplicates": len(report.events) - stored})
@@ -562,6 +573,11 @@ def _check_text(answer: dict[str, Any]) -> str:
     return "".join(line + "\n" for line in lines)
 
 
+# One line per request: peer, request line, status, bytes sent (headers included), the Range
+# asked for (a resumed download shows where it resumed), the client, seconds taken.
+ACCESS_LOG_FORMAT = '%a "%r" %s %b "%{Range}i" "%{User-Agent}i" %Tf'
+
+
 @dataclass(frozen=True)
 class Listen:
     host: str
@@ -578,12 +594,16 @@ def run_server(server: FleetServer, listen: Listen) -> None:
     from avobuild.fleet.tls import server_context
 
     context = server_context(listen.certificate, listen.key, listen.client_ca)
+    access_log = logging.getLogger("aiohttp.access")
+    if listen.access_log:
+        access_log.setLevel(logging.INFO)
     web.run_app(
         server.application(),
         host=listen.host,
         port=listen.port,
         ssl_context=context,
-        access_log=logging.getLogger("aiohttp.access") if listen.access_log else None,
+        access_log=access_log if listen.access_log else None,
+        access_log_format=ACCESS_LOG_FORMAT,
         print=None,
         backlog=1024,
         reuse_port=listen.reuse_port,

@@ -18,6 +18,8 @@ TELEMETRY_DIR=$STATE_DIR/telemetry
 CR=$(printf '\r')
 MAX_INDEX_REGION=1048576
 TELEMETRY_BATCH=40
+# The longest wait a server's Retry-After may impose (a longer one is cut to this).
+MAX_RETRY_AFTER=86400
 
 # fleet_note EVENT TEXT: a history entry and the agent's status file (what the last pass did).
 fleet_note() {
@@ -79,6 +81,8 @@ agent_conf_load() {
     fleet_mode=$(ac Fleet.Mode)
     case ${fleet_mode:=server} in server | static) ;; *) die 2 "$AGENT_CONF: [Fleet] Mode must be server or static" ;; esac
     endpoint_parse "$(ac Connection.Endpoint)" || die 2 "$AGENT_CONF: [Connection] Endpoint '$(ac Connection.Endpoint)' is not https://HOST[:PORT][/PREFIX]"
+    fleet_host=$ep_host fleet_port=$ep_port fleet_prefix=$ep_prefix
+    http_to fleet
     fleet_certificate=$(ac Connection.Certificate)
     fleet_key=$(ac Connection.Key)
     fleet_ca=$(ac Connection.ServerCA)
@@ -107,25 +111,38 @@ agent_conf_load() {
     [ "${#device_id}" -le 64 ] || die 1 "$fleet_certificate: the device id is longer than 64 characters"
 }
 
-# endpoint_parse URL: sets fleet_host, fleet_port and fleet_prefix.
+# endpoint_parse URL: sets ep_host, ep_port and ep_prefix.
 endpoint_parse() {
     case $1 in https://?*) ;; *) return 1 ;; esac
     _ep_rest=${1#https://}
     _ep_hostport=${_ep_rest%%/*}
-    fleet_prefix=
-    [ "$_ep_hostport" = "$_ep_rest" ] || fleet_prefix=/${_ep_rest#*/}
-    fleet_prefix=${fleet_prefix%/}
-    case $fleet_prefix in *[!A-Za-z0-9._~/-]* | *//* | *..*) return 1 ;; esac
-    fleet_host=${_ep_hostport%:*}
-    fleet_port=443
-    [ "$fleet_host" = "$_ep_hostport" ] || fleet_port=${_ep_hostport##*:}
-    is_number "$fleet_port" 65535 && [ "$fleet_port" -ge 1 ] || return 1
-    case $fleet_host in "" | -* | *[!A-Za-z0-9.-]*) return 1 ;; esac
+    ep_prefix=
+    [ "$_ep_hostport" = "$_ep_rest" ] || ep_prefix=/${_ep_rest#*/}
+    ep_prefix=${ep_prefix%/}
+    case $ep_prefix in *[!A-Za-z0-9._~/-]* | *//* | *..*) return 1 ;; esac
+    ep_host=${_ep_hostport%:*}
+    ep_port=443
+    [ "$ep_host" = "$_ep_hostport" ] || ep_port=${_ep_hostport##*:}
+    is_number "$ep_port" 65535 && [ "$ep_port" -ge 1 ] || return 1
+    case $ep_host in "" | -* | *[!A-Za-z0-9.-]*) return 1 ;; esac
 }
 
-# telemetry_load: telemetry_on (1 or 0), what it collects, interval, on_failure, max_queue.
+# http_to fleet|telemetry: where the next requests go (http_host, http_port, http_prefix).
+# Events go to update-telemetry.yaml's metrics.endpoint when it names one, with the same
+# device certificate, key and ServerCA; otherwise to [Connection] Endpoint.
+http_to() {
+    if [ "$1" = telemetry ] && [ -n "${telemetry_host:-}" ]; then
+        http_host=$telemetry_host http_port=$telemetry_port http_prefix=$telemetry_prefix
+    else
+        http_host=$fleet_host http_port=$fleet_port http_prefix=$fleet_prefix
+    fi
+}
+
+# telemetry_load: telemetry_on (1 or 0), what it collects, interval, on_failure, max_queue,
+# the endpoint (telemetry_host, _port, _prefix; empty: the fleet endpoint). A bad endpoint
+# sets telemetry_bad: events are still queued, nothing is sent, check and agent refuse to run.
 telemetry_load() {
-    telemetry_on=0
+    telemetry_on=0 telemetry_host='' telemetry_bad=''
     [ -f "$TELEMETRY_YAML" ] || return 0
     _tl_saved=$ROLLBACK_YAML
     ROLLBACK_YAML=$TELEMETRY_YAML
@@ -137,22 +154,40 @@ telemetry_load() {
     telemetry_interval=$(count_of "$(tc reporting.interval_seconds)" 86400)
     telemetry_on_failure=$(tc reporting.on_failure)
     telemetry_max=$(count_of "$(tc reporting.max_queue)" 262144)
+    _tl_endpoint=$(tc endpoint)
+    [ -n "$_tl_endpoint" ] || return 0
+    if endpoint_parse "$_tl_endpoint"; then
+        telemetry_host=$ep_host telemetry_port=$ep_port telemetry_prefix=$ep_prefix
+    else
+        telemetry_bad="$TELEMETRY_YAML: metrics.endpoint '$(clean "$_tl_endpoint" 200)' is not https://HOST[:PORT][/PREFIX]"
+    fi
 }
 
+# telemetry_usable: die 2 on a bad telemetry endpoint (check, download and agent say so).
+telemetry_usable() { [ -z "${telemetry_bad:-}" ] || die 2 "$telemetry_bad"; }
+
 # --- the HTTPS client ------------------------------------------------------------------------
-# http_request METHOD PATH OUT MAX [START [ETAG]] [BODY-FILE]: one request over mutual TLS.
-# The body is written to OUT (appended from byte START on a 206 answer to a range request;
-# a 200 answer restarts OUT); an error answer's first 4 KiB go to $WORK/http.error. Sets
-# http_status and http_got (body bytes read). Status 0: a 2xx answer, complete; 2: another
-# status; 3: not HTTP as this client reads it (chunked, no length, bad range); 4: truncated;
-# 5: no TLS connection (openssl's reason in $WORK/tls.err); 6: longer than MAX bytes.
-# openssl's exit status says nothing about completeness: Content-Length decides.
+# http_request METHOD PATH OUT MAX [START [ETAG]] [BODY-FILE]: one request over mutual TLS
+# to http_host:http_port (http_to). The body is written to OUT (appended from byte START on a
+# 206 answer to a range request; a 200 answer restarts OUT); an error answer's first 4 KiB go
+# to $WORK/http.error. Sets http_status, http_got (body bytes read) and http_backoff (1: the
+# server asked this device to wait). Status 0: a 2xx answer, complete; 2: another status;
+# 3: not HTTP as this client reads it (chunked, no length, bad range); 4: truncated; 5: no
+# TLS connection (openssl's reason in $WORK/tls.err); 6: longer than MAX bytes; 7: not sent,
+# the endpoint's Retry-After has not passed (backoff_left). openssl's exit status says
+# nothing about completeness: Content-Length decides.
 http_request() {
     _hr_method=$1 _hr_path=$2 _hr_out=$3 _hr_max=$4 _hr_start=${5:-0} _hr_etag=${6:-}
     _hr_body=${7:-}
+    http_status=0 http_got=0 http_backoff=0
+    http_wait=$(backoff_left)
+    if [ "$http_wait" -gt 0 ]; then
+        http_backoff=1
+        return 7
+    fi
     {
         printf '%s %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: avocado-update/%s\r\n' \
-            "$_hr_method" "$_hr_path" "$fleet_host" "$APPLIER_VERSION"
+            "$_hr_method" "$_hr_path" "$http_host" "$APPLIER_VERSION"
         printf 'Accept: text/plain, application/json\r\nAccept-Encoding: identity\r\nConnection: close\r\n'
         if [ "$_hr_start" -gt 0 ]; then
             printf 'Range: bytes=%s-\r\n' "$_hr_start"
@@ -164,17 +199,18 @@ http_request() {
         printf '\r\n'
         [ -z "$_hr_body" ] || cat "$_hr_body"
     } > "$WORK/http.request"
-    case $fleet_host in
-    *[!0-9.]*) set -- -servername "$fleet_host" -verify_hostname "$fleet_host" ;;
-    *) set -- -noservername -verify_ip "$fleet_host" ;;
+    case $http_host in
+    *[!0-9.]*) set -- -servername "$http_host" -verify_hostname "$http_host" ;;
+    *) set -- -noservername -verify_ip "$http_host" ;;
     esac
-    rm -f "$WORK/http.result"
-    timeout "$fleet_timeout" openssl s_client -quiet -nocommands -connect "$fleet_host:$fleet_port" \
+    rm -f "$WORK/http.result" "$WORK/http.retry"
+    timeout "$fleet_timeout" openssl s_client -quiet -nocommands -connect "$http_host:$http_port" \
         "$@" -verify_return_error -CAfile "$fleet_ca" -no-CApath -no-CAstore \
         -cert "$fleet_certificate" -key "$fleet_key" < "$WORK/http.request" 2> "$WORK/tls.err" \
         | http_read "$_hr_out" "$_hr_max" "$_hr_start"
-    http_status=0 http_got=0 _hr_code=5
+    _hr_code=5
     [ ! -f "$WORK/http.result" ] || read -r _hr_code http_status http_got < "$WORK/http.result"
+    case $_hr_code.$http_status in 2.429 | 2.503) backoff_from_answer ;; esac
     return "$_hr_code"
 }
 
@@ -200,6 +236,7 @@ http_read() {
         content-length) [ -z "$_rd_length" ] || _rd_result 3; _rd_length=$_rd_value ;;
         content-range) _rd_range=$_rd_value ;;
         transfer-encoding) _rd_coding=$_rd_value ;;
+        retry-after) clean "$_rd_value" 64 > "$WORK/http.retry" ;;
         esac
     done
     [ "$_rd_ended" = 1 ] || _rd_result 4
@@ -228,13 +265,122 @@ http_read() {
 # http_why CODE: what went wrong, for messages.
 http_why() {
     case $1 in
-    2) echo "HTTP $http_status: $(clean "$(cat "$WORK/http.error" 2> /dev/null)" 300)" ;;
+    2)
+        printf 'HTTP %s: %s' "$http_status" "$(clean "$(cat "$WORK/http.error" 2> /dev/null)" 300)"
+        [ "$http_backoff" = 0 ] || printf '; no request to %s:%s for %s s (Retry-After)' "$http_host" "$http_port" "$http_wait"
+        echo ;;
     3) echo "not an HTTP answer this client reads (chunked, no Content-Length or a wrong range)" ;;
     4) echo "the connection ended early (truncated answer)" ;;
-    5) echo "no TLS connection to $fleet_host:$fleet_port: $(clean "$(grep -v '^Connecting' "$WORK/tls.err" | head -n 3 | tr '\n' ' ')" 300)" ;;
+    5) echo "no TLS connection to $http_host:$http_port: $(clean "$(grep -v '^Connecting' "$WORK/tls.err" | head -n 3 | tr '\n' ' ')" 300)" ;;
     6) echo "the server sends more bytes than expected" ;;
+    7) echo "$http_host:$http_port asked for no request before $(date -u -d "@$(($(clock) + http_wait))" +%Y-%m-%dT%H:%M:%SZ) (Retry-After; $http_wait s left)" ;;
     *) echo "the HTTPS client failed ($1)" ;;
     esac
+}
+
+# --- Retry-After (RFC 9110 section 10.2.3) ---------------------------------------------------
+# A 429 or 503 answer with Retry-After stops every request to that endpoint until the time
+# it names (STATE_DIR/fleet/not-before.HOST-PORT: seconds since 1970), at most
+# MAX_RETRY_AFTER from when it was received; a value that is neither seconds nor an
+# HTTP-date is ignored. Both are history entries (backoff).
+backoff_file() { echo "$FLEET_DIR/not-before.$http_host-$http_port"; }
+
+# backoff_left: the seconds before the next request to http_host:http_port may be made.
+backoff_left() {
+    _bl_until=$(cat "$(backoff_file)" 2> /dev/null)
+    is_number "$_bl_until" || { echo 0; return; }
+    _bl_now=$(clock)
+    if [ "$_bl_until" -le "$_bl_now" ]; then
+        echo 0
+    elif [ $((_bl_until - _bl_now)) -gt "$MAX_RETRY_AFTER" ]; then
+        # The clock went back since: the wait is still bounded.
+        echo $((_bl_now + MAX_RETRY_AFTER)) | shared_write "$(backoff_file)"
+        echo "$MAX_RETRY_AFTER"
+    else
+        echo $((_bl_until - _bl_now))
+    fi
+}
+
+# backoff_from_answer: the Retry-After of a 429 or 503 answer ($WORK/http.retry), stored.
+backoff_from_answer() {
+    [ -s "$WORK/http.retry" ] || return 0
+    _ba_raw=$(sed 's/^[ \t]*//; s/[ \t]*$//' "$WORK/http.retry")
+    _ba_what="HTTP $http_status from $http_host:$http_port"
+    if ! _ba_seconds=$(retry_after_seconds "$_ba_raw"); then
+        record backoff "$_ba_what: Retry-After '$_ba_raw' is neither seconds nor an HTTP-date; ignored"
+        return 0
+    fi
+    [ "$_ba_seconds" -gt 0 ] || return 0
+    http_backoff=1 http_wait=$_ba_seconds
+    mkdir -p "$FLEET_DIR" 2> /dev/null
+    echo $(($(clock) + _ba_seconds)) | shared_write "$(backoff_file)"
+    record backoff "$_ba_what: Retry-After '$_ba_raw': no request to it for $_ba_seconds s"
+}
+
+# retry_after_seconds VALUE: delay-seconds or an HTTP-date as seconds from now, from 0 to
+# MAX_RETRY_AFTER (a date in the past is 0, anything longer is cut); status 1 otherwise.
+retry_after_seconds() {
+    case $1 in
+    "" | *[!0-9]*)
+        _rs_at=$(http_date_epoch "$1") || return 1
+        _rs_left=$((_rs_at - $(clock)))
+        [ "$_rs_left" -ge 0 ] || _rs_left=0 ;;
+    *)
+        _rs_left=$(decimal "$1")
+        [ "${#_rs_left}" -le 9 ] || _rs_left=$MAX_RETRY_AFTER ;;
+    esac
+    [ "$_rs_left" -le "$MAX_RETRY_AFTER" ] || _rs_left=$MAX_RETRY_AFTER
+    echo "$_rs_left"
+}
+
+# http_date_epoch TEXT: the seconds since 1970 of an HTTP-date (RFC 9110 section 5.6.7: the
+# IMF-fixdate "Sun, 06 Nov 1994 08:49:37 GMT", and the obsolete RFC 850 and asctime forms,
+# which a recipient must accept too); status 1 for anything else. Years 1970 to 9999.
+http_date_epoch() {
+    awk -v text="$1" -v now="$(clock)" '
+    function number(s, digits) { return s ~ ("^" digits "$") }
+    BEGIN {
+        n = split(text, f, " ")
+        wkday = "^(Mon|Tue|Wed|Thu|Fri|Sat|Sun)"
+        d2 = "[0-9][0-9]"
+        if (n == 6 && f[1] ~ (wkday ",$") && f[6] == "GMT" && number(f[2], d2) && number(f[4], d2 d2)) {
+            day = f[2]; month = f[3]; year = f[4]; hms = f[5]
+        } else if (n == 4 && f[1] ~ (wkday "[a-z]*day,$") && f[4] == "GMT" && split(f[2], g, "-") == 3 \
+                   && number(g[1], d2) && number(g[3], d2)) {
+            day = g[1]; month = g[2]; hms = f[3]
+            # two digits: the most recent such year not more than 50 years ahead
+            year = 2000 + g[3]
+            if (year > 1970 + int(now / 31556952) + 50) year -= 100
+        } else if (n == 5 && f[1] ~ (wkday "$") && number(f[3], "[0-9][0-9]?") && number(f[5], d2 d2)) {
+            month = f[2]; day = f[3]; hms = f[4]; year = f[5]
+        } else exit 1
+        m = index("JanFebMarAprMayJunJulAugSepOctNovDec", month)
+        if (length(month) != 3 || m == 0 || (m - 1) % 3 != 0) exit 1
+        m = (m + 2) / 3
+        if (!number(hms, d2 ":" d2 ":" d2)) exit 1
+        split(hms, t, ":")
+        if (day < 1 || day > 31 || t[1] > 23 || t[2] > 59 || t[3] > 60 || year < 1970) exit 1
+        # days from 1970-01-01 of a proleptic Gregorian date (year >= 1)
+        y = year - (m <= 2)
+        era = int(y / 400); yoe = y - era * 400
+        doy = int((153 * ((m + 9) % 12) + 2) / 5) + day - 1
+        days = era * 146097 + yoe * 365 + int(yoe / 4) - int(yoe / 100) + doy - 719468
+        printf "%.0f\n", days * 86400 + t[1] * 3600 + t[2] * 60 + t[3]
+    }'
+}
+
+# shared_write FILE < CONTENT: a whole new FILE, through a temporary name of this process
+# only (atomic_write's FILE.new would be shared by two processes writing FILE at once).
+shared_write() {
+    _sw_tmp=$1.$$.$(od -An -N4 -tx1 /dev/urandom | tr -d ' \n')
+    cat > "$_sw_tmp" && mv -f "$_sw_tmp" "$1" || { rm -f "$_sw_tmp"; return 1; }
+}
+
+# fleet_wait TEXT: the server asked this device to wait (Retry-After): status and history
+# say so, the pass ends with 5 (not now); nothing of the update state changes.
+fleet_wait() {
+    fleet_note waiting "$*"
+    die 5 "waiting: $*"
 }
 
 # --- the signed index (docs/repository-format.md sections 2-5) -------------------------------
@@ -396,6 +542,7 @@ server_offer() {
     http_request GET "$fleet_prefix/updates/check/$device_id?version=$running_version&compatible=$avo_compatible&channel=$fleet_cohort" \
         "$WORK/check.txt" 4096
     _sv_code=$?
+    [ "$http_backoff" = 0 ] || fleet_wait "check at $fleet_host: $(http_why "$_sv_code")"
     [ "$_sv_code" = 0 ] || fleet_refuse 1 "check at $fleet_host: $(http_why "$_sv_code")"
     [ "$(head -n 1 "$WORK/check.txt")" = "avobuild-check 1" ] && [ "$(wc -l < "$WORK/check.txt")" -le 5 ] \
         && [ "$(LC_ALL=C tr -d '\n -~' < "$WORK/check.txt" | wc -c)" -eq 0 ] \
@@ -430,6 +577,7 @@ fleet_check() {
     mkdir -p "$FLEET_DIR" || die 1 "$FLEET_DIR: cannot be created"
     http_request GET "$fleet_prefix/index.signed" "$WORK/index.signed" $((33 + 2 * MAX_INDEX_REGION))
     _fc_code=$?
+    [ "$http_backoff" = 0 ] || fleet_wait "index from $fleet_host: $(http_why "$_fc_code")"
     [ "$_fc_code" = 0 ] || fleet_refuse 1 "index from $fleet_host: $(http_why "$_fc_code")"
     index_verify "$WORK/index.signed"
     if [ "$fleet_mode" = static ]; then _fc_answer=$(static_offer); else _fc_answer=$(server_offer) || exit $?; fi
@@ -457,6 +605,7 @@ cmd_check() {
     parse_common "$@"
     agent_conf_load
     telemetry_load
+    telemetry_usable
     fleet_check
     telemetry_send_if_due
     if [ -n "$offer_version" ]; then
@@ -508,6 +657,8 @@ fleet_download() {
         "$_fd_have" "$_fd_sha"
     _fd_code=$?
     _fd_what="download of $_fd_version ($([ "$_fd_kind" = true ] && echo "delta from $running_version" || echo "full bundle"))"
+    # The server asked for a pause: the partial file stays for the next pass; not a failure.
+    [ "$http_backoff" = 0 ] || fleet_wait "$_fd_what: $(http_why "$_fd_code")"
     _fd_event="\"duration\":$(($(clock) - _fd_started)),\"bytes\":$http_got,\"delta\":$_fd_kind"
     [ "$_fd_kind" = false ] || _fd_event="$_fd_event,\"from\":\"$running_version\""
     if [ "$_fd_code" != 0 ]; then
@@ -533,6 +684,7 @@ fleet_download() {
 cmd_download_version() {
     agent_conf_load
     telemetry_load
+    telemetry_usable
     benv_load
     booted=$(booted_slot)
     running_version=$(slot_var "$booted" version)
@@ -630,6 +782,7 @@ cmd_agent() {
     parse_common
     agent_conf_load
     telemetry_load
+    telemetry_usable
     if [ "$once" = 1 ]; then
         agent_pass
         return
@@ -637,10 +790,13 @@ cmd_agent() {
     # A fleet that boots at once (a power cut, a broadcast reboot) does not call in at once.
     sleep "$(random_below $((random_delay + 1)))"
     while :; do
-        ( agent_pass ) || log "agent pass failed; next check in about $check_interval s"
+        ( agent_pass ) || log "agent pass ended with status $?; next check in about $check_interval s"
         _ca_wait=$check_interval
         _ca_hint=$(cat "$FLEET_DIR/retry-after" 2> /dev/null)
         ! is_number "$_ca_hint" || [ "$_ca_hint" -ge "$_ca_wait" ] || _ca_wait=$((_ca_hint + 1))
+        # Never before the server's Retry-After (the pass would only wait again).
+        _ca_left=$(backoff_left)
+        [ "$_ca_left" -lt "$_ca_wait" ] || _ca_wait=$((_ca_left + 1))
         sleep $((_ca_wait + $(random_below $((random_delay + 1)))))
     done
 }
@@ -655,10 +811,22 @@ rolled_back() {
 }
 
 # --- telemetry (update-telemetry.yaml; the events of avobuild/fleet/telemetry.py) -----------
+# The queue is a directory, STATE_DIR/telemetry/spool, of one file per event, named
+# SEQUENCE-RANDOM (its id after the device's prefix). The agent, the boot hook and the health
+# check are separate processes that may queue and send at the same moment, and any of them
+# may be killed at any point: no file is ever rewritten, so nothing needs a lock (busybox has
+# no flock). An event is written under a temporary name of its process and renamed into
+# place, so it is there whole or not at all; sending removes exactly the files the server
+# answered for; the random part keeps two events apart when two processes take the same
+# sequence number; and the server keeps one copy per id, so an event sent again after a kill
+# is never stored twice.
+TELEMETRY_SPOOL=$TELEMETRY_DIR/spool
+TELEMETRY_NAME='[0-9][0-9]*-[0-9a-f][0-9a-f]*'  # BRE and ERE alike
+
 # telemetry_event TYPE VERSION RESULT [JSON-FIELDS]: one event, queued on the data partition
-# with an id this device never reuses (a random prefix made once, then a counter), so the
-# server keeps one copy however often it is sent. The queue is replaced atomically: a full
-# data partition loses the new event, never the queue. Past max_queue bytes the oldest go.
+# with an id this device never reuses (a random prefix made once, a counter and 32 random
+# bits). Past max_queue bytes the oldest events go. A full data partition loses the new
+# event, never one already queued.
 telemetry_event() {
     [ "${telemetry_on:-}" ] || { [ -f "$AGENT_CONF" ] && telemetry_load; } || return 0
     [ "$telemetry_on" = 1 ] || return 0
@@ -672,54 +840,111 @@ telemetry_event() {
     esac
     case $telemetry_collect in *" $_te_item "*) ;; *) return 0 ;; esac
     is_name identifier "$2" || set -- "$1" unknown "$3" "${4:-}"
-    mkdir -p "$TELEMETRY_DIR" 2> /dev/null || return 0
+    mkdir -p "$TELEMETRY_SPOOL" 2> /dev/null || return 0
     _te_prefix=$(cat "$TELEMETRY_DIR/prefix" 2> /dev/null)
     case $_te_prefix in ????????????????) ;; *)
         _te_prefix=$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')
-        echo "$_te_prefix" | atomic_write "$TELEMETRY_DIR/prefix" 2> /dev/null || return 0 ;;
+        echo "$_te_prefix" | shared_write "$TELEMETRY_DIR/prefix" 2> /dev/null || return 0 ;;
     esac
     _te_seq=$(cat "$TELEMETRY_DIR/sequence" 2> /dev/null)
     is_number "$_te_seq" || _te_seq=0
     _te_seq=$((_te_seq + 1))
-    echo "$_te_seq" | atomic_write "$TELEMETRY_DIR/sequence" 2> /dev/null || return 0
-    _te_line="{\"id\":\"$_te_prefix-$_te_seq\",\"type\":\"$1\",\"time\":$(clock),\"version\":\"$2\",\"result\":\"$3\"${4:+,$4}}"
+    echo "$_te_seq" | shared_write "$TELEMETRY_DIR/sequence" 2> /dev/null
+    _te_name=$_te_seq-$(od -An -N4 -tx1 /dev/urandom | tr -d ' \n')
+    _te_line="{\"id\":\"$_te_prefix-$_te_name\",\"type\":\"$1\",\"time\":$(clock),\"version\":\"$2\",\"result\":\"$3\"${4:+,$4}}"
     [ "$1" != rollback ] || _te_line=$(printf '%s' "$_te_line" | sed 's/,"result":"failed"//')
-    {
-        if [ -f "$TELEMETRY_DIR/queue" ]; then
-            _te_keep=$((telemetry_max - ${#_te_line} - 1))
-            # the newest events that fit, whole lines only
-            tail -c "$_te_keep" "$TELEMETRY_DIR/queue" | { [ "$(size_of "$TELEMETRY_DIR/queue")" -le "$_te_keep" ] && cat || sed 1d; }
-        fi
-        printf '%s\n' "$_te_line"
-    } > "$TELEMETRY_DIR/queue.new" && mv -f "$TELEMETRY_DIR/queue.new" "$TELEMETRY_DIR/queue" \
-        || { rm -f "$TELEMETRY_DIR/queue.new"; return 0; }
-    sync
+    telemetry_trim $((${#_te_line} + 1))
+    _te_new=$TELEMETRY_SPOOL/.new-$$-$_te_name
+    if printf '%s\n' "$_te_line" > "$_te_new" && mv -f "$_te_new" "$TELEMETRY_SPOOL/$_te_name"; then
+        sync
+    else
+        rm -f "$_te_new"
+        return 0
+    fi
     [ "$3" != failed ] && [ "$1" != rollback ] || : > "$TELEMETRY_DIR/urgent"
 }
 
-# telemetry_send: the queued events, TELEMETRY_BATCH at a time, removed once the server
-# answered (stored or duplicate); kept when it cannot be reached.
-telemetry_send() {
-    [ "${telemetry_on:-0}" = 1 ] && [ -s "$TELEMETRY_DIR/queue" ] || return 0
-    [ -n "${fleet_host:-}" ] || return 0
-    while [ -s "$TELEMETRY_DIR/queue" ]; do
-        head -n "$TELEMETRY_BATCH" "$TELEMETRY_DIR/queue" > "$WORK/batch"
-        _ts_count=$(wc -l < "$WORK/batch" | tr -d ' ')
-        { printf '{"events":['; sed '$!s/$/,/' "$WORK/batch" | tr -d '\n'; printf ']}'; } > "$WORK/batch.json"
-        http_request POST "$fleet_prefix/telemetry" "$WORK/telemetry.answer" 4096 0 "" "$WORK/batch.json"
-        _ts_code=$?
-        if [ "$_ts_code" = 2 ] && [ "$http_status" = 400 ]; then
-            record telemetry "the server refused $_ts_count events, dropped: $(clean "$(cat "$WORK/http.error")" 200)"
-        elif [ "$_ts_code" != 0 ]; then
-            log "telemetry kept for later: $(http_why "$_ts_code")"
-            return 1
-        fi
-        tail -n +$((_ts_count + 1)) "$TELEMETRY_DIR/queue" > "$TELEMETRY_DIR/queue.new" \
-            && mv -f "$TELEMETRY_DIR/queue.new" "$TELEMETRY_DIR/queue"
-        sync
+# telemetry_queued: the names of the queued events, oldest first (names this script made:
+# anything else in the directory is left alone).
+telemetry_queued() {
+    # shellcheck disable=SC2010  # one name per line, of TELEMETRY_NAME's characters only
+    ls "$TELEMETRY_SPOOL" 2> /dev/null | grep -x "$TELEMETRY_NAME" | sort -t- -k1,1n -k2,2
+}
+
+# telemetry_trim BYTES: the oldest events removed until BYTES more fit under max_queue.
+telemetry_trim() {
+    # shellcheck disable=SC2012  # the size and the name of each file, names as above
+    ls -ln "$TELEMETRY_SPOOL" 2> /dev/null | awk -v name="^$TELEMETRY_NAME\$" '$NF ~ name { print $NF, $5 }' \
+        | sort -t- -k1,1n -k2,2 | awk -v max="$telemetry_max" -v need="$1" '
+        { name[NR] = $1; size[NR] = $2; total += $2 }
+        END { for (i = 1; i <= NR && total + need > max; i++) { print name[i]; total -= size[i] } }' \
+        > "$WORK/telemetry.trim"
+    while read -r _tt_name; do rm -f "$TELEMETRY_SPOOL/$_tt_name"; done < "$WORK/telemetry.trim"
+}
+
+# telemetry_sweep: the temporary files of processes killed while queueing (none of their
+# events was queued: the rename did not happen), and the single queue file of appliers before
+# the spool, moved into it (ids unchanged: a copy sent twice is stored once).
+telemetry_sweep() {
+    for _tw_file in "$TELEMETRY_SPOOL"/.new-*; do
+        [ -f "$_tw_file" ] || continue
+        _tw_pid=${_tw_file##*/.new-}
+        _tw_pid=${_tw_pid%%-*}
+        is_number "$_tw_pid" && kill -0 "$_tw_pid" 2> /dev/null || rm -f "$_tw_file"
     done
-    rm -f "$TELEMETRY_DIR/urgent"
-    clock | atomic_write "$TELEMETRY_DIR/sent"
+    [ -f "$TELEMETRY_DIR/queue" ] || return 0
+    _tw_count=0
+    while IFS= read -r _tw_line; do
+        _tw_count=$((_tw_count + 1))
+        printf '%s\n' "$_tw_line" > "$TELEMETRY_SPOOL/.new-$$-0-$_tw_count" \
+            && mv -f "$TELEMETRY_SPOOL/.new-$$-0-$_tw_count" "$TELEMETRY_SPOOL/0-$_tw_count" || return 0
+    done < "$TELEMETRY_DIR/queue"
+    sync
+    rm -f "$TELEMETRY_DIR/queue"
+}
+
+# telemetry_send: the queued events, TELEMETRY_BATCH at a time, to the telemetry endpoint;
+# each batch's files removed once the server answered it (stored or duplicate), all kept
+# when it cannot be reached.
+telemetry_send() {
+    [ "${telemetry_on:-0}" = 1 ] && [ -n "${fleet_host:-}" ] || return 0
+    [ -z "${telemetry_bad:-}" ] || { log "telemetry kept for later: $telemetry_bad"; return 1; }
+    mkdir -p "$TELEMETRY_SPOOL" 2> /dev/null || return 1
+    telemetry_sweep
+    http_to telemetry
+    telemetry_send_batches
+    _ts_status=$?
+    http_to fleet
+    return "$_ts_status"
+}
+
+telemetry_send_batches() {
+    # An event that turns urgent while this runs leaves the mark for the next pass.
+    _tb_urgent=0
+    [ ! -f "$TELEMETRY_DIR/urgent" ] || { _tb_urgent=1; rm -f "$TELEMETRY_DIR/urgent"; }
+    while telemetry_queued | head -n "$TELEMETRY_BATCH" > "$WORK/batch.names" && [ -s "$WORK/batch.names" ]; do
+        : > "$WORK/batch"
+        while read -r _tb_name; do
+            cat "$TELEMETRY_SPOOL/$_tb_name" >> "$WORK/batch" 2> /dev/null || :  # gone: sent by another
+        done < "$WORK/batch.names"
+        if [ -s "$WORK/batch" ]; then
+            _tb_count=$(wc -l < "$WORK/batch" | tr -d ' ')
+            { printf '{"events":['; sed '$!s/$/,/' "$WORK/batch" | tr -d '\n'; printf ']}'; } > "$WORK/batch.json"
+            http_request POST "$http_prefix/telemetry" "$WORK/telemetry.answer" 4096 0 "" "$WORK/batch.json"
+            _tb_code=$?
+            if [ "$_tb_code" = 2 ] && [ "$http_status" = 400 ]; then
+                record telemetry "$http_host refused $_tb_count events, dropped: $(clean "$(cat "$WORK/http.error")" 200)"
+            elif [ "$_tb_code" != 0 ]; then
+                log "telemetry kept for later: $(http_why "$_tb_code")"
+                [ "$_tb_urgent" = 0 ] || : > "$TELEMETRY_DIR/urgent"
+                return 1
+            fi
+        fi
+        while read -r _tb_name; do rm -f "$TELEMETRY_SPOOL/$_tb_name"; done < "$WORK/batch.names"
+        sync
+        [ ! -e "$TELEMETRY_SPOOL/$(head -n 1 "$WORK/batch.names")" ] || return 1
+    done
+    clock | shared_write "$TELEMETRY_DIR/sent"
 }
 
 telemetry_send_if_urgent() {
