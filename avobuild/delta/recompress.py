@@ -125,7 +125,10 @@ class RecompressState:
     def set_version(self, version: ZstdVersion, first: bool, where: str) -> None:
         if not first or self.version is not None:
             raise BundleError(f"{where}: a zstd-version line must directly follow the target line")
-        check_zstd_version(version)
+        try:
+            check_zstd_version(version)
+        except BundleError as error:
+            raise BundleError(f"{where}: {error}") from None
         self.version = version
 
     def load_window(

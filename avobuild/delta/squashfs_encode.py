@@ -84,6 +84,9 @@ MAX_WINDOW = 4 << 20
 MAX_FRAGMENT_WINDOW = 2 << 20
 # The level of the zstd frames that rebuild unpacked bytes (any zstd decodes them).
 PAYLOAD_LEVEL = 19
+# bsdiff is not tried when zstd made the payload this small, or 1/BSDIFF_RATIO of the bytes.
+BSDIFF_WORTH_TRYING = 256
+BSDIFF_RATIO = 100
 PIECE_SIZE = 1 << 20
 DICTIONARY_SIZE = 2 << 20
 DICTIONARY_MARGIN = 64 << 10
@@ -501,7 +504,9 @@ def _recompress_op(
         level=PAYLOAD_LEVEL, dict_data=dictionary, write_checksum=False, write_dict_id=False
     ).compress(unpacked)
     method = RecompressMethod.PATCH
-    if job.bsdiff:
+    # As for ext4: where zstd already made the payload tiny, bsdiff's suffix sort is not
+    # worth its time.
+    if job.bsdiff and len(payload) > max(BSDIFF_WORTH_TRYING, len(unpacked) // BSDIFF_RATIO):
         patch = bsdiff4.diff(window_data, unpacked)
         if len(patch) < len(payload):
             payload, method = patch, RecompressMethod.BSPATCH
