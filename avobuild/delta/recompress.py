@@ -19,9 +19,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import os
 import re
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,9 +76,9 @@ def check_zstd_version(needed: ZstdVersion) -> None:
         )
 
 
-def compress_block(data: bytes, level: int, work: Path) -> bytes:
+def compress_block(data: bytes, level: int, work: Path, name: str = "block") -> bytes:
     """`data` compressed as the applier does: `zstd -<level> --no-check -q -c` of a file."""
-    block = work / "block"
+    block = work / name
     block.write_bytes(data)
     try:
         return run([ZSTD, f"-{level}", "--no-check", "-q", "-c", block]).stdout
@@ -86,9 +88,9 @@ def compress_block(data: bytes, level: int, work: Path) -> bytes:
         block.unlink(missing_ok=True)
 
 
-def stored_bytes(data: bytes, packing: Packing, level: int, work: Path) -> bytes:
+def stored_bytes(data: bytes, packing: Packing, level: int, work: Path, name: str) -> bytes:
     """A block's stored bytes from its unpacked ones."""
-    return compress_block(data, level, work) if packing is Packing.ZSTD else data
+    return compress_block(data, level, work, name) if packing is Packing.ZSTD else data
 
 
 def unpack_extent(extent: PackedExtent, stored: bytes, where: str) -> bytes:
@@ -224,14 +226,24 @@ def unpack_payload(op: Recompress, payload: bytes, window: bytes, where: str) ->
 
 
 def pack_blocks(op: Recompress, unpacked: bytes, work: Path, where: str) -> bytes:
-    """Cut the unpacked bytes into the op's blocks, store each one, check its hash."""
-    parts = []
-    position = 0
-    for index, block in enumerate(op.blocks):
-        stored = stored_bytes(
-            unpacked[position : position + block.length], block.packing, op.level, work
+    """Cut the unpacked bytes into the op's blocks, store each one (on every core: each
+    zstd is a process of its own), check its hash."""
+    starts = [sum(block.length for block in op.blocks[:index]) for index in range(op.count)]
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        results = list(
+            pool.map(
+                lambda index: stored_bytes(
+                    unpacked[starts[index] : starts[index] + op.blocks[index].length],
+                    op.blocks[index].packing,
+                    op.level,
+                    work,
+                    f"block-{index}",
+                ),
+                range(op.count),
+            )
         )
-        position += block.length
+    parts = []
+    for index, (block, stored) in enumerate(zip(op.blocks, results, strict=True)):
         if len(stored) != block.stored_size or hashlib.sha256(stored).hexdigest() != block.sha256:
             raise BundleError(
                 f"{where}: block {index} recompressed with zstd -{op.level} is not the stored "
