@@ -26,6 +26,7 @@ from avobuild.bundle.manifest import ImageRef
 from avobuild.delta.apply import apply_delta_file
 from avobuild.delta.encode import DeltaSummary, encode_delta
 from avobuild.delta.squashfs import file_bytes, read_squashfs
+from avobuild.delta.squashfs_encode import squashfs_images
 from avobuild.errors import BundleError
 from avobuild.fs.squashfs import build_squashfs
 from avobuild.model.layout import Role
@@ -255,3 +256,40 @@ def test_the_device_applier_rebuilds_the_squashfs_slot(
         if not accepted:
             assert "zstd" in python.detail and "zstd" in shell.detail
         shutil.rmtree(tmp_path / name)
+
+
+def test_the_reader_refuses_damaged_images_naming_the_offset(tmp_path: Path) -> None:
+    """Offsets out of range are refused with a BundleError naming the image and the byte
+    offset; a squashfs of another compression is left to version 1."""
+    _, new, _ = build_pair(tmp_path, 8)
+    data = new.read_bytes()
+    inode_start, directory_start = struct.unpack_from("<QQ", data, 64)
+    fragment_start = struct.unpack_from("<Q", data, 80)[0]
+    damaged = {
+        "truncated": (data[: len(data) // 2], r"squashfs byte offset \d+: "),
+        "bytes-used-past-the-end": (
+            data[:40] + struct.pack("<Q", len(data) + 1) + data[48:],
+            "squashfs byte offset 64: the inode and directory tables are not inside the image",
+        ),
+        "fragment-pointer-past-its-index": (
+            data[:fragment_start]
+            + struct.pack("<Q", fragment_start + 8)
+            + data[fragment_start + 8 :],
+            f"squashfs byte offset {fragment_start}: fragment table block at",
+        ),
+        "metadata-block-size": (
+            data[:inode_start] + struct.pack("<H", 0x7FFF) + data[inode_start + 2 :],
+            f"squashfs byte offset {inode_start}: metadata block of 32767 bytes",
+        ),
+    }
+    assert directory_start > inode_start
+    for name, (image, message) in damaged.items():
+        path = tmp_path / f"{name}.sqfs"
+        path.write_bytes(image)
+        with pytest.raises(BundleError, match=message):
+            read_squashfs(path)
+    gzip = tmp_path / "gzip.sqfs"
+    gzip.write_bytes(data[:20] + struct.pack("<H", 1) + data[22:])
+    with pytest.raises(BundleError, match="compression 1, expected zstd"):
+        read_squashfs(gzip)
+    assert squashfs_images(gzip, new) is None

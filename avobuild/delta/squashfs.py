@@ -91,18 +91,21 @@ class SquashImage:
     fragments: tuple[StoredBlock, ...]
 
 
-def is_squashfs(path: Path) -> bool:
-    """Whether the file starts with a squashfs 4.0 superblock."""
+def squashfs_compression(path: Path) -> int | None:
+    """The compression id of a squashfs 4.0 image (6: zstd), None for any other file."""
     try:
         with path.open("rb") as handle:
             header = handle.read(SUPERBLOCK_SIZE)
     except OSError:
-        return False
-    return (
-        len(header) == SUPERBLOCK_SIZE
-        and struct.unpack_from("<I", header)[0] == MAGIC
-        and struct.unpack_from("<HH", header, 28) == (4, 0)
-    )
+        return None
+    if (
+        len(header) != SUPERBLOCK_SIZE
+        or struct.unpack_from("<I", header)[0] != MAGIC
+        or struct.unpack_from("<HH", header, 28) != (4, 0)
+    ):
+        return None
+    compression: int = struct.unpack_from("<H", header, 20)[0]
+    return compression
 
 
 class _Reader:

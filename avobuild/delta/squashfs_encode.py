@@ -46,12 +46,13 @@ from avobuild.delta.recompress import (
     zstd_cli_version,
 )
 from avobuild.delta.squashfs import (
+    ZSTD_COMPRESSION,
     SquashFile,
     SquashImage,
     StoredBlock,
-    is_squashfs,
     read_block,
     read_squashfs,
+    squashfs_compression,
 )
 from avobuild.delta.stream import (
     MAX_RECOMPRESS_BLOCKS,
@@ -155,13 +156,11 @@ class _Job:
 
 def squashfs_images(source: Path, target: Path) -> tuple[SquashImage, SquashImage] | None:
     """Both images read, when both are zstd squashfs whose level the zstd CLI can repeat;
-    None otherwise (the delta is then made without squashfs awareness)."""
-    if not (is_squashfs(source) and is_squashfs(target)):
+    None otherwise (the delta is then version 1's block-level one). A zstd squashfs image
+    that cannot be read is an error, not a reason to fall back."""
+    if not squashfs_compression(source) == squashfs_compression(target) == ZSTD_COMPRESSION:
         return None
-    try:
-        images = read_squashfs(source), read_squashfs(target)
-    except BundleError:
-        return None
+    images = read_squashfs(source), read_squashfs(target)
     if not 1 <= images[1].compression_level <= MAX_RECOMPRESS_LEVEL:
         return None
     return images
