@@ -293,3 +293,16 @@ def test_the_reader_refuses_damaged_images_naming_the_offset(tmp_path: Path) -> 
     with pytest.raises(BundleError, match="compression 1, expected zstd"):
         read_squashfs(gzip)
     assert squashfs_images(gzip, new) is None
+
+
+def test_a_squashfs_delta_is_reproducible(tmp_path: Path) -> None:
+    """The same images give the same stream bytes, whatever the number of workers."""
+    old, new, _ = build_pair(tmp_path, 9)
+    streams = []
+    for threads in (1, 2):
+        stream = tmp_path / f"{threads}.delta"
+        with stream.open("wb") as output:
+            encode_delta(old, ref(old), new, ref(new), output, threads=threads)
+        streams.append(stream.read_bytes())
+    assert b"\nrecompress " in streams[0]
+    assert streams[0] == streams[1]
