@@ -294,9 +294,7 @@ def plan_squashfs(
                 and previous.source_offset + previous.length == source_offset
             ):
                 items[-1] = _Copy(
-                    previous.offset,
-                    previous.length + block.stored_size,
-                    source_offset - previous.length,
+                    previous.offset, previous.length + block.stored_size, previous.source_offset
                 )
             else:
                 items.append(_Copy(offset, block.stored_size, source_offset))
