@@ -12,8 +12,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import random
+import re
+import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import bsdiff4
 import zstandard
@@ -479,3 +482,93 @@ def make_delta_v2(source: bytes, rng: random.Random) -> DeltaV2Base:
     bspatch(700000, 12288, Filter.X86, 4096, 8192)
     copy(len(source) - len(target), len(target))
     return DeltaV2Base(source, bytes(target), tuple(ops))
+
+
+SQUASHFS_LINES = (b"zstd-version ", b"zwindow ", b"zextent ", b"block ")
+
+
+@dataclass(frozen=True)
+class DeltaSquashfsBase(DeltaBase):
+    """A valid version 2 delta with squashfs `recompress` operations: its `zstd-version`,
+    `zwindow`, `zextent` and `block` lines are ops of their own here (the last block line
+    carries the payload), which the `end` count leaves out."""
+
+    def stream(self, ops: Sequence[Op] | None = None, **options: object) -> bytes:
+        chosen = self.ops if ops is None else ops
+        options.setdefault("magic", b"avobuild-delta 2")
+        count = sum(not op.line.startswith(SQUASHFS_LINES) for op in chosen)
+        options.setdefault("end", b"end %d" % count)
+        return super().stream(chosen, **options)
+
+
+def host_zstd_version() -> int:
+    """The host zstd CLI's version as ZSTD_versionNumber (10504 for 1.5.4)."""
+    printed = subprocess.run(["zstd", "-V"], capture_output=True, check=True).stdout
+    match = re.search(rb" v(\d+)\.(\d+)\.(\d+)", printed)
+    assert match is not None, printed
+    major, minor, release = (int(value) for value in match.groups())
+    return major * 10000 + minor * 100 + release
+
+
+def cli_zstd(data: bytes, level: int, work: Path) -> bytes:
+    """`zstd -LEVEL --no-check -q -c FILE`, as the appliers run it."""
+    block = work / "block"
+    block.write_bytes(data)
+    stored = subprocess.run(
+        ["zstd", f"-{level}", "--no-check", "-q", "-c", str(block)], capture_output=True, check=True
+    ).stdout
+    block.unlink()
+    return stored
+
+
+def make_delta_squashfs(source: bytes, rng: random.Random, work: Path) -> DeltaSquashfsBase:
+    """zstd-version, copy, a zwindow of two raw source extents and a recompress (zstd patch)
+    of a zstd block and a raw block, copy, a recompress (bspatch) of one zstd block against
+    the same window, copy to the end. The blocks are seeded edits of the window's bytes,
+    compressed with the host's zstd CLI at level 15."""
+    ops: list[Op] = [Op(b"zstd-version %d" % host_zstd_version())]
+    target = bytearray()
+    window = source[200000:240000] + source[300000:330000]
+    ops.append(Op(f"zwindow 2 {len(window)} {sha(window)}".encode()))
+    ops.append(Op(b"zextent 200000 40000 40000 raw"))
+    ops.append(Op(b"zextent 300000 30000 30000 raw"))
+
+    def copy(length: int, source_offset: int) -> None:
+        piece = source[source_offset : source_offset + length]
+        ops.append(Op(f"copy {len(target)} {length} {source_offset} {sha(piece)}".encode()))
+        target.extend(piece)
+
+    def edited(piece: bytes) -> bytes:
+        out = bytearray(piece)
+        for _ in range(20):
+            out[rng.randrange(len(out))] = rng.randrange(256)
+        return bytes(out)
+
+    def recompress(blocks: list[tuple[bytes, bool]], method: str) -> None:
+        unpacked = b"".join(data for data, _ in blocks)
+        payload = (
+            patch_frame(unpacked, window) if method == "patch" else bsdiff4.diff(window, unpacked)
+        )
+        stored = [cli_zstd(data, 15, work) if packed else data for data, packed in blocks]
+        length = sum(map(len, stored))
+        ops.append(
+            Op(
+                f"recompress {len(target)} {length} {len(blocks)} 15 {method} {sha(window)} "
+                f"{len(payload)}".encode()
+            )
+        )
+        for index, ((data, packed), block) in enumerate(zip(blocks, stored, strict=True)):
+            line = f"block {len(data)} {len(block)} {'zstd' if packed else 'raw'} {sha(block)}"
+            ops.append(Op(line.encode(), payload if index == len(blocks) - 1 else b""))
+            target.extend(block)
+
+    copy(65536, 0)
+    # The source is random bytes: a block repeats a piece so that zstd makes it smaller, as
+    # squashfs stores compressed only the blocks that compression makes smaller.
+    recompress(
+        [(edited(window[1000:5000] * 2), True), (edited(window[42000:46000]), False)], "patch"
+    )
+    copy(40960, len(target))
+    recompress([(edited(window[5000:13000] * 2), True)], "bspatch")
+    copy(len(source) - len(target), len(target))
+    return DeltaSquashfsBase(source, bytes(target), tuple(ops))

@@ -8,8 +8,10 @@ tests/hostile_bundles.py: header, signature block, manifest, payload framing, de
 from __future__ import annotations
 
 import random
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from hostile_bundles import (
     CHUNK,
@@ -24,6 +26,7 @@ from hostile_bundles import (
     frame,
     full_draft,
     head_lines,
+    make_delta_squashfs,
     make_delta_v2,
     raw_frame,
     sha,
@@ -104,6 +107,7 @@ def build_corpus(ctx: Context) -> list[Case]:
         stream_cases,
         delta_cases,
         delta_v2_cases,
+        delta_squashfs_cases,
     ):
         cases.extend(group(ctx))
     names = [name for name, _ in cases]
@@ -914,3 +918,101 @@ def delta_v2_cases(ctx: Context) -> Iterator[Case]:
     yield "delta2-bspatch-without-window", signed(ops[:first] + ops[first + 2 :])
     yield "delta2-window-before-end", signed([*ops, ops[windows[1]], ops[windows[1] + 1]])
     yield "delta2-end-counts-windows", signed(ops, end=b"end %d" % len(ops))
+
+
+def delta_squashfs_cases(ctx: Context) -> Iterator[Case]:
+    """Version 2's squashfs lines: zstd-version, zwindow and its zextents, recompress and its
+    blocks (docs/delta-format.md, section 8)."""
+    with tempfile.TemporaryDirectory(prefix="hostile-squashfs-") as work:
+        base = make_delta_squashfs(ctx.delta.source, random.Random(8), Path(work))
+    ops = list(base.ops)
+
+    def signed(new_ops: list[Op], **stream: object) -> bytes:
+        return delta_draft(
+            base.stream(new_ops, **stream), base.source_ref, base.target_ref, (ctx.trusted,)
+        ).render()
+
+    def word(index: int, field_index: int, value: bytes) -> list[Op]:
+        changed = list(ops)
+        changed[index] = Op(_set_word(ops[index].line, field_index, value), ops[index].payload)
+        return changed
+
+    def at(prefix: bytes, nth: int = 0) -> int:
+        return [i for i, op in enumerate(ops) if op.line.startswith(prefix)][nth]
+
+    version, window, extent = at(b"zstd-version "), at(b"zwindow "), at(b"zextent ")
+    patch, bspatch = at(b"recompress "), at(b"recompress ", 1)
+    block, raw_block, last = patch + 1, patch + 2, bspatch + 1
+    number = int(ops[version].line.split(b" ")[1])
+    yield "delta2-sq-valid", signed(ops)
+    yield "delta2-sq-as-version-1", signed(ops, magic=b"avobuild-delta 1")
+    for name, new_ops in {
+        "zstd-version-other": word(version, 1, str(number + 1).encode()),
+        "zstd-version-leading-zero": word(version, 1, b"0" + str(number).encode()),
+        "zstd-version-missing": ops[:version] + ops[version + 1 :],
+        "zstd-version-late": [*ops[1:patch], ops[version], *ops[patch:]],
+        "zstd-version-twice": [ops[version], *ops],
+        "zwindow-sha": word(window, 3, sha(b"w").encode()),
+        "zwindow-count-0": word(window, 1, b"0"),
+        "zwindow-count-65": word(window, 1, b"65"),
+        "zwindow-count-3": word(window, 1, b"3"),
+        "zwindow-length-short": word(
+            window, 2, str(int(ops[window].line.split(b" ")[2]) - 1).encode()
+        ),
+        "zwindow-length-over-16M": word(window, 2, b"16777217"),
+        "zextent-past-source": word(extent, 1, str(base.source_ref.size - 10).encode()),
+        "zextent-2^63": word(extent, 1, BIG.encode()),
+        "zextent-raw-sizes-differ": word(extent, 3, b"39999"),
+        "zextent-zstd-not-a-frame": word(extent, 4, b"zstd"),
+        "zextent-over-1M": word(extent, 2, b"1048577"),
+        "zextent-packing-gzip": word(extent, 4, b"gzip"),
+        "zextent-other-offset": word(extent, 1, b"200001"),
+        "zextent-missing": ops[:extent] + ops[extent + 1 :],
+        "zwindow-dropped": ops[:window] + ops[extent + 2 :],
+        "recompress-window-sha": word(patch, 6, sha(b"w").encode()),
+        "recompress-level-1": word(patch, 4, b"1"),
+        "recompress-level-20": word(patch, 4, b"20"),
+        "recompress-level-0": word(patch, 4, b"0"),
+        "recompress-count-1": word(patch, 3, b"1"),
+        "recompress-count-0": word(patch, 3, b"0"),
+        "recompress-count-65": word(patch, 3, b"65"),
+        "recompress-method-bspatch": word(patch, 5, b"bspatch"),
+        "recompress-method-other": word(patch, 5, b"xdelta"),
+        "recompress-bspatch-method-patch": word(bspatch, 5, b"patch"),
+        "recompress-length-short": word(
+            patch, 2, str(int(ops[patch].line.split(b" ")[2]) - 1).encode()
+        ),
+        "recompress-payload-short": word(
+            patch, 7, str(int(ops[patch].line.split(b" ")[7]) - 1).encode()
+        ),
+        "recompress-payload-zero": word(patch, 7, b"0"),
+        "recompress-extra-field": [
+            *ops[:patch],
+            Op(ops[patch].line + b" 0", ops[patch].payload),
+            *ops[patch + 1 :],
+        ],
+        "block-sha": word(block, 4, sha(b"b").encode()),
+        "block-stored-size": word(block, 2, str(int(ops[block].line.split(b" ")[2]) + 1).encode()),
+        "block-length-short": word(block, 1, str(int(ops[block].line.split(b" ")[1]) - 1).encode()),
+        "block-packing-raw": word(block, 3, b"raw"),
+        "block-raw-as-zstd": word(raw_block, 3, b"zstd"),
+        "block-over-1M": word(block, 1, b"1048577"),
+        "block-stored-over-length": word(block, 2, b"9000"),
+        "block-keyword": [*ops[:block], Op(b"copy" + ops[block].line[5:]), *ops[block + 1 :]],
+        "block-swapped": [*ops[:block], ops[raw_block], ops[block], *ops[raw_block + 1 :]],
+        "bspatch-block-sha": word(last, 4, sha(b"b").encode()),
+    }.items():
+        yield f"delta2-sq-{name}", signed(new_ops)
+    for label, index in (("patch", raw_block), ("bspatch", last)):
+        payload = ops[index].payload
+        header = ops[index - (2 if label == "patch" else 1)]
+        for name, changed_payload in {
+            "flipped": payload[:40] + bytes([payload[40] ^ 0x55]) + payload[41:],
+            "cut": payload[: len(payload) // 2],
+        }.items():
+            words = header.line.split(b" ")
+            words[7] = str(len(changed_payload)).encode()
+            changed = list(ops)
+            changed[ops.index(header)] = Op(b" ".join(words))
+            changed[index] = Op(ops[index].line, changed_payload)
+            yield f"delta2-sq-{label}-payload-{name}", signed(changed)

@@ -371,12 +371,18 @@ def test_whole_corpus_same_verdict(product: Product, corpus: list[Case], tmp_pat
 
 
 def test_delta_version_2_same_verdict(product: Product, corpus: list[Case], tmp_path: Path) -> None:
-    """Stream version 2 (windows, bspatch raw and with the x86 filter): every case, from a
-    file and from a pipe, with the valid one applied by both readers."""
+    """Stream version 2 (windows, bspatch raw and with the x86 filter; squashfs zstd-version,
+    zwindow and recompress): every case, from a file and from a pipe, with the valid ones
+    applied by both readers."""
     cases = [case for case in corpus if case[0].startswith("delta2-")]
     assert len(cases) >= 50
     readers = Readers(product, tmp_path / "valid")
-    for name, accepted in (("delta2-valid", True), ("delta2-as-version-1", False)):
+    for name, accepted in (
+        ("delta2-valid", True),
+        ("delta2-as-version-1", False),
+        ("delta2-sq-valid", True),
+        ("delta2-sq-as-version-1", False),
+    ):
         python, shell, found = readers.judge(name, dict(cases)[name])
         assert (python.accepted, shell.accepted, found) == (accepted, accepted, []), (
             python.detail,

@@ -38,7 +38,14 @@ from avobuild.bundle.sign import (
     MAX_SIGNATURES,
     signature_algorithm,
 )
-from avobuild.delta.stream import MAX_EXTENT, MAX_LINE, MAX_WINDOW_EXTENTS
+from avobuild.delta.stream import (
+    MAX_EXTENT,
+    MAX_LINE,
+    MAX_PACKED_BLOCK,
+    MAX_RECOMPRESS_BLOCKS,
+    MAX_RECOMPRESS_LEVEL,
+    MAX_WINDOW_EXTENTS,
+)
 from avobuild.disk.gpt import ENTRY_SIZE
 from avobuild.disk.plan import plan_layout
 from avobuild.disk.table import partition_uuid, write_partition_table
@@ -255,6 +262,9 @@ def applier_limits() -> dict[str, int]:
         "delta_line": MAX_LINE,
         "delta_extent": MAX_EXTENT,
         "window_extents": MAX_WINDOW_EXTENTS,
+        "packed_block": MAX_PACKED_BLOCK,
+        "recompress_blocks": MAX_RECOMPRESS_BLOCKS,
+        "recompress_level": MAX_RECOMPRESS_LEVEL,
         "state_entry": MAX_STATE_ENTRY,
         "history_size": MAX_HISTORY,
     }

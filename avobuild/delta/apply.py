@@ -32,6 +32,7 @@ import zstandard
 from avobuild.bundle.manifest import ChunkEntry, ImageEntry, ImageRef
 from avobuild.bundle.reader import decode_frame
 from avobuild.delta import filters
+from avobuild.delta.recompress import RecompressState
 from avobuild.delta.stream import (
     BSDIFF_HEADER,
     BSDIFF_MAGIC,
@@ -39,7 +40,10 @@ from avobuild.delta.stream import (
     Filter,
     Op,
     OpKind,
+    Recompress,
+    UnpackedWindow,
     Window,
+    ZstdVersion,
     lzma2_wrapped_size,
     parse_extent,
     parse_magic,
@@ -230,9 +234,16 @@ def replay_delta(
     position = 0
     count = 0
     window: _LoadedWindow | None = None
+    squashfs = RecompressState()
+    first = True
     while True:
         where = f"{name}: byte offset {stream.offset}"
         parsed = _parse(_line(stream, name), where, stream.version)
+        if isinstance(parsed, ZstdVersion | UnpackedWindow):
+            _squashfs_line(squashfs, parsed, first, stream, name, where, source, source_ref)
+            first = False
+            continue
+        first = False
         if isinstance(parsed, Window):
             window = _load_window(parsed, stream, name, where, source, source_ref)
             continue
@@ -246,7 +257,11 @@ def replay_delta(
                 f"{where}: operation for target bytes [{op.offset}, {op.end}) does not follow "
                 f"byte {position} within the target's {target_ref.size} bytes"
             )
-        if op.kind is OpKind.BSPATCH:
+        if isinstance(op, Recompress):
+            data = squashfs.rebuild(op, lambda: _line(stream, name), stream.read, where)
+            _write(target, op.offset, data)
+            target_hash.update(data)
+        elif op.kind is OpKind.BSPATCH:
             data = _bspatch(op, stream, where, window)
             _write(target, op.offset, data)
             target_hash.update(data)
@@ -268,6 +283,29 @@ def replay_delta(
     return target_ref
 
 
+def _squashfs_line(
+    state: RecompressState,
+    parsed: ZstdVersion | UnpackedWindow,
+    first: bool,
+    stream: ChunkStream,
+    name: str,
+    where: str,
+    source: Region,
+    source_ref: ImageRef,
+) -> None:
+    """Version 2's squashfs lines that are not operations (docs/delta-format.md, 8)."""
+    if isinstance(parsed, ZstdVersion):
+        state.set_version(parsed, first, where)
+    else:
+        state.load_window(
+            parsed,
+            lambda: _line(stream, name),
+            lambda offset, size: _pread(source, offset, size),
+            source_ref.size,
+            where,
+        )
+
+
 def _line(stream: ChunkStream, name: str) -> str:
     offset = stream.offset
     line = stream.readline(MAX_LINE)
@@ -280,7 +318,9 @@ def _line(stream: ChunkStream, name: str) -> str:
         raise BundleError(f"{name}: non-ASCII delta line at byte offset {offset}") from None
 
 
-def _parse(line: str, where: str, version: int) -> Op | Window | int:
+def _parse(
+    line: str, where: str, version: int
+) -> Op | Window | int | ZstdVersion | UnpackedWindow | Recompress:
     try:
         return parse_op(line, version)
     except BundleError as error:

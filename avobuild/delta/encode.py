@@ -26,7 +26,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -44,6 +44,7 @@ from avobuild.delta.plan import (
     plan_runs,
     split_runs,
 )
+from avobuild.delta.squashfs_encode import encode_squashfs_delta, squashfs_images
 from avobuild.delta.stream import (
     READABLE_VERSIONS,
     STREAM_VERSION,
@@ -303,6 +304,20 @@ def encode_delta(
     if version not in READABLE_VERSIONS:
         raise BundleError(f"delta stream version {version}: expected one of {READABLE_VERSIONS}")
     report = progress or _no_progress
+    squashfs = squashfs_images(source, target) if version >= 2 else None
+    if squashfs is not None:
+        squashed = encode_squashfs_delta(
+            source,
+            source_ref,
+            target,
+            target_ref,
+            output,
+            squashfs,
+            level=level,
+            workers=max(1, threads if threads is not None else (os.cpu_count() or 1)),
+            progress=report,
+        )
+        return DeltaSummary(source_ref, target_ref, *astuple(squashed))
     runs = plan_runs(source, source_ref.size, target, target_ref.size)
     pairing = file_pairing(source, source_ref.size, target) if version >= 2 else None
     extents = split_runs(

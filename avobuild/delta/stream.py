@@ -195,7 +195,9 @@ def parse_ref(line: str, keyword: str) -> ImageRef:
     return ImageRef(int(match.group(2)), match.group(3))
 
 
-def parse_op(line: str, version: int = 1) -> Op | Window | int:
+def parse_op(
+    line: str, version: int = 1
+) -> Op | Window | int | ZstdVersion | UnpackedWindow | Recompress:
     """An operation, a window (its extents still to be read with `parse_extent`), or the op
     count of the `end` line; BundleError for anything else, and for a line of version 2 in a
     version 1 stream.
@@ -204,6 +206,8 @@ def parse_op(line: str, version: int = 1) -> Op | Window | int:
     checks offsets against the target and source sizes.
     """
     keyword = line.partition(" ")[0]
+    if version >= 2 and keyword in SQUASHFS_KEYWORDS:
+        return parse_squashfs_line(line)
     pattern = _LINES.get(keyword) or (_LINES_2.get(keyword) if version >= 2 else None)
     match = pattern.fullmatch(line) if pattern is not None else None
     # Numbers have at most 19 digits (hashes have 64), so 19-digit values above 2^63 - 1 are
@@ -293,3 +297,212 @@ def parse_extent(line: str) -> tuple[int, int]:
     if length == 0:
         raise BundleError(f"window extent {shown(line, 120)} has length 0")
     return offset, length
+
+
+# --- Version 2, squashfs: blocks rebuilt uncompressed and recompressed on the applier ------
+# (docs/delta-format.md, section 8). `zstd-version` names the zstd the recompression needs;
+# `zwindow` joins *decompressed* source blocks (its `zextent` lines) into the window;
+# `recompress` rebuilds the uncompressed bytes of `count` target blocks (its `block` lines)
+# from a zstd frame or a BSDIFF40 patch against that window, and the applier recompresses
+# each one with `zstd -<level> --no-check` and checks its stored bytes' hash.
+
+# A squashfs block is at most 1 MiB; a recompress op rebuilds at most this many of them.
+MAX_PACKED_BLOCK = 1 << 20
+MAX_RECOMPRESS_BLOCKS = 64
+# zstd levels the CLI accepts without --ultra.
+MAX_RECOMPRESS_LEVEL = 19
+
+
+class Packing(StrEnum):
+    """How a squashfs block is stored: a zstd frame, or its bytes as they are."""
+
+    ZSTD = "zstd"
+    RAW = "raw"
+
+
+class RecompressMethod(StrEnum):
+    """How a `recompress` payload rebuilds the uncompressed blocks from the current zwindow:
+    a zstd frame with the window as raw-content dictionary, or a BSDIFF40 patch."""
+
+    PATCH = "patch"
+    BSPATCH = "bspatch"
+
+
+@dataclass(frozen=True)
+class ZstdVersion:
+    """The `zstd-version` line: the zstd (as ZSTD_versionNumber, 10504 for 1.5.4) whose
+    output the `recompress` operations of the stream were checked against."""
+
+    number: int
+
+    def __str__(self) -> str:
+        return f"{self.number // 10000}.{self.number // 100 % 100}.{self.number % 100}"
+
+
+@dataclass(frozen=True)
+class PackedExtent:
+    """A `zextent` line: `stored_size` source bytes at `source_offset`, `length` bytes once
+    unpacked."""
+
+    source_offset: int
+    stored_size: int
+    length: int
+    packing: Packing
+
+
+@dataclass(frozen=True)
+class UnpackedWindow:
+    """A `zwindow` line: `count` zextents whose unpacked bytes, joined, are `length` bytes
+    with sha256 `sha256`."""
+
+    count: int
+    length: int
+    sha256: str
+    extents: tuple[PackedExtent, ...] = ()
+
+
+@dataclass(frozen=True)
+class PackedBlock:
+    """A `block` line of a `recompress` op: `length` bytes unpacked, `stored_size` bytes in
+    the target stored as `packing`, the stored bytes with sha256 `sha256`."""
+
+    length: int
+    stored_size: int
+    packing: Packing
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Recompress:
+    """A `recompress` op: target [offset, +length) is `count` stored blocks, rebuilt from a
+    `payload_size`-byte payload (`method`) against the zwindow with sha256 `window_sha256`
+    and compressed with `zstd -<level> --no-check`."""
+
+    offset: int
+    length: int
+    count: int
+    level: int
+    method: RecompressMethod
+    window_sha256: str
+    payload_size: int
+    blocks: tuple[PackedBlock, ...] = ()
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+    @property
+    def unpacked_length(self) -> int:
+        return sum(block.length for block in self.blocks)
+
+
+_PACKING = r"(zstd|raw)"
+_SQUASHFS_LINES = {
+    "zstd-version": re.compile(rf"zstd-version {_NUMBER}", re.ASCII),
+    "zwindow": re.compile(rf"zwindow {_NUMBER} {_NUMBER} {_SHA}", re.ASCII),
+    "recompress": re.compile(
+        rf"recompress {_NUMBER} {_NUMBER} {_NUMBER} {_NUMBER} (patch|bspatch) {_SHA} {_NUMBER}",
+        re.ASCII,
+    ),
+}
+_ZEXTENT = re.compile(rf"zextent {_NUMBER} {_NUMBER} {_NUMBER} {_PACKING}", re.ASCII)
+_BLOCK = re.compile(rf"block {_NUMBER} {_NUMBER} {_PACKING} {_SHA}", re.ASCII)
+SQUASHFS_KEYWORDS = frozenset(_SQUASHFS_LINES)
+
+
+def _squashfs_match(pattern: re.Pattern[str], line: str, what: str) -> tuple[str, ...]:
+    match = pattern.fullmatch(line)
+    if match is None or any(
+        len(value) <= 19 and value.isdigit() and int(value) > MAX_NUMBER for value in match.groups()
+    ):
+        raise BundleError(f"malformed {what} {shown(line, 120)}")
+    return match.groups()
+
+
+def parse_squashfs_line(line: str) -> ZstdVersion | UnpackedWindow | Recompress:
+    """A `zstd-version`, `zwindow` (its zextents still to be read) or `recompress` line (its
+    blocks still to be read), with the bounds that do not depend on the stream position."""
+    keyword = line.partition(" ")[0]
+    values = _squashfs_match(_SQUASHFS_LINES[keyword], line, "delta operation")
+    if keyword == "zstd-version":
+        return ZstdVersion(int(values[0]))
+    if keyword == "zwindow":
+        count, length = int(values[0]), int(values[1])
+        if not 1 <= count <= MAX_WINDOW_EXTENTS or not 1 <= length <= MAX_EXTENT:
+            raise BundleError(
+                f"delta window {shown(line, 120)}: expected 1 to {MAX_WINDOW_EXTENTS} extents "
+                f"and 1 to {MAX_EXTENT} bytes"
+            )
+        return UnpackedWindow(count, length, values[2])
+    offset, length, count, level = (int(value) for value in values[:4])
+    op = Recompress(
+        offset, length, count, level, RecompressMethod(values[4]), values[5], int(values[6])
+    )
+    if not (
+        1 <= length <= MAX_EXTENT
+        and 1 <= count <= MAX_RECOMPRESS_BLOCKS
+        and 1 <= level <= MAX_RECOMPRESS_LEVEL
+        and (BSDIFF_HEADER if op.method is RecompressMethod.BSPATCH else 1) <= op.payload_size
+        and op.payload_size <= max_payload_size(MAX_EXTENT)
+    ):
+        raise BundleError(
+            f"delta operation {shown(line, 120)}: expected 1 to {MAX_EXTENT} bytes, 1 to "
+            f"{MAX_RECOMPRESS_BLOCKS} blocks, level 1 to {MAX_RECOMPRESS_LEVEL} and a payload "
+            "within the bound"
+        )
+    return op
+
+
+def parse_zextent(line: str) -> PackedExtent:
+    values = _squashfs_match(_ZEXTENT, line, "window extent")
+    extent = PackedExtent(int(values[0]), int(values[1]), int(values[2]), Packing(values[3]))
+    if (
+        not 1 <= extent.stored_size <= MAX_PACKED_BLOCK
+        or not 1 <= extent.length <= MAX_PACKED_BLOCK
+        or (extent.packing is Packing.RAW and extent.stored_size != extent.length)
+    ):
+        raise BundleError(
+            f"window extent {shown(line, 120)}: expected 1 to {MAX_PACKED_BLOCK} bytes, the "
+            "same stored and unpacked for raw"
+        )
+    return extent
+
+
+def parse_block(line: str) -> PackedBlock:
+    values = _squashfs_match(_BLOCK, line, "recompressed block")
+    block = PackedBlock(int(values[0]), int(values[1]), Packing(values[2]), values[3])
+    if (
+        not 1 <= block.length <= MAX_PACKED_BLOCK
+        or not 1 <= block.stored_size <= block.length
+        or (block.packing is Packing.RAW and block.stored_size != block.length)
+    ):
+        raise BundleError(
+            f"recompressed block {shown(line, 120)}: expected 1 to {MAX_PACKED_BLOCK} bytes "
+            "unpacked, 1 to that many stored (the same for raw)"
+        )
+    return block
+
+
+def render_zstd_version(version: ZstdVersion) -> bytes:
+    return b"zstd-version %d\n" % version.number
+
+
+def render_unpacked_window(window: UnpackedWindow) -> bytes:
+    lines = [f"zwindow {window.count} {window.length} {window.sha256}"]
+    lines += [
+        f"zextent {extent.source_offset} {extent.stored_size} {extent.length} {extent.packing}"
+        for extent in window.extents
+    ]
+    return "".join(line + "\n" for line in lines).encode("ascii")
+
+
+def render_recompress(op: Recompress) -> bytes:
+    lines = [
+        f"recompress {op.offset} {op.length} {op.count} {op.level} {op.method} "
+        f"{op.window_sha256} {op.payload_size}"
+    ]
+    lines += [
+        f"block {block.length} {block.stored_size} {block.packing} {block.sha256}"
+        for block in op.blocks
+    ]
+    return "".join(line + "\n" for line in lines).encode("ascii")

@@ -130,7 +130,106 @@ apply_delta() (
         [ "$(sha_of "$WORK/delta.out")" = "$g" ] || dfail "bspatch at $a: hash mismatch"
     }
 
-    consumed=0 win_ready=0
+    # zstd_version: the device zstd's version as ZSTD_versionNumber (10504 for 1.5.4).
+    zstd_version() {
+        zv=$(zstd -V 2> /dev/null | sed -n 's/.* v\([0-9][0-9]*\)\.\([0-9][0-9]*\)\.\([0-9][0-9]*\).*/\1 \2 \3/p')
+        set -f
+        # shellcheck disable=SC2086  # three numbers, checked below
+        set -- $zv
+        set +f
+        [ "$#" = 3 ] && is_number "$1" 999 && is_number "$2" 99 && is_number "$3" 99 || return 1
+        echo $(($1 * 10000 + $2 * 100 + $3))
+    }
+    # load_zwindow: the zwindow line in op a b c, then its zextent lines: each source block
+    # unpacked (zstd -d, capped) and appended to delta.zwindow, the whole hashed.
+    load_zwindow() {
+        numbers "$a" "$b"
+        is_sha256 "$c" || dfail "zwindow at byte offset $line_at: malformed sha256"
+        [ "$a" -ge 1 ] && [ "$a" -le "$MAX_WINDOW_EXTENTS" ] && [ "$b" -ge 1 ] && [ "$b" -le "$MAX_DELTA_EXTENT" ] \
+            || dfail "zwindow at byte offset $line_at: bad sizes"
+        zwin_count=$a zwin_length=$b zwin_sha=$c zwin_at=$line_at zwin_total=0 zwin_ready=0
+        : > "$WORK/delta.zwindow"
+        while [ "$zwin_count" -gt 0 ]; do
+            next_line
+            [ "$fields $op" = "5 zextent" ] || dfail "zwindow at byte offset $zwin_at: expected a zextent line"
+            numbers "$a" "$b" "$c"
+            [ "$b" -ge 1 ] && [ "$b" -le "$MAX_PACKED_BLOCK" ] && [ "$c" -ge 1 ] && [ "$c" -le "$MAX_PACKED_BLOCK" ] \
+                && [ "$a" -le "$src_size" ] && [ "$b" -le $((src_size - a)) ] && [ "$c" -le $((zwin_length - zwin_total)) ] \
+                && { [ "$d" = zstd ] || { [ "$d" = raw ] && [ "$b" = "$c" ]; }; } \
+                || dfail "zwindow at byte offset $zwin_at: zextent past the source or the window"
+            if [ "$d" = zstd ]; then
+                source_range "$a" "$b" | zstd -q -d -c 2> /dev/null | take $((c + 1)) > "$WORK/delta.zextent"
+            else
+                source_range "$a" "$b" > "$WORK/delta.zextent"
+            fi
+            [ "$(size_of "$WORK/delta.zextent")" = "$c" ] || dfail "zwindow at byte offset $zwin_at: a source block does not unpack to $c bytes"
+            cat "$WORK/delta.zextent" >> "$WORK/delta.zwindow"
+            zwin_total=$((zwin_total + c)) zwin_count=$((zwin_count - 1))
+        done
+        rm -f "$WORK/delta.zextent"
+        [ "$zwin_total" = "$zwin_length" ] && [ "$(sha_of "$WORK/delta.zwindow")" = "$zwin_sha" ] \
+            || dfail "zwindow at byte offset $zwin_at: unpacked source hash mismatch"
+        zwin_ready=1
+    }
+    # recompress_op: the recompress line in op a b c d e f g, its block lines, its payload
+    # (a zstd frame against delta.zwindow, or a BSDIFF40 patch of it) unpacked, then each block
+    # compressed from a file with `zstd -LEVEL --no-check`, hashed and appended to delta.out.
+    recompress_op() {
+        numbers "$c" "$d" "$g"
+        is_sha256 "$f" || dfail "recompress at $a: malformed sha256"
+        [ "$b" -le "$MAX_DELTA_EXTENT" ] && [ "$c" -ge 1 ] && [ "$c" -le "$MAX_RECOMPRESS_BLOCKS" ] \
+            && [ "$d" -ge 1 ] && [ "$d" -le "$MAX_RECOMPRESS_LEVEL" ] && [ "$g" -ge 1 ] \
+            && { [ "$e" = patch ] || { [ "$e" = bspatch ] && [ "$g" -ge 32 ]; }; } || dfail "recompress at $a: bad sizes"
+        [ "$zstd_ready" = 1 ] || dfail "recompress at $a: the stream has no zstd-version line"
+        [ "$zwin_ready" = 1 ] && [ "$f" = "$zwin_sha" ] || dfail "recompress at $a: not the current zwindow"
+        rc_at=$a rc_length=$b rc_count=$c rc_level=$d rc_method=$e rc_payload=$g rc_unpacked=0 rc_stored=0
+        : > "$WORK/delta.blocks"
+        while [ "$rc_count" -gt 0 ]; do
+            next_line
+            [ "$fields $op" = "5 block" ] || dfail "recompress at $rc_at: expected a block line"
+            numbers "$a" "$b"
+            is_sha256 "$d" || dfail "recompress at $rc_at: malformed block sha256"
+            [ "$a" -ge 1 ] && [ "$a" -le "$MAX_PACKED_BLOCK" ] && [ "$b" -ge 1 ] && [ "$b" -le "$a" ] \
+                && { [ "$c" = zstd ] || { [ "$c" = raw ] && [ "$a" = "$b" ]; }; } || dfail "recompress at $rc_at: bad block sizes"
+            rc_unpacked=$((rc_unpacked + a)) rc_stored=$((rc_stored + b)) rc_count=$((rc_count - 1))
+            echo "$a $b $c $d" >> "$WORK/delta.blocks"
+        done
+        a=$rc_at b=$rc_length
+        [ "$rc_stored" = "$rc_length" ] && [ "$rc_unpacked" -le "$MAX_DELTA_EXTENT" ] \
+            && [ "$rc_payload" -le $((rc_unpacked + rc_unpacked / 128 + 512)) ] || dfail "recompress at $a: the blocks do not add up"
+        if [ "$rc_method" = patch ]; then
+            decode "$rc_unpacked" "$rc_payload" "$WORK/delta.zwindow"
+            mv "$WORK/delta.out" "$WORK/delta.unpacked"
+        else
+            take "$rc_payload" > "$WORK/delta.payload"
+            [ "$(size_of "$WORK/delta.payload")" -eq "$rc_payload" ] || dfail "the stream ends inside the payload at target offset $a"
+            consumed=$((consumed + rc_payload))
+            [ "$(dd if="$WORK/delta.payload" bs=8 count=1 2> /dev/null)" = BSDIFF40 ] \
+                && [ "$(od -An -tu8 -j24 -N8 "$WORK/delta.payload" | tr -d ' ')" = "$rc_unpacked" ] \
+                || dfail "the payload at target offset $a is not a BSDIFF40 patch of $rc_unpacked bytes"
+            bspatch "$WORK/delta.zwindow" "$WORK/delta.unpacked" "$WORK/delta.payload" 2> /dev/null \
+                && [ "$(size_of "$WORK/delta.unpacked")" = "$rc_unpacked" ] || dfail "bspatch at $a failed"
+            rm -f "$WORK/delta.payload"
+        fi
+        : > "$WORK/delta.out"
+        rc_position=0 rc_index=0
+        while read -r rc_block_length rc_block_stored rc_packing rc_sha; do
+            dd if="$WORK/delta.unpacked" bs=65536 skip="$rc_position" count="$rc_block_length" \
+                iflag=skip_bytes,count_bytes 2> /dev/null > "$WORK/delta.block"
+            if [ "$rc_packing" = zstd ]; then
+                zstd "-$rc_level" --no-check -q -c "$WORK/delta.block" 2> /dev/null | take $((rc_block_stored + 1)) > "$WORK/delta.stored"
+            else
+                mv "$WORK/delta.block" "$WORK/delta.stored"
+            fi
+            [ "$(size_of "$WORK/delta.stored")" = "$rc_block_stored" ] && [ "$(sha_of "$WORK/delta.stored")" = "$rc_sha" ] \
+                || dfail "recompress at $a: block $rc_index recompressed with zstd -$rc_level is not the stored block"
+            cat "$WORK/delta.stored" >> "$WORK/delta.out"
+            rc_position=$((rc_position + rc_block_length)) rc_index=$((rc_index + 1))
+        done < "$WORK/delta.blocks"
+        rm -f "$WORK/delta.unpacked" "$WORK/delta.block" "$WORK/delta.stored" "$WORK/delta.blocks"
+    }
+
+    consumed=0 win_ready=0 zwin_ready=0 zstd_ready=0
     next_line
     case "$fields $op $a" in
     "2 avobuild-delta 1" | "2 avobuild-delta 2") version=$a ;;
@@ -140,7 +239,7 @@ apply_delta() (
     [ "$fields $op $a $b" = "3 source $src_size $src_sha" ] || dfail "the stream's source line differs from the manifest"
     next_line
     [ "$fields $op $a $b" = "3 target $target_size $target_sha" ] || dfail "the stream's target line differs from the manifest"
-    position=0 count=0
+    position=0 count=0 header_end=$consumed
     while :; do
         next_line
         [ "$op" != end ] || break
@@ -150,6 +249,17 @@ apply_delta() (
         2:window:6)
             load_window
             continue ;;
+        2:zwindow:4)
+            load_zwindow
+            continue ;;
+        2:zstd-version:2)
+            # Before anything is written: the blocks were checked with exactly this zstd.
+            [ "$line_at" = "$header_end" ] && is_number "$a" || dfail "zstd-version at byte offset $line_at: not right after the target line"
+            device_zstd=$(zstd_version) || dfail "zstd -V prints no version"
+            [ "$device_zstd" = "$a" ] || dfail "the delta recompresses squashfs blocks with zstd $((a / 10000)).$((a / 100 % 100)).$((a % 100)), this device has $((device_zstd / 10000)).$((device_zstd / 100 % 100)).$((device_zstd % 100))"
+            zstd_ready=1
+            continue ;;
+        2:recompress:8) ;;
         *) dfail "malformed delta operation at byte offset $line_at" ;;
         esac
         numbers "$a" "$b"
@@ -200,12 +310,15 @@ apply_delta() (
         bspatch)
             bspatch_op
             put ;;
+        recompress)
+            recompress_op
+            put ;;
         esac
         rm -f "$WORK/delta.out"
         position=$((a + b))
         count=$((count + 1))
     done
-    rm -f "$WORK/delta.window"
+    rm -f "$WORK/delta.window" "$WORK/delta.zwindow"
     [ "$fields" = 2 ] && is_number "$a" && [ "$a" = "$count" ] || dfail "missing or wrong end line"
     [ "$position" = "$target_size" ] || dfail "the operations end at $position, not $target_size"
     [ "$(take 1 | wc -c | tr -d ' ')" -eq 0 ] && [ "$consumed" = "$stream_size" ] \
