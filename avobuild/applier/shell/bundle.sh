@@ -518,7 +518,52 @@ stream_frame_header() {
     done
     [ "$_sf_n" != 2 ] || _sf_size=$((_sf_size + 256))
     [ "$_sf_single" = 0 ] || _sf_window=$_sf_size
-    [ "$_sf_size" = "$_sf_want" ] && [ "$_sf_window" -le $((1 << _sf_log)) ]
+    [ "$_sf_size" = "$_sf_want" ] && [ "$_sf_window" -le $((1 << _sf_log)) ] || return 1
+    # Where the frame walk starts (frame_walk): the header's own length, the checksum flag.
+    _fw_skip=$((5 + 1 - _sf_single + _sf_n)) _fw_checksum=$(((_sf_d >> 2) & 1))
+    _fw_head='' _fw_last=0 _fw_ended=0
+}
+
+# frame_walk FILE: the next stored bytes of the current frame, walked block header by block
+# header (RFC 8878 3.1.1.2) without decoding, as the Python reader's _FrameEnd does: status 1
+# when FILE holds a byte after the frame's end (a skippable frame, which the zstd command would
+# skip silently, a second frame, garbage); _fw_ended=1 once the frame ended. One `od` per
+# block (a block holds at most 128 KiB of data). A block header may straddle two chunks.
+frame_walk() {
+    _fw_file=$1
+    _fw_size=$(size_of "$_fw_file") _fw_at=0
+    while :; do
+        if [ "$_fw_skip" -gt 0 ]; then
+            if [ "$_fw_skip" -ge $((_fw_size - _fw_at)) ]; then
+                _fw_skip=$((_fw_skip - (_fw_size - _fw_at))) _fw_at=$_fw_size
+            else
+                _fw_at=$((_fw_at + _fw_skip)) _fw_skip=0
+            fi
+            [ "$_fw_skip" -gt 0 ] || [ "$_fw_last" = 0 ] || _fw_ended=1
+        fi
+        [ "$_fw_at" -lt "$_fw_size" ] || return 0
+        [ "$_fw_ended" = 0 ] || return 1
+        # shellcheck disable=SC2086  # the header bytes read so far, as fields
+        set -- $_fw_head
+        _fw_need=$((3 - $#))
+        # shellcheck disable=SC2046  # the bytes as fields
+        set -- "$@" $(od -An -tu1 -v -j "$_fw_at" -N "$_fw_need" "$_fw_file")
+        _fw_at=$((_fw_at + _fw_need))
+        if [ $# -lt 3 ]; then
+            _fw_head=$*
+            continue
+        fi
+        _fw_head=''
+        _fw_h=$(($1 + ($2 << 8) + ($3 << 16)))
+        _fw_last=$((_fw_h & 1))
+        case $(((_fw_h >> 1) & 3)) in
+        1) _fw_skip=1 ;;
+        3) return 1 ;;
+        *) _fw_skip=$((_fw_h >> 3)) ;;
+        esac
+        [ "$_fw_last" = 0 ] || _fw_skip=$((_fw_skip + 4 * _fw_checksum))
+        [ "$_fw_skip" -gt 0 ] || [ "$_fw_last" = 0 ] || _fw_ended=1
+    done
 }
 
 # stream_chunk INDEX: the checked stored bytes of chunk INDEX ($WORK/chunk) into its frame's
@@ -542,6 +587,14 @@ stream_chunk() {
             echo $? > "$WORK/zstd.status"; } | decode_frame &
         frame_pid=$!
         exec 7> "$WORK/frame.fifo"
+    fi
+    # The frame must end exactly with its last chunk (5.2). A write pass of a file the verify
+    # pass walked (same signed manifest, same stored hashes) need not walk it again.
+    if [ "$mode" = verify ] || [ -z "${expected_manifest:-}" ]; then
+        frame_walk "$WORK/chunk" \
+            || refuse "$bundle_name: chunk $1 of image $image holds bytes after the end of its zstd frame"
+        [ "$1" != "$_sc_last" ] || [ "$_fw_ended" = 1 ] \
+            || refuse "$bundle_name: chunk $1 of image $image ends before its zstd frame does"
     fi
     # A subshell: if the decoder is gone, the write fails (SIGPIPE) without killing the applier.
     (cat "$WORK/chunk" >&7) 2> /dev/null || true
