@@ -212,6 +212,23 @@ def test_host_install_hostile_records_start_over(
     assert result.resumed == {} and target.read_bytes() == good
 
 
+def test_host_install_without_a_place_for_the_record(
+    setup: Setup, bundles: dict[str, Path], tmp_path: Path
+) -> None:
+    """Where the record cannot be written (here a directory holds its name), the install goes
+    on without one and leaves nothing behind."""
+    disk = tmp_path / "disk.img"
+    shutil.copyfile(setup.factory, disk)
+    record_path(disk).mkdir()
+    result = install_bundle(bundles["stream"], disk, setup.keyring)
+    assert result.resume_refused is not None and "not a regular file" in result.resume_refused
+    assert _slot_b(setup, disk) == IMAGE
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "disk.img",
+        "disk.img.avobuild-resume",
+    ]
+
+
 def test_host_install_rechecks_the_written_frames(
     setup: Setup, bundles: dict[str, Path], tmp_path: Path
 ) -> None:

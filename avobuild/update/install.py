@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -192,7 +192,7 @@ def install_bundle(
     write_boot_state(disk, new_state, roles)
     if delta:
         return InstallResult(target, state.active, manifest.version, written, new_state)
-    drop_record(resume.path)
+    resume.drop()
     return InstallResult(
         target,
         state.active,
@@ -263,6 +263,7 @@ class _Resume:
     done: dict[str, int]
     refused: str | None
     skipped: dict[str, int] = field(default_factory=dict)
+    recording: bool = True
 
     @classmethod
     def load(
@@ -284,6 +285,22 @@ class _Resume:
             except (InstallError, OSError) as error:
                 refused = f"{path}: resume record not used ({error}); starting over"
         return cls(path, manifest_sha, slot, done, refused)
+
+    def save(self, record: ResumeRecord) -> None:
+        """Record progress; where the disk's directory cannot hold the record (read-only),
+        the install goes on without one: it cannot resume, and starts over if cut short."""
+        if not self.recording:
+            return
+        try:
+            write_record(self.path, record)
+        except OSError:
+            self.recording = False
+
+    def drop(self) -> None:
+        # A record left behind is harmless: it names this bundle, and what it counts is
+        # read back against the signed hashes before any use.
+        with suppress(OSError):
+            drop_record(self.path)
 
 
 def _frame_ends(manifest: Manifest, image_chunks: int, index: int) -> bool:
@@ -320,7 +337,7 @@ def _write_verified_chunks(
             chunks = reader.iter_chunks_resuming(prefixes)
         else:
             if not any(resume.done.values()):
-                drop_record(resume.path)  # a stale record must not outlive this install's writes
+                resume.drop()  # a stale record must not outlive this install's writes
             skip = dict(resume.done)
             chunks = reader.iter_chunks()
         for image in manifest.images:
@@ -349,13 +366,13 @@ def _write_verified_chunks(
                     (entry.name, targets[entry.name].offset, recorded[entry.name])
                     for entry in manifest.images
                 )
-                write_record(resume.path, ResumeRecord(resume.manifest_sha, resume.slot, record))
+                resume.save(ResumeRecord(resume.manifest_sha, resume.slot, record))
         os.fsync(fd)
         try:
             for image in manifest.images:
                 verify_written(fd, disk, targets[image.name], ImageRef(image.size, image.sha256))
         except InstallError:
-            drop_record(resume.path)
+            resume.drop()
             raise
     finally:
         os.close(fd)

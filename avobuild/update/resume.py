@@ -110,11 +110,15 @@ def write_record(path: Path, record: ResumeRecord) -> None:
     partial = path.with_name(path.name + ".new")
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        os.write(fd, render_record(record))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    partial.replace(path)
+        try:
+            os.write(fd, render_record(record))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        partial.replace(path)
+    except OSError:
+        partial.unlink(missing_ok=True)
+        raise
     _sync_directory(path.parent)
 
 
