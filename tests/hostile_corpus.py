@@ -607,6 +607,35 @@ def stream_cases(ctx: Context) -> Iterator[Case]:
             ctx.image, signers, stored=stream_frames(ctx.image, CHUNK, 4), frame_chunks=2
         ).render(),
     )
+    # Where a frame ends, exactly (5.2): the zstd command skips a skippable frame silently
+    # and decodes a second frame, so the shell reader walks the block headers itself.
+    tail = list(draft.payload)
+    tail[1] += SKIPPABLE
+    yield "stream-skippable-after-frame-end", stream_draft(ctx.image, signers, stored=tail).render()
+    tail = list(draft.payload)
+    tail[-1] += SKIPPABLE
+    last = stream_draft(ctx.image, signers, stored=tail).render()
+    yield "stream-skippable-after-last-frame", last
+    tail = list(draft.payload)
+    tail[2] = SKIPPABLE + tail[2]
+    yield "stream-skippable-before-frame", stream_draft(ctx.image, signers, stored=tail).render()
+    # Compressible data, so that a whole frame fits the first chunk's stored-size bound: the
+    # frame ends inside chunk 0 and chunk 1 (the frame's last) holds something else.
+    text = b"".join(b"line %06d of a compressible image\n" % i for i in range(9000))[: 5 * CHUNK]
+    merged = stream_frames(text, CHUNK, 2)
+    for name, second in (
+        ("skippable-as-chunk", SKIPPABLE),
+        ("empty-frame-as-chunk", frame(b"")),
+        ("frame-ends-mid-chunk", SKIPPABLE + merged[1][-1:]),
+    ):
+        stored = [merged[0] + merged[1], second, *merged[2:]]
+        if name == "frame-ends-mid-chunk":
+            stored[0] += SKIPPABLE
+        yield f"stream-{name}", stream_draft(text, signers, stored=stored).render()
+    yield (
+        "valid-stream-compressible",
+        stream_draft(text, signers, stored=merged).render(),
+    )
     independent = [frame(ctx.image[i : i + CHUNK]) for i in range(0, len(ctx.image), CHUNK)]
     yield "stream-independent-frames", stream_draft(ctx.image, signers, stored=independent).render()
     yield "stream-in-manifest-version-2", stream_draft(ctx.image, signers, version=2).render()

@@ -84,7 +84,11 @@ class Setup:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
-    root = tmp_path_factory.mktemp("applier")
+    return build_setup(tmp_path_factory.mktemp("applier"))
+
+
+def build_setup(root: Path) -> Setup:
+    """The factory image (1.0.0), a bundle of 2.0.0, the rendered applier with test hooks."""
     v1 = write_product(root / "product", version="1.0.0")
     with v1.recipe.open("a") as handle:
         handle.write(ROLLBACK)

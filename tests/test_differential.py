@@ -365,6 +365,17 @@ def test_sample_of_the_corpus_same_verdict(
     report_known(known)
 
 
+def test_stream_cases_same_verdict(product: Product, corpus: list[Case], tmp_path: Path) -> None:
+    """Every zstd-stream case (manifest version 3), from a file and from a pipe: among them
+    the frame-end corner (a skippable frame or a second frame after a frame's end, inside
+    its last chunk or in a chunk of its own), where the zstd command alone is lenient."""
+    cases = [case for case in corpus if case[0].startswith(("stream-", "valid-stream"))]
+    names = {name for name, _ in cases}
+    assert {"stream-skippable-after-frame-end", "stream-skippable-as-chunk"} <= names
+    report_known(run_corpus(product, tmp_path / "readers", cases))
+    report_known(run_corpus(product, tmp_path / "from-a-pipe", cases, streaming=True))
+
+
 @pytest.mark.slow
 def test_whole_corpus_same_verdict(product: Product, corpus: list[Case], tmp_path: Path) -> None:
     report_known(run_corpus(product, tmp_path / "readers", corpus))

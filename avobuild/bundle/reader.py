@@ -10,7 +10,8 @@ before it is decompressed or written anywhere.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, cast
@@ -196,6 +197,16 @@ def check_zstd_frame(stored: bytes) -> None:
         )
 
 
+@dataclass(frozen=True)
+class ResumedPrefix:
+    """The first `chunks` chunks of an image (whole zstd-stream frames), already written to a
+    slot and read back there against their signed data hashes by the installer that resumes;
+    `image_hash` has hashed exactly their data."""
+
+    chunks: int
+    image_hash: hashlib._Hash
+
+
 def _located(name: str, error: BundleError) -> BundleError:
     """The same error family, its message prefixed with the bundle's name."""
     return type(error)(f"{name}: {error}")
@@ -352,6 +363,33 @@ class BundleReader:
             )
         return self._chunks(manifest)
 
+    def iter_chunks_resuming(
+        self, prefixes: Mapping[str, ResumedPrefix]
+    ) -> Iterator[tuple[ImageEntry, ChunkEntry, bytes | None]]:
+        """`iter_chunks` for an install that resumes (zstd-stream only): the chunks of each
+        image's prefix (`prefixes`, whole frames, already in the slot and checked there against
+        their signed data hashes) are read and checked against their stored hashes but not
+        decoded, and yielded with None for their data; the image hash starts from the
+        prefix's. Every other guarantee of `iter_chunks` holds."""
+        manifest = self.manifest
+        stream = manifest.stream
+        if stream is None:
+            raise BundleError(f"{self.name}: only a zstd-stream payload resumes frame by frame")
+        for image in manifest.images:
+            prefix = prefixes.get(image.name)
+            if prefix is not None and not (
+                0 <= prefix.chunks <= image.chunk_count
+                and (prefix.chunks % stream.frame_chunks == 0 or prefix.chunks == image.chunk_count)
+            ):
+                raise BundleError(
+                    f"{self.name}: image {image.name}: cannot resume at chunk {prefix.chunks} "
+                    "(not the start of a frame)"
+                )
+        if manifest.encryption is not None and self._content_key is None:
+            raise BundleError(f"{self.name}: the payload is encrypted; give a decryption key")
+        self._start_payload()
+        return self._streamed_chunks(manifest, stream, self._final(manifest), prefixes)
+
     def iter_unverified_chunks(self) -> Iterator[tuple[ImageEntry, ChunkEntry, bytes]]:
         """The chunks of the manifest parsed WITHOUT checking its signature, each checked
         against it exactly as `iter_chunks` does: for measuring (`delta stats`), never for
@@ -363,14 +401,21 @@ class BundleReader:
             )
         return self._chunks(manifest)
 
-    def _chunks(self, manifest: Manifest) -> Iterator[tuple[ImageEntry, ChunkEntry, bytes]]:
-        self._start_payload()
+    def _final(self, manifest: Manifest) -> tuple[str, int] | None:
+        """The last chunk of the payload; with no chunk at all, the end is checked now."""
         chunked = [image for image in manifest.images if image.chunks]
         final = (chunked[-1].name, chunked[-1].chunk_count - 1) if chunked else None
         if final is None:
             self._check_end()
+        return final
+
+    def _chunks(self, manifest: Manifest) -> Iterator[tuple[ImageEntry, ChunkEntry, bytes]]:
+        self._start_payload()
+        final = self._final(manifest)
         if manifest.stream is not None:
-            yield from self._streamed_chunks(manifest, manifest.stream, final)
+            for image, chunk, data in self._streamed_chunks(manifest, manifest.stream, final, {}):
+                assert data is not None  # no prefix is skipped
+                yield image, chunk, data
             return
         decompressor = zstandard.ZstdDecompressor()
         for image in manifest.images:
@@ -421,14 +466,29 @@ class BundleReader:
         return stored
 
     def _streamed_chunks(
-        self, manifest: Manifest, stream: StreamParameters, final: tuple[str, int] | None
-    ) -> Iterator[tuple[ImageEntry, ChunkEntry, bytes]]:
+        self,
+        manifest: Manifest,
+        stream: StreamParameters,
+        final: tuple[str, int] | None,
+        prefixes: Mapping[str, ResumedPrefix],
+    ) -> Iterator[tuple[ImageEntry, ChunkEntry, bytes | None]]:
         """zstd-stream (docs/bundle-format.md 5.2): one decoder per frame, fed only stored
         bytes whose hash matched; each chunk's decoded data is checked against its own hash
-        before it is yielded."""
+        before it is yielded. The frames of a resumed prefix are only hashed (None)."""
         for image in manifest.images:
-            image_hash = hashlib.sha256()
+            prefix = prefixes.get(image.name)
+            image_hash = prefix.image_hash.copy() if prefix is not None else hashlib.sha256()
+            skip = prefix.chunks if prefix is not None else 0
             for frame in manifest.frames(image):
+                if frame[-1].index < skip:
+                    for chunk in frame:
+                        self._verified_stored(manifest, image, chunk)
+                        if chunk.index == image.chunk_count - 1:
+                            self._check_image(image, image_hash.hexdigest())
+                            if (image.name, chunk.index) == final:
+                                self._check_end()
+                        yield image, chunk, None
+                    continue
                 sizes = [manifest.chunk_data_size(image, chunk.index) for chunk in frame]
                 first = self._verified_stored(manifest, image, frame[0])
                 try:

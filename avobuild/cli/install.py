@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from avobuild.cli.common import JsonOption, app, emit, out, step_progress
+from avobuild.cli.output import console
 
 
 @app.command()
@@ -43,7 +44,8 @@ def install(
     standard input (-) the bundle is read once: the inactive slot is marked incomplete, each
     verified chunk is written as it arrives, and the slots switch only after the whole bundle
     verified. The only confirmed slot is never written; an older version than the running
-    one needs --allow-downgrade.
+    one needs --allow-downgrade. An install that was cut short resumes where it stopped
+    (DISK.avobuild-resume records it), after checking what it had written.
     """
     from avobuild.bundle.crypt import load_decryption_key
     from avobuild.model.layout import load_layout
@@ -52,6 +54,14 @@ def install(
     decryption = load_decryption_key(decryption_key) if decryption_key is not None else None
     loaded_layout = load_layout(layout) if layout is not None else None
     with step_progress() as update:
+
+        def report(step: str, done: int, total: int) -> None:
+            # A resumed install says where it resumes, once, whatever the progress display.
+            if step.startswith("resuming at chunk"):
+                console.print(step)
+            else:
+                update(step, done, total)
+
         stream = sys.stdin.buffer if str(bundle) == "-" else None
         result = install_bundle(
             Path("<stdin>") if stream is not None else bundle,
@@ -59,11 +69,13 @@ def install(
             keyring,
             layout=loaded_layout,
             confirm=confirm,
-            progress=update,
+            progress=report,
             stream=stream,
             decryption=decryption,
             allow_downgrade=allow_downgrade,
         )
+    if result.resume_refused is not None:
+        console.print(result.resume_refused)
     if as_json:
         document = {
             "disk": str(disk),
@@ -72,6 +84,7 @@ def install(
             "previous": result.previous.value,
             "confirmed": confirm,
             "written": result.written,
+            "resumed": result.resumed,
         }
         emit(True, document)
         return

@@ -13,14 +13,20 @@ on-target applier must match byte for byte. Order matters and is the safety argu
    the system it held before;
 4. only the inactive slot is written, each chunk or operation checked again as it is, and the
    slot is read back; the boot state is rewritten last, making it the trial slot.
+
+A full install that was cut short resumes (avobuild/update/resume.py): a record beside the
+disk, written after each frame's chunks were written and fsynced, says how far it got; it is
+bound to the bundle and the slot, and every chunk it counts is read back and checked against
+its signed hash before the install continues after it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -28,13 +34,22 @@ from avobuild.boot.state import DEFAULT_MAX_ATTEMPTS, BootState
 from avobuild.boot.statefile import read_state, write_state
 from avobuild.bundle.crypt import DecryptionKey
 from avobuild.bundle.keys import Keyring, load_keyring
-from avobuild.bundle.manifest import BundleType, ImageRef, Manifest
+from avobuild.bundle.manifest import BundleType, ChunkEntry, ImageEntry, ImageRef, Manifest
 from avobuild.bundle.reader import BundleReader
 from avobuild.disk.record import DiskRoles, read_disk_roles
 from avobuild.errors import CompatibilityError, InstallError
 from avobuild.model.layout import Layout, Role, Slot
 from avobuild.update.delta import check_deltas, check_sources, plan_deltas, write_deltas
 from avobuild.update.policy import check_install_policy
+from avobuild.update.resume import (
+    V1_INTERVAL,
+    ResumeRecord,
+    checked_prefixes,
+    drop_record,
+    load_record,
+    record_path,
+    write_record,
+)
 from avobuild.update.target import SlotTarget, check_fits, slot_target, verify_written
 
 InstallProgress = Callable[[str, int, int], None]
@@ -47,6 +62,10 @@ class InstallResult:
     version: str
     written: dict[str, int]
     state: BootState
+    # Chunks a resumed install found already written and did not write again, per image.
+    resumed: dict[str, int] = field(default_factory=dict)
+    # Why a resume record was not used (the install then started over), if there was one.
+    resume_refused: str | None = None
 
 
 def _no_progress(_step: str, _done: int, _total: int) -> None:
@@ -142,12 +161,13 @@ def install_bundle(
             check_sources(disk, plans, progress)
         else:
             targets = _plan_targets(manifest, roles, target)
+            resume = _Resume.load(disk, reader.manifest_bytes, manifest, target, targets, state)
         if stream is not None:
             write_boot_state(disk, state.with_incomplete(target), roles)
             if delta:
                 written = write_deltas(reader, disk, plans, progress)
             else:
-                written = _write_verified_chunks(reader, manifest, disk, targets, progress)
+                written = _write_verified_chunks(reader, manifest, disk, targets, progress, resume)
         else:
             total = sum(image.size for image in manifest.images)
             progress("verifying", 0, total)
@@ -163,14 +183,25 @@ def install_bundle(
             if delta:
                 written = write_deltas(again, disk, plans, progress)
             else:
-                written = _write_verified_chunks(again, manifest, disk, targets, progress)
+                written = _write_verified_chunks(again, manifest, disk, targets, progress, resume)
     new_state = state.with_pending(
         target, manifest.version, max_attempts, manifest.policy.security_version or 0
     )
     if confirm:
         new_state = new_state.with_confirmed(target)
     write_boot_state(disk, new_state, roles)
-    return InstallResult(target, state.active, manifest.version, written, new_state)
+    if delta:
+        return InstallResult(target, state.active, manifest.version, written, new_state)
+    resume.drop()
+    return InstallResult(
+        target,
+        state.active,
+        manifest.version,
+        written,
+        new_state,
+        resumed=resume.skipped,
+        resume_refused=resume.refused,
+    )
 
 
 def check_writable(disk: Path) -> None:
@@ -221,28 +252,128 @@ def _reopened(
         yield reader
 
 
+@dataclass
+class _Resume:
+    """Where a full install starts: the record's counts once bound to this install
+    (resume.load_record), else nothing; `skipped` counts the chunks not written again."""
+
+    path: Path
+    manifest_sha: str
+    slot: Slot
+    done: dict[str, int]
+    refused: str | None
+    skipped: dict[str, int] = field(default_factory=dict)
+    recording: bool = True
+
+    @classmethod
+    def load(
+        cls,
+        disk: Path,
+        manifest_bytes: bytes,
+        manifest: Manifest,
+        slot: Slot,
+        targets: dict[str, SlotTarget],
+        state: BootState,
+    ) -> _Resume:
+        path = record_path(disk)
+        manifest_sha = hashlib.sha256(manifest_bytes).hexdigest()
+        done: dict[str, int] = {}
+        refused = None
+        if path.exists() or path.is_symlink():
+            try:
+                done = load_record(path, manifest_sha, manifest, slot, targets, state)
+            except (InstallError, OSError) as error:
+                refused = f"{path}: resume record not used ({error}); starting over"
+        return cls(path, manifest_sha, slot, done, refused)
+
+    def save(self, record: ResumeRecord) -> None:
+        """Record progress; where the disk's directory cannot hold the record (read-only),
+        the install goes on without one: it cannot resume, and starts over if cut short."""
+        if not self.recording:
+            return
+        try:
+            write_record(self.path, record)
+        except OSError:
+            self.recording = False
+
+    def drop(self) -> None:
+        # A record left behind is harmless: it names this bundle, and what it counts is
+        # read back against the signed hashes before any use.
+        with suppress(OSError):
+            drop_record(self.path)
+
+
+def _frame_ends(manifest: Manifest, image_chunks: int, index: int) -> bool:
+    """A restart point follows chunk `index`: the end of a frame (zstd-stream) or of a run of
+    V1_INTERVAL chunks, or of the image."""
+    step = manifest.stream.frame_chunks if manifest.stream is not None else V1_INTERVAL
+    return (index + 1) % step == 0 or index == image_chunks - 1
+
+
 def _write_verified_chunks(
     reader: BundleReader,
     manifest: Manifest,
     disk: Path,
     targets: dict[str, SlotTarget],
     progress: InstallProgress,
+    resume: _Resume,
 ) -> dict[str, int]:
-    """Write each chunk as `iter_chunks` releases it (verified), then read the slots back."""
+    """Write each chunk as `iter_chunks` releases it (verified), recording the progress at
+    every restart point after an fsync; then read the slots back.
+
+    Resuming: with zstd-stream the recorded frames are read back and checked against their
+    signed data hashes first, and not decoded or written again; with version 1 chunks each
+    recorded chunk is decoded and compared with the slot, and written only if it differs."""
     total = sum(image.size for image in manifest.images)
     done = 0
     written: dict[str, int] = {}
+    recorded = {image.name: 0 for image in manifest.images}
     fd = os.open(disk, os.O_RDWR)
     try:
-        for image, chunk, data in reader.iter_chunks():
-            offset = targets[image.name].offset + chunk.index * manifest.chunk_size
-            os.pwrite(fd, data, offset)
-            written[image.name] = written.get(image.name, 0) + len(data)
-            done += len(data)
-            progress("writing", done, total)
-        os.fsync(fd)
+        chunks: Iterator[tuple[ImageEntry, ChunkEntry, bytes | None]]
+        if manifest.stream is not None and any(resume.done.values()):
+            prefixes = checked_prefixes(fd, manifest, targets, resume.done)
+            skip = {name: prefix.chunks for name, prefix in prefixes.items()}
+            chunks = reader.iter_chunks_resuming(prefixes)
+        else:
+            if not any(resume.done.values()):
+                resume.drop()  # a stale record must not outlive this install's writes
+            skip = dict(resume.done)
+            chunks = reader.iter_chunks()
         for image in manifest.images:
-            verify_written(fd, disk, targets[image.name], ImageRef(image.size, image.sha256))
+            if skip.get(image.name):
+                count = image.chunk_count
+                progress(f"resuming at chunk {skip[image.name]} of image {image.name}", 0, count)
+        for image, chunk, data in chunks:
+            offset = targets[image.name].offset + chunk.index * manifest.chunk_size
+            size = manifest.chunk_data_size(image, chunk.index)
+            fresh = data is not None and not (
+                chunk.index < skip.get(image.name, 0) and os.pread(fd, size, offset) == data
+            )
+            if fresh and data is not None:
+                os.pwrite(fd, data, offset)
+                written[image.name] = written.get(image.name, 0) + len(data)
+            else:
+                resume.skipped[image.name] = resume.skipped.get(image.name, 0) + 1
+            recorded[image.name] = chunk.index + 1
+            done += size
+            progress("writing", done, total)
+            if chunk.index >= skip.get(image.name, 0) and _frame_ends(
+                manifest, image.chunk_count, chunk.index
+            ):
+                os.fsync(fd)
+                record = tuple(
+                    (entry.name, targets[entry.name].offset, recorded[entry.name])
+                    for entry in manifest.images
+                )
+                resume.save(ResumeRecord(resume.manifest_sha, resume.slot, record))
+        os.fsync(fd)
+        try:
+            for image in manifest.images:
+                verify_written(fd, disk, targets[image.name], ImageRef(image.size, image.sha256))
+        except InstallError:
+            resume.drop()
+            raise
     finally:
         os.close(fd)
     return written

@@ -418,8 +418,11 @@ read_bundle() {
     parse_manifest
     check_delta_sources
     offset=$((34 + manifest_size + signature_size))
+    : > "$WORK/resume.done"
     if [ "$mode" = write ]; then
+        [ "$bundle_type" != full ] || resume_load
         invalidate_target
+        [ "$bundle_type" != full ] || [ "$compression" != zstd-stream ] || resume_check_slot
     fi
     exec 3< "$WORK/manifest"
     image=''
@@ -431,6 +434,10 @@ read_bundle() {
             set -- $(grep "^$a " "$WORK/plan")
             dev=$5 base=$6 slot_size=$7 target_size=${9} target_sha=${10}
             src_dev=${11} src_base=${12} src_part=${13} src_size=${14} src_sha=${15}
+            skip=$(sed -n "s/^$a //p" "$WORK/resume.done")
+            skip=${skip:-0}
+            [ "$skip" = 0 ] \
+                || log "resuming image $a at chunk $skip of $count (the chunks before it, already in slot $target, were checked)"
             start_image
             ;;
         chunk)
@@ -443,7 +450,8 @@ read_bundle() {
             data_size=$((size - b * chunk_size))
             [ "$data_size" -le "$chunk_size" ] || data_size=$chunk_size
             if [ "$compression" = zstd-stream ]; then
-                stream_chunk "$b"
+                # A resumed frame: its stored bytes are checked above, its data in the slot.
+                [ "$b" -lt "$skip" ] || stream_chunk "$b"
                 offset=$((offset + c))
                 left=$((left - 1))
                 [ "$left" -ne 0 ] || { finish_image; image=''; }
@@ -461,6 +469,7 @@ read_bundle() {
                 || refuse "$bundle_name: chunk $b of image $image does not decompress to $data_size bytes"
             use_chunk_data "$b" "$data_size" "$WORK/data" \
                 || die 1 "$dev: write failed at byte offset $((base + b * chunk_size))"
+            [ $(((b + 1) % RESUME_INTERVAL)) != 0 ] && [ "$left" != 1 ] || resume_save "$b"
             offset=$((offset + c))
             left=$((left - 1))
             ;;
@@ -476,8 +485,14 @@ read_bundle() {
 # bundle), or handed to the image hasher (fd 5) and the delta applier (fd 6).
 use_chunk_data() {
     if [ "$mode" = write ] && [ "$bundle_type" = full ]; then
+        # Resuming version 1 chunks (no data hash per chunk): a chunk the slot already holds,
+        # compared byte for byte, is not written again.
+        if [ "$1" -lt "${skip:-0}" ] \
+            && slot_read "$dev" "$base" "$slot_size" $(($1 * chunk_size)) "$2" | cmp -s - "$3"; then
+            return 0
+        fi
         slot_write "$dev" "$base" "$slot_size" $(($1 * chunk_size)) "$2" < "$3" || return 1
-        checkpoint
+        checkpoint "$2"
     else
         cat "$3" >&5
         # A delta applier that stopped reports why in finish_image.
@@ -518,7 +533,52 @@ stream_frame_header() {
     done
     [ "$_sf_n" != 2 ] || _sf_size=$((_sf_size + 256))
     [ "$_sf_single" = 0 ] || _sf_window=$_sf_size
-    [ "$_sf_size" = "$_sf_want" ] && [ "$_sf_window" -le $((1 << _sf_log)) ]
+    [ "$_sf_size" = "$_sf_want" ] && [ "$_sf_window" -le $((1 << _sf_log)) ] || return 1
+    # Where the frame walk starts (frame_walk): the header's own length, the checksum flag.
+    _fw_skip=$((5 + 1 - _sf_single + _sf_n)) _fw_checksum=$(((_sf_d >> 2) & 1))
+    _fw_head='' _fw_last=0 _fw_ended=0
+}
+
+# frame_walk FILE: the next stored bytes of the current frame, walked block header by block
+# header (RFC 8878 3.1.1.2) without decoding, as the Python reader's _FrameEnd does: status 1
+# when FILE holds a byte after the frame's end (a skippable frame, which the zstd command would
+# skip silently, a second frame, garbage); _fw_ended=1 once the frame ended. One `od` per
+# block (a block holds at most 128 KiB of data). A block header may straddle two chunks.
+frame_walk() {
+    _fw_file=$1
+    _fw_size=$(size_of "$_fw_file") _fw_at=0
+    while :; do
+        if [ "$_fw_skip" -gt 0 ]; then
+            if [ "$_fw_skip" -ge $((_fw_size - _fw_at)) ]; then
+                _fw_skip=$((_fw_skip - (_fw_size - _fw_at))) _fw_at=$_fw_size
+            else
+                _fw_at=$((_fw_at + _fw_skip)) _fw_skip=0
+            fi
+            [ "$_fw_skip" -gt 0 ] || [ "$_fw_last" = 0 ] || _fw_ended=1
+        fi
+        [ "$_fw_at" -lt "$_fw_size" ] || return 0
+        [ "$_fw_ended" = 0 ] || return 1
+        # shellcheck disable=SC2086  # the header bytes read so far, as fields
+        set -- $_fw_head
+        _fw_need=$((3 - $#))
+        # shellcheck disable=SC2046  # the bytes as fields
+        set -- "$@" $(od -An -tu1 -v -j "$_fw_at" -N "$_fw_need" "$_fw_file")
+        _fw_at=$((_fw_at + _fw_need))
+        if [ $# -lt 3 ]; then
+            _fw_head=$*
+            continue
+        fi
+        _fw_head=''
+        _fw_h=$(($1 + ($2 << 8) + ($3 << 16)))
+        _fw_last=$((_fw_h & 1))
+        case $(((_fw_h >> 1) & 3)) in
+        1) _fw_skip=1 ;;
+        3) return 1 ;;
+        *) _fw_skip=$((_fw_h >> 3)) ;;
+        esac
+        [ "$_fw_last" = 0 ] || _fw_skip=$((_fw_skip + 4 * _fw_checksum))
+        [ "$_fw_skip" -gt 0 ] || [ "$_fw_last" = 0 ] || _fw_ended=1
+    done
 }
 
 # stream_chunk INDEX: the checked stored bytes of chunk INDEX ($WORK/chunk) into its frame's
@@ -543,6 +603,14 @@ stream_chunk() {
         frame_pid=$!
         exec 7> "$WORK/frame.fifo"
     fi
+    # The frame must end exactly with its last chunk (5.2). A write pass of a file the verify
+    # pass walked (same signed manifest, same stored hashes) need not walk it again.
+    if [ "$mode" = verify ] || [ -z "${expected_manifest:-}" ]; then
+        frame_walk "$WORK/chunk" \
+            || refuse "$bundle_name: chunk $1 of image $image holds bytes after the end of its zstd frame"
+        [ "$1" != "$_sc_last" ] || [ "$_fw_ended" = 1 ] \
+            || refuse "$bundle_name: chunk $1 of image $image ends before its zstd frame does"
+    fi
     # A subshell: if the decoder is gone, the write fails (SIGPIPE) without killing the applier.
     (cat "$WORK/chunk" >&7) 2> /dev/null || true
     [ "$1" = "$_sc_last" ] || return 0
@@ -552,6 +620,7 @@ stream_chunk() {
     [ "$_sc_status" = ok ] || refuse "$bundle_name: ${_sc_status:-chunk $1 of image $image: its frame cannot be decoded}"
     [ "$(cat "$WORK/zstd.status" 2> /dev/null)" = 0 ] \
         || refuse "$bundle_name: chunk $1 of image $image: zstd refused its frame"
+    resume_save "$1"
 }
 
 # decode_frame < DECODED-FRAME (a background job): the data of each chunk of $WORK/frame.list,
@@ -630,8 +699,121 @@ finish_image() {
     [ "$mode" = write ] || return 0
     sync
     got_sha=$(slot_read "$dev" "$base" "$slot_size" 0 "$target_size" | sha256sum | cut -d' ' -f1)
-    [ "$got_sha" = "$target_sha" ] \
-        || die 1 "$dev: image $image read back at byte offset $base does not match its hash; the slot stays inactive"
+    if [ "$got_sha" != "$target_sha" ]; then
+        rm -f "$RESUME_FILE"
+        die 1 "$dev: image $image read back at byte offset $base does not match its hash; the slot stays inactive"
+    fi
+}
+
+# --- resuming an interrupted full install (docs/applier.md, "Resuming an interrupted install")
+# $STATE_DIR/resume, on the data partition, is written only after a frame's chunks (version 1:
+# RESUME_INTERVAL chunks) were written, checked and synced. It is a hint: resume_load takes it
+# only when it parses strictly, names this bundle's signed manifest, this target slot and each
+# image's partition, stays within each image's chunks and stops at a frame's end, and the
+# target slot was left unbootable since; resume_check_slot then reads every chunk it counts back
+# from the slot against its signed data hash. Anything else starts over from chunk 0.
+RESUME_FILE=$STATE_DIR/resume
+RESUME_INTERVAL=16
+
+resume_load() {
+    : > "$WORK/resume.done"
+    [ -e "$RESUME_FILE" ] || [ -L "$RESUME_FILE" ] || return 0
+    _rl_why=$(resume_parse) && return 0
+    log "$RESUME_FILE: resume record not used ($_rl_why); starting over"
+    : > "$WORK/resume.done"
+    # A record of another install must not outlive this one's first write.
+    rm -f "$RESUME_FILE"
+}
+
+# resume_parse: the record's "NAME CHUNKS" lines into $WORK/resume.done; on a mismatch the
+# reason on stdout, status 1. Nothing in it is used unchecked: every number is bounded.
+resume_parse() {
+    _rp_file=$RESUME_FILE
+    [ -f "$_rp_file" ] && [ ! -L "$_rp_file" ] || { echo "not a regular file"; return 1; }
+    [ "$(size_of "$_rp_file")" -le 65536 ] || { echo "larger than 65536 bytes"; return 1; }
+    [ "$(LC_ALL=C tr -d '\n -~' < "$_rp_file" | wc -c)" -eq 0 ] \
+        && [ "$(tail -c 1 "$_rp_file" | od -An -tx1 | tr -d ' ')" = 0a ] \
+        || { echo "not lines of printable ASCII"; return 1; }
+    [ "$(sed -n 1p "$_rp_file")" = "avobuild-resume 1" ] || { echo "line 1: expected avobuild-resume 1"; return 1; }
+    [ "$(sed -n 2p "$_rp_file")" = "manifest $manifest_sha" ] || { echo "it records another bundle"; return 1; }
+    [ "$(sed -n 3p "$_rp_file")" = "slot $target" ] || { echo "it records another slot than $target"; return 1; }
+    [ "$(slot_var "$target" ok)" != 1 ] && [ -z "$(slot_var "$target" version)" ] \
+        || { echo "slot $target holds a system since"; return 1; }
+    [ "$(wc -l < "$_rp_file")" -eq $(($(wc -l < "$WORK/plan") + 3)) ] \
+        || { echo "its images are not the bundle's"; return 1; }
+    _rp_open=0
+    sed 1,3d "$_rp_file" > "$WORK/resume.lines"
+    while read -r _rp_name _ _ _rp_count _ _rp_base _ <&8 && read -r _rp_word _rp_rname _rp_rbase _rp_done _rp_rest; do
+        [ "$_rp_word" = image ] && [ "$_rp_rname" = "$_rp_name" ] && [ "$_rp_rbase" = "$_rp_base" ] \
+            && [ -z "$_rp_rest" ] || { echo "image $_rp_name: another image or partition"; return 1; }
+        is_number "$_rp_done" "$_rp_count" || { echo "image $_rp_name: not 0 to $_rp_count chunks"; return 1; }
+        if [ "$compression" = zstd-stream ] && [ "$_rp_done" != "$_rp_count" ] \
+            && [ $((_rp_done % frame_chunks)) != 0 ]; then
+            echo "image $_rp_name: chunk $_rp_done does not start a frame"; return 1
+        fi
+        [ "$_rp_open" = 0 ] || [ "$_rp_done" = 0 ] \
+            || { echo "image $_rp_name: written before the image ahead of it was done"; return 1; }
+        [ "$_rp_done" = "$_rp_count" ] || _rp_open=1
+        echo "$_rp_name $_rp_done" >> "$WORK/resume.done"
+    done < "$WORK/resume.lines" 8< "$WORK/plan"
+}
+
+# resume_check_slot (zstd-stream): each counted chunk read back from the slot against the data
+# sha256 of its chunk line; an image resumes at the start of the first frame holding a chunk
+# that differs (and every later image from chunk 0).
+resume_check_slot() {
+    [ -s "$WORK/resume.done" ] || return 0
+    _rc_broken=0
+    while read -r _rc_name _rc_done; do
+        if [ "$_rc_broken" = 1 ] || [ "$_rc_done" = 0 ]; then
+            echo "$_rc_name 0"
+            continue
+        fi
+        # shellcheck disable=SC2046  # the fields of the image's plan line
+        set -- $(grep "^$_rc_name " "$WORK/plan")
+        _rc_size=$2 _rc_count=$4 _rc_dev=$5 _rc_base=$6 _rc_slot=$7 _rc_good=$_rc_done
+        awk -v image="$_rc_name" -v done="$_rc_done" \
+            '$1 == "chunk" && $2 == image && $3 < done { print $3, $6 }' "$WORK/manifest" \
+            > "$WORK/resume.hashes"
+        while read -r _rc_index _rc_sha; do
+            _rc_data=$((_rc_size - _rc_index * chunk_size))
+            [ "$_rc_data" -le "$chunk_size" ] || _rc_data=$chunk_size
+            _rc_got=$(slot_read "$_rc_dev" "$_rc_base" "$_rc_slot" $((_rc_index * chunk_size)) "$_rc_data" \
+                | sha256sum | cut -d' ' -f1)
+            if [ "$_rc_got" != "$_rc_sha" ]; then
+                _rc_good=$((_rc_index - _rc_index % frame_chunks))
+                log "slot $target: chunk $_rc_index of image $_rc_name changed since it was written; resuming at chunk $_rc_good"
+                _rc_broken=1
+                break
+            fi
+        done < "$WORK/resume.hashes"
+        echo "$_rc_name $_rc_good"
+        [ "$_rc_good" = "$_rc_count" ] || _rc_broken=1
+    done < "$WORK/resume.done" > "$WORK/resume.checked"
+    mv -f "$WORK/resume.checked" "$WORK/resume.done"
+}
+
+# resume_save INDEX: chunk INDEX of $image (and everything before it) is written: sync, then
+# record it (atomic_write syncs again).
+resume_save() {
+    [ "$mode" = write ] && [ "$bundle_type" = full ] || return 0
+    sync
+    {
+        echo "avobuild-resume 1"
+        echo "manifest $manifest_sha"
+        echo "slot $target"
+        _rs_after=0
+        while read -r _rs_name _ _ _rs_count _ _rs_base _; do
+            if [ "$_rs_name" = "$image" ]; then
+                echo "image $_rs_name $_rs_base $(($1 + 1))"
+                _rs_after=1
+            elif [ "$_rs_after" = 1 ]; then
+                echo "image $_rs_name $_rs_base 0"
+            else
+                echo "image $_rs_name $_rs_base $_rs_count"
+            fi
+        done < "$WORK/plan"
+    } | atomic_write "$RESUME_FILE"
 }
 
 # Before the first byte reaches the target slot it stops being a boot candidate.

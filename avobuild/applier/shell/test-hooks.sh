@@ -3,7 +3,13 @@
 # a production applier never holds it. AVO_TEST_KILL_AFTER=N makes the script die like a power cut after its N-th
 # write step: SIGKILL to the applier's whole process group (the delta applier runs in a
 # background subshell). AVO_TEST_COUNTER names the file that counts the steps.
+# AVO_TEST_WRITTEN names a file that adds up the bytes of slot chunk writes (checkpoint BYTES).
 checkpoint() {
+    if [ -n "${AVO_TEST_WRITTEN:-}" ] && [ -n "${1:-}" ]; then
+        _cp_bytes=$(cat "$AVO_TEST_WRITTEN" 2> /dev/null)
+        is_number "$_cp_bytes" || _cp_bytes=0
+        echo $((_cp_bytes + $1)) > "$AVO_TEST_WRITTEN"
+    fi
     [ -n "${AVO_TEST_KILL_AFTER:-}" ] || return 0
     _cp_counter=${AVO_TEST_COUNTER:-$STATE_DIR/.kill-counter}
     _cp_steps=$(cat "$_cp_counter" 2> /dev/null)

@@ -169,6 +169,7 @@ cmd_apply() {
     fi
     set_state Applying "target=$target"
     if [ "$bundle" = - ]; then read_bundle write; else read_bundle write < "$bundle"; fi
+    rm -f "$RESUME_FILE"
     {
         echo "version=$bundle_version"
         echo "compatible=$bundle_compatible"
