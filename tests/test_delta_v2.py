@@ -22,9 +22,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from avobuild.bundle.manifest import ImageRef
+from avobuild.delta import filters
 from avobuild.delta.apply import apply_delta_file
 from avobuild.delta.encode import DeltaSummary, encode_delta
 from avobuild.delta.files import _normalised
+from avobuild.delta.stream import Filter
 from avobuild.errors import BundleError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -222,3 +224,41 @@ def test_documented_busybox_applier_applies_version_2(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "applied"
     assert output.read_bytes()[: new.stat().st_size] == new.read_bytes()
+
+
+def test_in_process_x86_filter_equals_the_xz_cli(tmp_path: Path) -> None:
+    """The encoder and the host applier filter x86 code with Python's liblzma; a device runs
+    `xz --x86=start=S`: both directions must give the same bytes as the xz CLI, at any start."""
+    data = ELF_FILES[0].read_bytes()[: 3 << 20]
+    for start in (0, 4096, 123457):
+        forward = filters.forward(data, Filter.X86, start)
+        by_cli = subprocess.run(
+            ["xz", "--format=raw", f"--x86=start={start}", "--lzma2=preset=0", "-c"],
+            input=data,
+            capture_output=True,
+            check=True,
+        ).stdout
+        by_cli = subprocess.run(
+            ["xz", "-d", "--format=raw", "--lzma2=preset=0", "-c"],
+            input=by_cli,
+            capture_output=True,
+            check=True,
+        ).stdout
+        assert forward == by_cli
+        assert forward != data
+        wrapped = filters.wrap_lzma2(forward)
+        assert filters.inverse(wrapped, Filter.X86, start, len(data)) == data
+        back = subprocess.run(
+            ["xz", "-d", "--format=raw", f"--x86=start={start}", "--lzma2=preset=0", "-c"],
+            input=wrapped,
+            capture_output=True,
+            check=True,
+        ).stdout
+        assert back == data
+    wrapped = filters.wrap_lzma2(filters.forward(data, Filter.X86, 0))
+    with pytest.raises(BundleError, match="bytes, expected"):
+        filters.inverse(wrapped, Filter.X86, 0, len(data) - 1)
+    with pytest.raises(BundleError, match="one LZMA2 stream"):
+        filters.inverse(wrapped + b"\0", Filter.X86, 0, len(data))
+    with pytest.raises(BundleError, match="inverse filter"):
+        filters.inverse(wrapped[:-1], Filter.X86, 0, len(data))
