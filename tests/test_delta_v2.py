@@ -100,10 +100,21 @@ def build_images(root: Path, seed: int, edits: list[str]) -> tuple[Path, Path]:
     return images[0], images[1]
 
 
-def make_delta(root: Path, old: Path, new: Path, version: int = 2) -> tuple[Path, DeltaSummary]:
-    stream = root / f"v{version}.delta"
+def make_delta(
+    root: Path, old: Path, new: Path, version: int = 2, *, branch_filters: bool = False
+) -> tuple[Path, DeltaSummary]:
+    stream = root / f"v{version}{'-filtered' if branch_filters else ''}.delta"
     with stream.open("wb") as output:
-        summary = encode_delta(old, ref(old), new, ref(new), output, version=version, threads=2)
+        summary = encode_delta(
+            old,
+            ref(old),
+            new,
+            ref(new),
+            output,
+            version=version,
+            threads=2,
+            branch_filters=branch_filters,
+        )
     return stream, summary
 
 
@@ -123,7 +134,7 @@ def test_seeded_elf_edits_reproduce_the_target(
 ) -> None:
     root = tmp_path_factory.mktemp("elf")
     old, new = build_images(root, seed, edits)
-    stream, _ = make_delta(root, old, new)
+    stream, _ = make_delta(root, old, new, branch_filters=seed % 2 == 1)
     assert stream.read_bytes().startswith(b"avobuild-delta 2\n")
     output = root / "out.img"
     apply_delta_file(stream, old, output)
@@ -134,8 +145,12 @@ def test_seeded_elf_edits_reproduce_the_target(
 def test_recompiled_code_is_diffed_with_bsdiff_and_the_x86_filter(tmp_path: Path) -> None:
     old, new = build_images(tmp_path, 5, ["recompiled"] * 6)
     v1, v1_summary = make_delta(tmp_path, old, new, version=1)
-    v2, v2_summary = make_delta(tmp_path, old, new)
+    raw, raw_summary = make_delta(tmp_path, old, new)
+    v2, v2_summary = make_delta(tmp_path, old, new, branch_filters=True)
     assert v1.read_bytes().startswith(b"avobuild-delta 1\n")
+    # Without branch filters (the default) every bspatch is raw.
+    assert {line.split(b" ")[3] for line in stream_lines(raw, b"bspatch")} == {b"raw"}
+    assert raw_summary.stream_size < 0.9 * v1_summary.stream_size
     bspatches = stream_lines(v2, b"bspatch")
     assert bspatches, "no bspatch operation"
     assert any(line.split(b" ")[3] == b"x86" for line in bspatches), bspatches
@@ -146,7 +161,7 @@ def test_recompiled_code_is_diffed_with_bsdiff_and_the_x86_filter(tmp_path: Path
         v2_summary.stream_size,
         v1_summary.stream_size,
     )
-    for stream in (v1, v2):
+    for stream in (v1, raw, v2):
         output = tmp_path / f"{stream.stem}.img"
         apply_delta_file(stream, old, output)
         assert output.read_bytes() == new.read_bytes()
@@ -179,7 +194,7 @@ def test_a_version_2_delta_refuses_any_other_source(tmp_path: Path) -> None:
 
 def test_a_damaged_window_or_bspatch_is_refused(tmp_path: Path) -> None:
     old, new = build_images(tmp_path, 4, ["recompiled"] * 6)
-    stream, _ = make_delta(tmp_path, old, new)
+    stream, _ = make_delta(tmp_path, old, new, branch_filters=True)
     data = stream.read_bytes()
     match = re.search(rb"\nextent (\d+) ", data)
     assert match is not None
@@ -204,7 +219,7 @@ def test_documented_busybox_applier_applies_version_2(tmp_path: Path) -> None:
     """The script of docs/delta-format.md (busybox sh, dd, zstd, bspatch, /usr/bin/xz)
     rebuilds the exact target from a version 2 stream with x86-filtered bspatch ops."""
     old, new = build_images(tmp_path, 5, ["recompiled"] * 6)
-    stream, summary = make_delta(tmp_path, old, new)
+    stream, summary = make_delta(tmp_path, old, new, branch_filters=True)
     assert summary.op_counts["bspatch"] >= 1
     assert any(line.split(b" ")[3] == b"x86" for line in stream_lines(stream, b"bspatch"))
     text = (REPO / "docs" / "delta-format.md").read_text()

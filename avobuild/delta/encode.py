@@ -9,10 +9,11 @@ Stream version 2 (the default) adds file awareness: for ext4 images the changed 
 file that zstd did not make small are grouped (neighbouring pieces of one file, a span of at
 most `files.MAX_GROUP_SPAN`) and each group is diffed once with bsdiff against one window of
 the file's old version (`delta.files`, `delta.bsdiff`: one suffix sort per group, not per
-piece), raw and, for x86-64/AArch64 ELF files, after the branch filter (`delta.filters`),
-keeping the variant that gives the group fewer bytes; each piece then takes the smaller of its
-zstd payload and its bsdiff patch. The pieces of a group share one `window` line. bsdiff holds
-the GIL, so groups run in a process pool (one process per core) next to the zstd threads.
+piece), raw and, with `branch_filters`, for x86-64/AArch64 ELF files also after the branch
+filter (`delta.filters`), keeping the variant that gives the group fewer bytes; each piece
+then takes the smaller of its zstd payload and its bsdiff patch. The pieces of a group share
+one `window` line. bsdiff holds the GIL, so groups run in a process pool (one process per
+core) next to the zstd threads.
 
 Extents are encoded on a thread pool (zstandard and hashlib release the GIL, so both cores
 work) with at most a few extents in flight; results are written in target order. Each worker
@@ -29,7 +30,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
@@ -221,6 +222,7 @@ class _Encoder:
         level: int,
         pairing: FilePairing | None = None,
         processes: Executor | None = None,
+        branch_filters: bool = False,
     ) -> None:
         self._source_fd = source_fd
         self._source = source
@@ -229,6 +231,7 @@ class _Encoder:
         self._level = level
         self._pairing = pairing
         self._processes = processes
+        self._branch_filters = branch_filters
         self._local = threading.local()
 
     def _plain(self) -> zstandard.ZstdCompressor:
@@ -262,6 +265,8 @@ class _Encoder:
         window = self._pairing.window(group.path, group.first, group.end)
         if window is None:
             return
+        if not self._branch_filters:
+            window = replace(window, filter=Filter.RAW)
         group.window = window
         group.diff = self._processes.submit(
             _bsdiff_group,
@@ -378,6 +383,7 @@ def encode_delta(
     threads: int | None = None,
     progress: DeltaProgress | None = None,
     version: int = STREAM_VERSION,
+    branch_filters: bool = False,
 ) -> DeltaSummary:
     """Write the delta stream turning `source` into `target` to `output`.
 
@@ -385,7 +391,10 @@ def encode_delta(
     is rehashed on the way, so a ref that does not match its file is an error, not a delta
     that can never apply. The stream is version 2 only when files could be paired (both
     images ext4, `delta.files`); otherwise, or with `version` 1, it is a version 1 stream
-    that every applier reads.
+    that every applier reads. `branch_filters` also diffs the pieces of x86-64 and AArch64
+    ELF files after xz's branch filter and keeps the smaller variant per group: it doubles
+    bsdiff's time for 0-1.4 % fewer bytes on the measured corpora (docs/performance.md), so
+    it is off by default.
     """
     if not 1 <= level <= zstandard.MAX_COMPRESSION_LEVEL:
         raise BundleError(f"delta level: expected 1 to {zstandard.MAX_COMPRESSION_LEVEL}")
@@ -431,7 +440,9 @@ def encode_delta(
             processes = (
                 _start_processes(workers) if pairing is not None and pairing.paired else None
             )
-            encoder = _Encoder(source_fd, source, target_fd, target, level, pairing, processes)
+            encoder = _Encoder(
+                source_fd, source, target_fd, target, level, pairing, processes, branch_filters
+            )
             pending: deque[tuple[PlannedExtent, Future[_Encoded]]] = deque()
             held: deque[_Held] = deque()
             groups: deque[_Group] = deque()  # closed, not yet emitted
