@@ -16,6 +16,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import bsdiff4
 import pytest
 from elf_edits import host_elf_files, recompile
 from hypothesis import given, settings
@@ -24,6 +25,7 @@ from hypothesis import strategies as st
 from avobuild.bundle.manifest import ImageRef
 from avobuild.delta import filters
 from avobuild.delta.apply import apply_delta_file
+from avobuild.delta.bsdiff import diff_pieces
 from avobuild.delta.encode import DeltaSummary, encode_delta
 from avobuild.delta.files import _normalised
 from avobuild.delta.stream import Filter
@@ -277,3 +279,29 @@ def test_in_process_x86_filter_equals_the_xz_cli(tmp_path: Path) -> None:
         filters.inverse(wrapped + b"\0", Filter.X86, 0, len(data))
     with pytest.raises(BundleError, match="inverse filter"):
         filters.inverse(wrapped[:-1], Filter.X86, 0, len(data))
+
+
+def test_one_diff_cut_into_pieces_applies_piece_by_piece_with_bspatch(tmp_path: Path) -> None:
+    """A group's single bsdiff is cut into one BSDIFF40 patch per piece: Debian's bspatch
+    (what a device runs) turns the shared window into each piece exactly, whatever the cuts
+    (inside a match, inside inserted bytes, one-byte pieces)."""
+    rng = random.Random(15)
+    old = ELF_FILES[1].read_bytes()[: 1 << 20]
+    new = bytearray(recompile(rng, old) if len(old) > 8192 else old)
+    for _ in range(100):
+        new[rng.randrange(len(new))] = rng.randrange(256)
+    start = rng.randrange(len(new) // 2)
+    new = new[:start] + rng.randbytes(5000) + new[start:] + old[:3000]
+    cuts = sorted({*rng.sample(range(1, len(new)), 12), 1, len(new) - 1})
+    pieces = [bytes(new[a:b]) for a, b in zip([0, *cuts], [*cuts, len(new)], strict=True)]
+    patches = diff_pieces(old, pieces)
+    window = tmp_path / "window"
+    window.write_bytes(old)
+    for index, (piece, patch) in enumerate(zip(pieces, patches, strict=True)):
+        (tmp_path / "patch").write_bytes(patch)
+        subprocess.run(
+            ["bspatch", str(window), str(tmp_path / "out"), str(tmp_path / "patch")], check=True
+        )
+        assert (tmp_path / "out").read_bytes() == piece, index
+    # Cut patches cost little more than one patch of the whole.
+    assert sum(map(len, patches)) < len(bsdiff4.diff(old, bytes(new))) + 200 * len(pieces)
