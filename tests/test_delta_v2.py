@@ -16,15 +16,19 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import bsdiff4
 import pytest
 from elf_edits import host_elf_files, recompile
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from avobuild.bundle.manifest import ImageRef
+from avobuild.delta import filters
 from avobuild.delta.apply import apply_delta_file
+from avobuild.delta.bsdiff import diff_pieces
 from avobuild.delta.encode import DeltaSummary, encode_delta
 from avobuild.delta.files import _normalised
+from avobuild.delta.stream import Filter
 from avobuild.errors import BundleError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,10 +102,21 @@ def build_images(root: Path, seed: int, edits: list[str]) -> tuple[Path, Path]:
     return images[0], images[1]
 
 
-def make_delta(root: Path, old: Path, new: Path, version: int = 2) -> tuple[Path, DeltaSummary]:
-    stream = root / f"v{version}.delta"
+def make_delta(
+    root: Path, old: Path, new: Path, version: int = 2, *, branch_filters: bool = False
+) -> tuple[Path, DeltaSummary]:
+    stream = root / f"v{version}{'-filtered' if branch_filters else ''}.delta"
     with stream.open("wb") as output:
-        summary = encode_delta(old, ref(old), new, ref(new), output, version=version, threads=2)
+        summary = encode_delta(
+            old,
+            ref(old),
+            new,
+            ref(new),
+            output,
+            version=version,
+            threads=2,
+            branch_filters=branch_filters,
+        )
     return stream, summary
 
 
@@ -121,7 +136,7 @@ def test_seeded_elf_edits_reproduce_the_target(
 ) -> None:
     root = tmp_path_factory.mktemp("elf")
     old, new = build_images(root, seed, edits)
-    stream, _ = make_delta(root, old, new)
+    stream, _ = make_delta(root, old, new, branch_filters=seed % 2 == 1)
     assert stream.read_bytes().startswith(b"avobuild-delta 2\n")
     output = root / "out.img"
     apply_delta_file(stream, old, output)
@@ -132,8 +147,12 @@ def test_seeded_elf_edits_reproduce_the_target(
 def test_recompiled_code_is_diffed_with_bsdiff_and_the_x86_filter(tmp_path: Path) -> None:
     old, new = build_images(tmp_path, 5, ["recompiled"] * 6)
     v1, v1_summary = make_delta(tmp_path, old, new, version=1)
-    v2, v2_summary = make_delta(tmp_path, old, new)
+    raw, raw_summary = make_delta(tmp_path, old, new)
+    v2, v2_summary = make_delta(tmp_path, old, new, branch_filters=True)
     assert v1.read_bytes().startswith(b"avobuild-delta 1\n")
+    # Without branch filters (the default) every bspatch is raw.
+    assert {line.split(b" ")[3] for line in stream_lines(raw, b"bspatch")} == {b"raw"}
+    assert raw_summary.stream_size < 0.9 * v1_summary.stream_size
     bspatches = stream_lines(v2, b"bspatch")
     assert bspatches, "no bspatch operation"
     assert any(line.split(b" ")[3] == b"x86" for line in bspatches), bspatches
@@ -144,7 +163,7 @@ def test_recompiled_code_is_diffed_with_bsdiff_and_the_x86_filter(tmp_path: Path
         v2_summary.stream_size,
         v1_summary.stream_size,
     )
-    for stream in (v1, v2):
+    for stream in (v1, raw, v2):
         output = tmp_path / f"{stream.stem}.img"
         apply_delta_file(stream, old, output)
         assert output.read_bytes() == new.read_bytes()
@@ -177,7 +196,7 @@ def test_a_version_2_delta_refuses_any_other_source(tmp_path: Path) -> None:
 
 def test_a_damaged_window_or_bspatch_is_refused(tmp_path: Path) -> None:
     old, new = build_images(tmp_path, 4, ["recompiled"] * 6)
-    stream, _ = make_delta(tmp_path, old, new)
+    stream, _ = make_delta(tmp_path, old, new, branch_filters=True)
     data = stream.read_bytes()
     match = re.search(rb"\nextent (\d+) ", data)
     assert match is not None
@@ -202,7 +221,7 @@ def test_documented_busybox_applier_applies_version_2(tmp_path: Path) -> None:
     """The script of docs/delta-format.md (busybox sh, dd, zstd, bspatch, /usr/bin/xz)
     rebuilds the exact target from a version 2 stream with x86-filtered bspatch ops."""
     old, new = build_images(tmp_path, 5, ["recompiled"] * 6)
-    stream, summary = make_delta(tmp_path, old, new)
+    stream, summary = make_delta(tmp_path, old, new, branch_filters=True)
     assert summary.op_counts["bspatch"] >= 1
     assert any(line.split(b" ")[3] == b"x86" for line in stream_lines(stream, b"bspatch"))
     text = (REPO / "docs" / "delta-format.md").read_text()
@@ -222,3 +241,67 @@ def test_documented_busybox_applier_applies_version_2(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "applied"
     assert output.read_bytes()[: new.stat().st_size] == new.read_bytes()
+
+
+def test_in_process_x86_filter_equals_the_xz_cli(tmp_path: Path) -> None:
+    """The encoder and the host applier filter x86 code with Python's liblzma; a device runs
+    `xz --x86=start=S`: both directions must give the same bytes as the xz CLI, at any start."""
+    data = ELF_FILES[0].read_bytes()[: 3 << 20]
+    for start in (0, 4096, 123457):
+        forward = filters.forward(data, Filter.X86, start)
+        by_cli = subprocess.run(
+            ["xz", "--format=raw", f"--x86=start={start}", "--lzma2=preset=0", "-c"],
+            input=data,
+            capture_output=True,
+            check=True,
+        ).stdout
+        by_cli = subprocess.run(
+            ["xz", "-d", "--format=raw", "--lzma2=preset=0", "-c"],
+            input=by_cli,
+            capture_output=True,
+            check=True,
+        ).stdout
+        assert forward == by_cli
+        assert forward != data
+        wrapped = filters.wrap_lzma2(forward)
+        assert filters.inverse(wrapped, Filter.X86, start, len(data)) == data
+        back = subprocess.run(
+            ["xz", "-d", "--format=raw", f"--x86=start={start}", "--lzma2=preset=0", "-c"],
+            input=wrapped,
+            capture_output=True,
+            check=True,
+        ).stdout
+        assert back == data
+    wrapped = filters.wrap_lzma2(filters.forward(data, Filter.X86, 0))
+    with pytest.raises(BundleError, match="bytes, expected"):
+        filters.inverse(wrapped, Filter.X86, 0, len(data) - 1)
+    with pytest.raises(BundleError, match="one LZMA2 stream"):
+        filters.inverse(wrapped + b"\0", Filter.X86, 0, len(data))
+    with pytest.raises(BundleError, match="inverse filter"):
+        filters.inverse(wrapped[:-1], Filter.X86, 0, len(data))
+
+
+def test_one_diff_cut_into_pieces_applies_piece_by_piece_with_bspatch(tmp_path: Path) -> None:
+    """A group's single bsdiff is cut into one BSDIFF40 patch per piece: Debian's bspatch
+    (what a device runs) turns the shared window into each piece exactly, whatever the cuts
+    (inside a match, inside inserted bytes, one-byte pieces)."""
+    rng = random.Random(15)
+    old = ELF_FILES[1].read_bytes()[: 1 << 20]
+    new = bytearray(recompile(rng, old) if len(old) > 8192 else old)
+    for _ in range(100):
+        new[rng.randrange(len(new))] = rng.randrange(256)
+    start = rng.randrange(len(new) // 2)
+    new = new[:start] + rng.randbytes(5000) + new[start:] + old[:3000]
+    cuts = sorted({*rng.sample(range(1, len(new)), 12), 1, len(new) - 1})
+    pieces = [bytes(new[a:b]) for a, b in zip([0, *cuts], [*cuts, len(new)], strict=True)]
+    patches = diff_pieces(old, pieces)
+    window = tmp_path / "window"
+    window.write_bytes(old)
+    for index, (piece, patch) in enumerate(zip(pieces, patches, strict=True)):
+        (tmp_path / "patch").write_bytes(patch)
+        subprocess.run(
+            ["bspatch", str(window), str(tmp_path / "out"), str(tmp_path / "patch")], check=True
+        )
+        assert (tmp_path / "out").read_bytes() == piece, index
+    # Cut patches cost little more than one patch of the whole.
+    assert sum(map(len, patches)) < len(bsdiff4.diff(old, bytes(new))) + 200 * len(pieces)

@@ -5,11 +5,15 @@ target bytes compressed by zstd with the planned source window as a raw-content 
 exactly what `zstd -d --patch-from=WINDOW` reverses on a device, or a `data` operation (plain
 zstd frame) when there is no source or the dictionary does not help.
 
-Stream version 2 (the default) adds file awareness: for ext4 images each changed piece of a
-file is also diffed with bsdiff against its own old version (`delta.files`), with and without
-the file's branch filter (`delta.filters`), and the smallest of all candidates is kept; a
-`bspatch` operation follows the `window` line naming its old bytes. bsdiff holds the GIL, so
-it runs in a process pool (one process per core) next to the zstd threads.
+Stream version 2 (the default) adds file awareness: for ext4 images the changed pieces of a
+file that zstd did not make small are grouped (neighbouring pieces of one file, a span of at
+most `files.MAX_GROUP_SPAN`) and each group is diffed once with bsdiff against one window of
+the file's old version (`delta.files`, `delta.bsdiff`: one suffix sort per group, not per
+piece), raw and, with `branch_filters`, for x86-64/AArch64 ELF files also after the branch
+filter (`delta.filters`), keeping the variant that gives the group fewer bytes; each piece
+then takes the smaller of its zstd payload and its bsdiff patch. The pieces of a group share
+one `window` line. bsdiff holds the GIL, so groups run in a process pool (one process per
+core) next to the zstd threads.
 
 Extents are encoded on a thread pool (zstandard and hashlib release the GIL, so both cores
 work) with at most a few extents in flight; results are written in target order. Each worker
@@ -26,16 +30,23 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
-import bsdiff4
 import zstandard
 
 from avobuild.bundle.manifest import ImageRef
 from avobuild.delta import filters
-from avobuild.delta.files import FilePairing, FileWindow, file_pairing
+from avobuild.delta.bsdiff import diff_pieces
+from avobuild.delta.files import (
+    MAX_FILE_WINDOW,
+    MAX_GROUP_SPAN,
+    FilePairing,
+    FilePiece,
+    FileWindow,
+    file_pairing,
+)
 from avobuild.delta.plan import (
     DEFAULT_DICTIONARY_SIZE,
     DEFAULT_EXTENT_SIZE,
@@ -117,32 +128,89 @@ class _Encoded:
 
 
 @dataclass(frozen=True)
-class _Candidate:
+class _GroupDiff:
+    """What bsdiff made of a group: the variant's filter, the window's hash, and one patch
+    per piece (None where the filtered piece did not invert back, never for raw)."""
+
     filter: Filter
-    start: int
     window_sha256: str
-    payload: bytes
+    patches: tuple[bytes, ...]
 
 
-def _bsdiff_candidate(
-    source: str, target: str, window: FileWindow, offset: int, length: int
-) -> _Candidate:
-    """The smaller bsdiff patch of target [offset, +length) against the window, raw or in
-    the window's branch filter (a process pool job: it opens the images itself)."""
+def _bsdiff_group(
+    source: str,
+    target: str,
+    window: FileWindow,
+    pieces: tuple[tuple[int, FilePiece], ...],
+    zstd_sizes: tuple[int, ...],
+) -> _GroupDiff:
+    """bsdiff of a group's pieces (target offset, piece) against its window, raw and in the
+    window's branch filter; the variant whose patches, each against its piece's zstd size,
+    add up to fewer bytes (a process pool job: it opens the images itself)."""
     with Path(source).open("rb") as handle:
         old = b"".join(os.pread(handle.fileno(), size, where) for where, size in window.extents)
     with Path(target).open("rb") as handle:
-        new = os.pread(handle.fileno(), length, offset)
+        new = [os.pread(handle.fileno(), piece.length, offset) for offset, piece in pieces]
     window_sha256 = hashlib.sha256(old).hexdigest()
-    best = _Candidate(Filter.RAW, 0, window_sha256, bsdiff4.diff(old, new))
+
+    def cost(patches: list[bytes]) -> int:
+        return sum(min(len(patch), size) for patch, size in zip(patches, zstd_sizes, strict=True))
+
+    best = _GroupDiff(Filter.RAW, window_sha256, tuple(diff_pieces(old, new)))
     if window.filter is not Filter.RAW:
-        wrapped = filters.wrap_lzma2(filters.forward(new, window.filter, window.target_start))
-        # The device inverts what the encoder filtered: check that it gives the bytes back.
-        if filters.inverse(wrapped, window.filter, window.target_start, length) == new:
-            patch = bsdiff4.diff(filters.forward(old, window.filter, window.start), wrapped)
-            if len(patch) < len(best.payload):
-                best = _Candidate(window.filter, window.target_start, window_sha256, patch)
+        wrapped = []
+        for data, (_, piece) in zip(new, pieces, strict=True):
+            filtered = filters.wrap_lzma2(filters.forward(data, window.filter, piece.start))
+            # The device inverts what the encoder filtered: check that it gives the bytes back.
+            if filters.inverse(filtered, window.filter, piece.start, piece.length) != data:
+                return best
+            wrapped.append(filtered)
+        patches = diff_pieces(filters.forward(old, window.filter, window.start), wrapped)
+        if cost(patches) < cost(list(best.patches)):
+            best = _GroupDiff(window.filter, window_sha256, tuple(patches))
     return best
+
+
+class _Group:
+    """Neighbouring changed pieces of one paired file, diffed against one window."""
+
+    def __init__(self, offset: int, piece: FilePiece) -> None:
+        self.path = piece.path
+        self.first = piece.start
+        self.end = piece.end
+        self.target_end = offset + piece.length
+        self.members: list[tuple[int, FilePiece, int]] = []  # target offset, piece, zstd size
+        self.window: FileWindow | None = None
+        self.line: Window | None = None
+        self.diff: Future[_GroupDiff] | None = None
+        self.closed = False
+
+    def fits(self, offset: int, piece: FilePiece) -> bool:
+        return (
+            piece.path == self.path
+            and max(self.end, piece.end) - min(self.first, piece.start) <= MAX_GROUP_SPAN
+        )
+
+    def join(self, offset: int, piece: FilePiece, zstd_size: int) -> int:
+        """Add a piece; its index in the group."""
+        self.members.append((offset, piece, zstd_size))
+        self.first = min(self.first, piece.start)
+        self.end = max(self.end, piece.end)
+        self.target_end = max(self.target_end, offset + piece.length)
+        return len(self.members) - 1
+
+    def ready(self) -> bool:
+        return self.closed and (self.diff is None or self.diff.done())
+
+
+@dataclass
+class _Held:
+    """An encoded extent waiting for its turn in target order (and for its group's diff)."""
+
+    extent: PlannedExtent
+    encoded: _Encoded
+    group: _Group | None = None
+    index: int = 0
 
 
 class _Encoder:
@@ -155,6 +223,7 @@ class _Encoder:
         level: int,
         pairing: FilePairing | None = None,
         processes: Executor | None = None,
+        branch_filters: bool = False,
     ) -> None:
         self._source_fd = source_fd
         self._source = source
@@ -163,6 +232,7 @@ class _Encoder:
         self._level = level
         self._pairing = pairing
         self._processes = processes
+        self._branch_filters = branch_filters
         self._local = threading.local()
 
     def _plain(self) -> zstandard.ZstdCompressor:
@@ -175,50 +245,74 @@ class _Encoder:
         return compressor
 
     def encode(self, extent: PlannedExtent) -> _Encoded:
-        """The smallest operation for `extent`: zstd, then bsdiff against its file's old
-        version where there is one."""
+        """The zstd operation (or copy, zero) for `extent`."""
         op, payload = self._encode_v1(extent)
-        window = (
-            self._pairing.window(extent.offset, extent.length)
-            if self._pairing is not None
-            and self._processes is not None
-            and extent.kind is ExtentKind.CHANGED
-            and op.payload_size > max(BSDIFF_WORTH_TRYING, extent.length // BSDIFF_RATIO)
-            else None
-        )
+        return _Encoded(op, payload)
+
+    def piece(self, extent: PlannedExtent, encoded: _Encoded) -> FilePiece | None:
+        """Where a changed extent lies in a paired file, if zstd left it worth a bsdiff."""
+        if (
+            self._pairing is None
+            or extent.kind is not ExtentKind.CHANGED
+            or encoded.op.payload_size <= max(BSDIFF_WORTH_TRYING, extent.length // BSDIFF_RATIO)
+        ):
+            return None
+        return self._pairing.locate(extent.offset, extent.length)
+
+    def close(self, group: _Group) -> None:
+        """Find the group's window and start its bsdiff in the process pool."""
+        group.closed = True
+        assert self._pairing is not None and self._processes is not None
+        window = self._pairing.window(group.path, group.first, group.end)
         if window is None:
-            return _Encoded(op, payload)
-        assert self._processes is not None
-        candidate = self._processes.submit(
-            _bsdiff_candidate,
+            return
+        if not self._branch_filters:
+            window = replace(window, filter=Filter.RAW)
+        group.window = window
+        group.diff = self._processes.submit(
+            _bsdiff_group,
             str(self._source),
             str(self._target),
             window,
-            extent.offset,
-            extent.length,
-        ).result()
-        window_line = Window(
-            len(window.extents),
-            window.length,
-            candidate.filter,
-            window.start if candidate.filter is not Filter.RAW else 0,
-            candidate.window_sha256,
-            window.extents,
+            tuple((offset, piece) for offset, piece, _ in group.members),
+            tuple(size for _, _, size in group.members),
         )
-        cost = len(candidate.payload) + len(render_window(window_line))
-        if cost >= op.payload_size or len(candidate.payload) > max_payload_size(extent.length):
-            return _Encoded(op, payload)
+
+    @staticmethod
+    def choose(held: _Held, current_window: Window | None) -> _Encoded:
+        """The smaller of a grouped piece's zstd operation and its bsdiff patch (counting
+        the window line when this piece would be the first to need it)."""
+        op = held.encoded.op
+        group = held.group
+        if group is None or group.diff is None or group.window is None:
+            return held.encoded
+        diff = group.diff.result()
+        patch = diff.patches[held.index]
+        if group.line is None:
+            group.line = Window(
+                len(group.window.extents),
+                group.window.length,
+                diff.filter,
+                group.window.start if diff.filter is not Filter.RAW else 0,
+                diff.window_sha256,
+                group.window.extents,
+            )
+        line = group.line
+        cost = len(patch) + (len(render_window(line)) if line != current_window else 0)
+        if cost >= op.payload_size or len(patch) > max_payload_size(op.length):
+            return held.encoded
+        _, piece, _ = group.members[held.index]
         bspatch = Op(
             OpKind.BSPATCH,
-            extent.offset,
-            extent.length,
+            op.offset,
+            op.length,
             op.sha256,
-            source_sha256=candidate.window_sha256,
-            payload_size=len(candidate.payload),
-            filter=candidate.filter,
-            start=candidate.start,
+            source_sha256=diff.window_sha256,
+            payload_size=len(patch),
+            filter=diff.filter,
+            start=piece.start if diff.filter is not Filter.RAW else 0,
         )
-        return _Encoded(bspatch, candidate.payload, window_line)
+        return _Encoded(bspatch, patch, line)
 
     def _encode_v1(self, extent: PlannedExtent) -> tuple[Op, bytes]:
         if extent.kind is ExtentKind.ZERO:
@@ -290,6 +384,7 @@ def encode_delta(
     threads: int | None = None,
     progress: DeltaProgress | None = None,
     version: int = STREAM_VERSION,
+    branch_filters: bool = False,
 ) -> DeltaSummary:
     """Write the delta stream turning `source` into `target` to `output`.
 
@@ -297,7 +392,10 @@ def encode_delta(
     is rehashed on the way, so a ref that does not match its file is an error, not a delta
     that can never apply. The stream is version 2 only when files could be paired (both
     images ext4, `delta.files`); otherwise, or with `version` 1, it is a version 1 stream
-    that every applier reads.
+    that every applier reads. `branch_filters` also diffs the pieces of x86-64 and AArch64
+    ELF files after xz's branch filter and keeps the smaller variant per group: it doubles
+    bsdiff's time for 0-1.4 % fewer bytes on the measured corpora (docs/performance.md), so
+    it is off by default.
     """
     if not 1 <= level <= zstandard.MAX_COMPRESSION_LEVEL:
         raise BundleError(f"delta level: expected 1 to {zstandard.MAX_COMPRESSION_LEVEL}")
@@ -357,10 +455,62 @@ def encode_delta(
             processes = (
                 _start_processes(workers) if pairing is not None and pairing.paired else None
             )
-            encoder = _Encoder(source_fd, source, target_fd, target, level, pairing, processes)
+            encoder = _Encoder(
+                source_fd, source, target_fd, target, level, pairing, processes, branch_filters
+            )
             pending: deque[tuple[PlannedExtent, Future[_Encoded]]] = deque()
+            held: deque[_Held] = deque()
+            groups: deque[_Group] = deque()  # closed, not yet emitted
+            group: _Group | None = None  # the open one
             done = 0
             report(0, target_ref.size)
+
+            def close_open() -> None:
+                nonlocal group
+                if group is not None:
+                    encoder.close(group)
+                    groups.append(group)
+                    group = None
+
+            def hold(extent: PlannedExtent, encoded: _Encoded) -> None:
+                """Queue an encoded extent, grouping it when bsdiff may do better."""
+                nonlocal group
+                piece = encoder.piece(extent, encoded) if processes is not None else None
+                if group is not None and (
+                    extent.offset - group.target_end > MAX_FILE_WINDOW
+                    or (piece is not None and not group.fits(extent.offset, piece))
+                ):
+                    close_open()
+                if piece is None:
+                    held.append(_Held(extent, encoded))
+                    return
+                if group is None:
+                    group = _Group(extent.offset, piece)
+                index = group.join(extent.offset, piece, encoded.op.payload_size)
+                held.append(_Held(extent, encoded, group, index))
+
+            def flush(final: bool) -> None:
+                """Emit held extents in order: those ready, or any while too many groups
+                are in flight (or at the end)."""
+                nonlocal done
+                while held:
+                    front = held[0]
+                    group_of = front.group
+                    if (
+                        group_of is not None
+                        and not group_of.ready()
+                        and (not group_of.closed or not (final or len(groups) > 2 * workers))
+                    ):
+                        return
+                    held.popleft()
+                    emit(encoder.choose(front, current_window))
+                    _hash_target_extent(target_hash, target_fd, front.extent, target)
+                    done += front.extent.length
+                    report(done, target_ref.size)
+                    if front.group is not None and front.index == len(front.group.members) - 1:
+                        # Groups close in target order, so the one finished is the first.
+                        groups.popleft()
+
             with (
                 processes or _NoPool(),
                 ThreadPoolExecutor(workers, thread_name_prefix="avobuild-delta") as pool,
@@ -371,13 +521,16 @@ def encode_delta(
                             pending.append((extent, pool.submit(encoder.encode, extent)))
                         while pending and (extent is None or len(pending) >= 2 * workers):
                             finished, future = pending.popleft()
-                            emit(future.result())
-                            _hash_target_extent(target_hash, target_fd, finished, target)
-                            done += finished.length
-                            report(done, target_ref.size)
+                            hold(finished, future.result())
+                            flush(final=False)
+                    close_open()
+                    flush(final=True)
                 finally:
                     for _, future in pending:
                         future.cancel()
+                    for waiting in groups:
+                        if waiting.diff is not None:
+                            waiting.diff.cancel()
         finally:
             os.close(target_fd)
     finally:

@@ -7,10 +7,12 @@ with digits and `-xxxxxxxx` hash suffixes normalised (a kernel ABI directory `6.
 base name when that is unique.
 
 The planner cuts changed target runs wherever a file's extent begins or ends
-(`FilePairing.cuts`), so each changed piece lies in one file at a known file offset. Its
-window is the old file's bytes around the same proportional position, as the source image's
-byte ranges (`FileWindow`), at most `MAX_FILE_WINDOW` bytes: the `window` line of stream
-version 2. The encoder then tries bsdiff against that window (docs/delta-format.md).
+(`FilePairing.cuts`), so each changed piece lies in one file at a known file offset
+(`FilePairing.locate`). The encoder groups neighbouring changed pieces of one file (a span of
+at most `MAX_GROUP_SPAN` bytes of the new file) and diffs them against one window
+(`FilePairing.window`): the old file's bytes around the same proportional position, as the
+source image's byte ranges (`FileWindow`), at most `MAX_FILE_WINDOW` bytes: the `window`
+line of stream version 2 (docs/delta-format.md).
 """
 
 from __future__ import annotations
@@ -28,10 +30,13 @@ from avobuild.delta.stream import MAX_WINDOW_EXTENTS, Filter
 from avobuild.errors import AvobuildError
 from avobuild.fs.ext4 import Ext4FileMap, FileBlocks, ext4_block_size, ext4_file_map
 
-# The window of a piece: the piece plus this margin, at most MAX_FILE_WINDOW (bsdiff's suffix
-# sort costs time per window byte; a wider window found no more on recompiled libraries).
+# The window of a group of pieces: their span plus this margin, at most MAX_FILE_WINDOW
+# (bsdiff's suffix sort costs time per window byte; a wider margin found no more on
+# recompiled libraries). A device holds a window and, while it filters it, its filtered copy:
+# 2 x 6 MiB stays within the 16 MiB of temporary space an update may use.
 WINDOW_MARGIN = 1 << 20
-MAX_FILE_WINDOW = 4 << 20
+MAX_FILE_WINDOW = 6 << 20
+MAX_GROUP_SPAN = MAX_FILE_WINDOW - WINDOW_MARGIN
 _ELF_MAGIC = b"\x7fELF"
 _ELF_MACHINES = {62: Filter.X86, 183: Filter.ARM64}
 _HASH_SUFFIX = re.compile(r"-[0-9a-f]{8}(?=[.-])")
@@ -40,19 +45,32 @@ _DIGITS = re.compile(r"[0-9]+")
 
 @dataclass(frozen=True)
 class FileWindow:
-    """The window of one changed target piece: `extents` (source offset, length) joined,
-    `start` its offset in the old file; `target_start` the piece's offset in the new file;
-    `filter` the branch filter worth trying (RAW: none, or the window has holes)."""
+    """The window of a group of changed target pieces of one file: `extents` (source offset,
+    length) joined, `start` its offset in the old file; `filter` the branch filter worth
+    trying (RAW: none, or the window has holes)."""
 
     path: str
     extents: tuple[tuple[int, int], ...]
     start: int
-    target_start: int
     filter: Filter
 
     @property
     def length(self) -> int:
         return sum(length for _, length in self.extents)
+
+
+@dataclass(frozen=True)
+class FilePiece:
+    """A changed target piece that lies in one paired file: `path` in the target image,
+    `start` its offset in that file, `length` bytes."""
+
+    path: str
+    start: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
 
 
 def _normalised(path: str) -> str:
@@ -132,39 +150,40 @@ class FilePairing:
             os.close(fd)
         return machines
 
-    def window(self, offset: int, length: int) -> FileWindow | None:
-        """The window for target piece [offset, +length), None unless it lies in one paired
-        file whose old version has bytes to diff against."""
+    def locate(self, offset: int, length: int) -> FilePiece | None:
+        """Where target piece [offset, +length) lies: None unless in one paired file."""
         index = bisect.bisect_right(self._starts, offset) - 1
         if index < 0:
             return None
         start, end, path, logical = self._extents[index]
         if offset + length > end or path not in self._pairs:
             return None
-        old_path = self._pairs[path]
-        old = self._source_map.files[old_path]
+        return FilePiece(path, logical + (offset - start), length)
+
+    def window(self, path: str, first: int, end: int) -> FileWindow | None:
+        """The window for the new file's bytes [first, end) (pieces located in `path`), None
+        unless its old version has bytes to diff against in at most MAX_WINDOW_EXTENTS."""
+        old = self._source_map.files[self._pairs[path]]
         new_size = self._target_map.files[path].size
         size = self._source_map.block_size
         old_bytes = _allocated_end(old) * size
         if not old_bytes or not new_size:
             return None
-        target_start = logical + (offset - start)
-        middle = (target_start + length // 2) * old.size // new_size
-        span = min(MAX_FILE_WINDOW, length + WINDOW_MARGIN, old_bytes)
-        first = min(max(0, middle - span // 2), old_bytes - span) // size * size
-        extents = _source_ranges(old, first, min(old_bytes, first + span), size)
+        middle = (first + end) // 2 * old.size // new_size
+        span = min(MAX_FILE_WINDOW, end - first + WINDOW_MARGIN, old_bytes)
+        start = min(max(0, middle - span // 2), old_bytes - span) // size * size
+        extents = _source_ranges(old, start, min(old_bytes, start + span), size)
         if (
             not extents
             or len(extents) > MAX_WINDOW_EXTENTS
             or any(begin + size > self._source_size for begin, size in extents)
         ):
             return None
-        contiguous = sum(length for _, length in extents) == min(old_bytes, first + span) - first
+        contiguous = sum(length for _, length in extents) == min(old_bytes, start + span) - start
         return FileWindow(
             path,
             tuple(extents),
-            first,
-            target_start,
+            start,
             self._machines.get(path, Filter.RAW) if contiguous else Filter.RAW,
         )
 
