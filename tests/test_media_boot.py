@@ -135,6 +135,24 @@ class Qemu:
         tail = bytes(self.output[-3000:]).decode(errors="replace")
         raise AssertionError(f"{pattern!r} not seen within {timeout} s; console ends:\n{tail}")
 
+    def seen(self, pattern: bytes, since: int, timeout: float = BOOT_TIMEOUT) -> None:
+        """Wait until `pattern` appears at or after offset `since`; leave the position alone.
+
+        For messages that race the console's own commands (a confirm printed by the init
+        system while the test logs in): `expect` would miss them once a later match has
+        moved the position past them.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if self.output.find(pattern, since) >= 0:
+                    return
+            if self.ended.is_set():
+                break
+            time.sleep(0.2)
+        tail = bytes(self.output[-3000:]).decode(errors="replace")
+        raise AssertionError(f"{pattern!r} not seen within {timeout} s; console ends:\n{tail}")
+
     def send(self, text: str) -> None:
         assert self.process.stdin is not None
         self.process.stdin.write(text.encode())
