@@ -1,8 +1,9 @@
 """File-aware deltas: each changed file of the new image diffed against its own old version.
 
-For ext4 images (`fs.ext4.ext4_file_map`, debugfs extents) every regular file of the target
-image is paired with a file of the source image, trying in turn the same path, the same path
-with digits and `-xxxxxxxx` hash suffixes normalised (a kernel ABI directory `6.1.0-50` ->
+For ext4 images (`fs.ext4.ext4_file_map`, debugfs extents) and uncompressed erofs images
+(`fs.erofs_map.erofs_file_map`, read from the image) every regular file of the target image
+is paired with a file of the source image, trying in turn the same path, the same path with
+digits and `-xxxxxxxx` hash suffixes normalised (a kernel ABI directory `6.1.0-50` ->
 `6.1.0-57`, auditwheel's vendored `libfoo-1a2b3c4d.so`) when that is unique, and the same
 base name when that is unique.
 
@@ -28,7 +29,9 @@ from pathlib import Path
 
 from avobuild.delta.stream import MAX_WINDOW_EXTENTS, Filter
 from avobuild.errors import AvobuildError
-from avobuild.fs.ext4 import Ext4FileMap, FileBlocks, ext4_block_size, ext4_file_map
+from avobuild.fs.common import FileBlocks, FileMap
+from avobuild.fs.erofs_map import erofs_block_size, erofs_file_map
+from avobuild.fs.ext4 import ext4_block_size, ext4_file_map
 
 # The window of a group of pieces: their span plus this margin, at most MAX_FILE_WINDOW
 # (bsdiff's suffix sort costs time per window byte; a wider margin found no more on
@@ -90,9 +93,9 @@ class FilePairing:
     def __init__(
         self,
         source_size: int,
-        source_map: Ext4FileMap,
+        source_map: FileMap,
         target: Path,
-        target_map: Ext4FileMap,
+        target_map: FileMap,
     ) -> None:
         self._source_size = source_size
         self._source_map = source_map
@@ -209,14 +212,26 @@ def _source_ranges(blocks: FileBlocks, first: int, end: int, size: int) -> list[
     return ranges
 
 
+def _file_map(image: Path) -> FileMap | None:
+    """The file map of an ext4 or erofs image; None for any other content."""
+    if ext4_block_size(image) is not None:
+        return ext4_file_map(image)
+    if erofs_block_size(image) is not None:
+        return erofs_file_map(image)
+    return None
+
+
 def file_pairing(source: Path, source_size: int, target: Path) -> FilePairing | None:
-    """The pairing of two ext4 images, None when either is not ext4 or cannot be read (the
-    delta is then made without it: file awareness only makes it smaller)."""
-    if not source_size or ext4_block_size(source) is None or ext4_block_size(target) is None:
+    """The pairing of two ext4 or erofs images (either kind on either side), None when
+    either is neither or cannot be read (the delta is then made without it: file awareness
+    only makes it smaller)."""
+    if not source_size:
         return None
     try:
-        source_map = ext4_file_map(source)
-        target_map = ext4_file_map(target)
+        source_map = _file_map(source)
+        target_map = _file_map(target) if source_map is not None else None
     except AvobuildError:
+        return None
+    if source_map is None or target_map is None:
         return None
     return FilePairing(source_size, source_map, target, target_map)

@@ -12,6 +12,7 @@ import hashlib
 import os
 import stat
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,3 +183,22 @@ def without_source_date_epoch(tool: str) -> list[str]:
     refuses to run). The builders pass the epoch as an option instead.
     """
     return ["env", "-u", "SOURCE_DATE_EPOCH", which(tool)]
+
+
+@dataclass(frozen=True)
+class FileBlocks:
+    """Where a regular file's bytes are: `size` bytes, in `extents` of (logical block,
+    physical block, block count) sorted by logical block; blocks in no extent (holes,
+    unwritten extents, an erofs file's inline tail) are not at a block of their own."""
+
+    size: int
+    extents: tuple[tuple[int, int, int], ...]
+
+
+@dataclass(frozen=True)
+class FileMap:
+    """Every regular file of a filesystem image and its blocks (for file-aware deltas):
+    `fs.ext4.ext4_file_map`, `fs.erofs_map.erofs_file_map`."""
+
+    block_size: int
+    files: Mapping[str, FileBlocks]

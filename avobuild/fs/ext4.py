@@ -44,6 +44,8 @@ from avobuild.fs.common import (
     SPECIAL_KINDS,
     TYPE_BITS,
     EntryKind,
+    FileBlocks,
+    FileMap,
     FsEntry,
     create_sparse_file,
     deterministic_uuid,
@@ -411,24 +413,6 @@ def list_ext4_tree(image: Path, offset: int = 0) -> dict[str, FsEntry]:
     return dict(sorted(entries.items()))
 
 
-@dataclasses.dataclass(frozen=True)
-class FileBlocks:
-    """Where a regular file's bytes are: `size` bytes, in `extents` of (logical block,
-    physical block, block count) sorted by logical block; blocks in no extent (holes and
-    unwritten extents) read as zeros."""
-
-    size: int
-    extents: tuple[tuple[int, int, int], ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class Ext4FileMap:
-    """Every regular file of an ext4 filesystem and its blocks (for file-aware deltas)."""
-
-    block_size: int
-    files: Mapping[str, FileBlocks]
-
-
 def ext4_block_size(image: Path, offset: int = 0) -> int | None:
     """The block size of the ext4 filesystem at `offset`, or None if there is none."""
     try:
@@ -443,7 +427,7 @@ def ext4_block_size(image: Path, offset: int = 0) -> int | None:
     return 1024 << log_size if log_size <= 6 else None
 
 
-def ext4_file_map(image: Path, offset: int = 0) -> Ext4FileMap:
+def ext4_file_map(image: Path, offset: int = 0) -> FileMap:
     """The block map of every regular file: one batched `ls -p` per directory level, then
     one batched `dump_extents -l` by inode number (no name is ever quoted)."""
     block_size = ext4_block_size(image, offset)
@@ -469,7 +453,7 @@ def ext4_file_map(image: Path, offset: int = 0) -> Ext4FileMap:
                     logical, physical, count = map(int, found.group(1, 2, 3))
                     extents.append((logical, physical, count))
             files[path] = FileBlocks(size, tuple(sorted(extents)))
-    return Ext4FileMap(block_size, files)
+    return FileMap(block_size, files)
 
 
 def _list_inodes(device: str) -> dict[str, tuple[int, FsEntry]]:
