@@ -192,7 +192,7 @@ def delta_apply(
     """Rebuild target images from their source images and verify them (host side)."""
     from avobuild.bundle.crypt import load_decryption_key
     from avobuild.bundle.keys import load_keyring
-    from avobuild.delta.bundles import apply_delta_bundle, apply_options
+    from avobuild.delta.bundle_apply import apply_delta_bundle, apply_options
 
     trusted = load_keyring(keyring)
     decryption = load_decryption_key(decryption_key) if decryption_key is not None else None

@@ -245,6 +245,7 @@ def replay_delta(
             continue
         first = False
         if isinstance(parsed, Window):
+            window = None  # let the old window go before the new one is read (peak memory)
             window = _load_window(parsed, stream, name, where, source, source_ref)
             continue
         if isinstance(parsed, int):

@@ -8,17 +8,14 @@ line may be overridden), signed and optionally encrypted by a `SigningPlan` like
 An image the old bundle lacks gets a delta from the empty image (all `data`); an image only
 the old bundle has is simply not in the delta (docs/delta-format.md, "Images").
 
-`apply_delta_bundle` is the host-side applier: it checks the signature, then for each image
-checks the given source file's hash before creating anything, and rebuilds the target from
-the verified chunks as they stream by (bounded memory), renaming it into place only after
-its hash matched.
+The host-side applier is `delta.bundle_apply` (kept apart so that applying loads none of
+the encoder: the CLI's `delta apply` stays within 64 MB).
 """
 
 from __future__ import annotations
 
 import secrets
 import shutil
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -31,7 +28,7 @@ from avobuild.bundle.reader import BundleReader
 from avobuild.bundle.sign import KeySigner
 from avobuild.bundle.signing import SigningMaterial
 from avobuild.bundle.writer import ImageSource, write_bundle
-from avobuild.delta.apply import ChunkStream, apply_to_file, image_chunks
+from avobuild.delta.bundle_apply import StepProgress, no_progress
 from avobuild.delta.encode import DEFAULT_DELTA_LEVEL, DeltaSummary, encode_delta
 from avobuild.delta.plan import DEFAULT_DICTIONARY_SIZE, DEFAULT_EXTENT_SIZE
 from avobuild.delta.stream import STREAM_VERSION
@@ -40,8 +37,6 @@ from avobuild.errors import BundleError
 # The delta stream is mostly zstd frames already; the bundle's own compression only needs to
 # squeeze the operation lines.
 STREAM_BUNDLE_LEVEL = 3
-
-StepProgress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -56,10 +51,6 @@ class DeltaBundleResult:
     def reduction(self) -> float:
         """Percent of the full bundle's size the delta saves (negative: the delta is larger)."""
         return 100.0 * (1 - self.delta_size / self.full_size) if self.full_size else 0.0
-
-
-def _no_progress(_step: str, _done: int, _total: int) -> None:
-    pass
 
 
 def read_manifest(reader: BundleReader, keyring: Keyring | None) -> Manifest:
@@ -119,7 +110,7 @@ def create_delta_bundle(
     extent_size: int = DEFAULT_EXTENT_SIZE,
     dictionary_size: int = DEFAULT_DICTIONARY_SIZE,
     threads: int | None = None,
-    progress: StepProgress = _no_progress,
+    progress: StepProgress = no_progress,
     stream_version: int = STREAM_VERSION,
 ) -> DeltaBundleResult:
     """Write the delta bundle from `old` to `new` (full bundles) to `output`.
@@ -222,7 +213,7 @@ def measure_delta(
     *,
     keyring: Keyring | None,
     level: int = DEFAULT_DELTA_LEVEL,
-    progress: StepProgress = _no_progress,
+    progress: StepProgress = no_progress,
 ) -> DeltaBundleResult:
     """Build the delta bundle in `work`, signed by a throwaway key, only to measure it.
 
@@ -251,73 +242,3 @@ def _copy_atomically(source: Path, output: Path) -> None:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-
-
-def apply_delta_bundle(
-    bundle: Path,
-    keyring: Keyring,
-    sources: Mapping[str, Path],
-    outputs: Mapping[str, Path],
-    *,
-    decryption: DecryptionKey | None = None,
-    progress: StepProgress = _no_progress,
-) -> dict[str, ImageRef]:
-    """Rebuild the images named in `outputs` from their `sources`; return what was built.
-
-    Every image of the bundle is read and verified; those without an output are skipped.
-    """
-    with BundleReader.open(bundle) as reader:
-        reader.verify_signature(keyring)
-        reader.unlock(decryption)
-        manifest = reader.manifest
-        if manifest.type is not BundleType.DELTA:
-            raise BundleError(f"{bundle}: is a {manifest.type} bundle, not a delta bundle")
-        names = {image.name for image in manifest.images}
-        for option, given in (("--source", sources), ("--output", outputs)):
-            unknown = sorted(set(given) - names)
-            if unknown:
-                raise BundleError(
-                    f"{option} {unknown[0]}: the bundle has no image of that name "
-                    f"(images: {', '.join(sorted(names))})"
-                )
-        missing = sorted(set(outputs) - set(sources))
-        if missing:
-            raise BundleError(f"--output {missing[0]}: give its --source {missing[0]}=PATH too")
-        chunks = reader.iter_chunks()
-        built: dict[str, ImageRef] = {}
-        for image in manifest.images:
-            own = image_chunks(chunks, image)
-            if image.name not in outputs:
-                for _ in own:
-                    pass
-                continue
-            assert image.source is not None and image.target is not None
-
-            def report(done: int, total: int, name: str = image.name) -> None:
-                progress(f"applying {name}", done, total)
-
-            built[image.name] = apply_to_file(
-                ChunkStream(own),
-                f"{bundle}: image {image.name}",
-                sources[image.name],
-                outputs[image.name],
-                expected=(image.source, image.target),
-                progress=report,
-            )
-        # Drain anything left so the reader confirms the end of the payload.
-        for _ in chunks:
-            pass
-    return built
-
-
-def apply_options(values: list[str], option: str) -> dict[str, Path]:
-    """NAME=PATH options as a mapping (the CLI's parser, here so it is tested once)."""
-    parsed: dict[str, Path] = {}
-    for value in values:
-        name, separator, path = value.partition("=")
-        if not separator or not name or not path:
-            raise BundleError(f"{option} {value!r}: expected NAME=PATH, e.g. rootfs=rootfs.img")
-        if name in parsed:
-            raise BundleError(f"{option} {name}: given twice")
-        parsed[name] = Path(path)
-    return parsed
