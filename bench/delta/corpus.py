@@ -81,20 +81,19 @@ def unpack_tree(wheels: list[Path], tree: Path) -> None:
     (tree / "etc" / "os-release").write_text(f"NAME=bench\nVERSION_ID={tree.name}\n")
 
 
-def build_corpus(work: Path) -> dict[str, Path]:
-    """The two images, old.img and new.img, built (or reused) under `work`."""
+def build_corpus(work: Path, fs: FsType = FsType.EXT4) -> dict[str, Path]:
+    """The two images, old.img and new.img (old.erofs and new.erofs with `fs` erofs), built
+    (or reused) under `work`."""
     images = {}
     for release in RELEASES:
-        image = work / f"{release}.img"
+        image = work / f"{release}.{'img' if fs is FsType.EXT4 else fs.value}"
         if not image.exists():
             wheels = download_wheels(release, work / "wheels" / release)
             tree = work / "trees" / release
             if not tree.exists():
                 unpack_tree(wheels, tree)
             partial = image.with_suffix(".partial")
-            build_filesystem(
-                FsType.EXT4, tree, partial, IMAGE_SIZE, label="rootfs", seed="bench-rootfs"
-            )
+            build_filesystem(fs, tree, partial, IMAGE_SIZE, label="rootfs", seed="bench-rootfs")
             partial.rename(image)
         images[release] = image
     return images

@@ -12,6 +12,7 @@ recompiled code throughout, where the first corpus (PyPI wheels) is one applicat
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,25 +21,36 @@ from avobuild.fs import build_filesystem
 from avobuild.model.layout import FsType
 
 PACKAGES = Path(__file__).with_name("debian-packages.txt")
-ARCH = "amd64"
+ARCHITECTURES = ("amd64", "arm64")
 # The kernel's package name carries its ABI number.
 KERNEL_ABI = {"old": "6.1.0-50", "new": "6.1.0-57"}
 
 
-def package_specs(release: str) -> list[str]:
+def package_specs(release: str, arch: str) -> list[str]:
     specs = []
     for line in PACKAGES.read_text().splitlines():
         name, old, new = line.split()
         version = old if release == "old" else new
         if name == "linux-image":
-            name = f"linux-image-{KERNEL_ABI[release]}-{ARCH}"
-        specs.append(f"{name}:{ARCH}={version}")
+            name = f"linux-image-{KERNEL_ABI[release]}-{arch}"
+        # An architecture-independent package (perl-modules) takes no foreign qualifier.
+        qualifier = "" if _architecture_all(name, version) else f":{arch}"
+        specs.append(f"{name}{qualifier}={version}")
     return specs
 
 
-def download(release: str, directory: Path) -> list[Path]:
+def _architecture_all(name: str, version: str) -> bool:
+    shown = subprocess.run(  # noqa: S603 - fixed argv
+        ["apt-cache", "show", "--no-all-versions", f"{name}={version}"],
+        capture_output=True,
+        text=True,
+    ).stdout
+    return "\nArchitecture: all\n" in f"\n{shown}"
+
+
+def download(release: str, directory: Path, arch: str) -> list[Path]:
     directory.mkdir(parents=True, exist_ok=True)
-    specs = package_specs(release)
+    specs = package_specs(release, arch)
     if len(list(directory.glob("*.deb"))) < len(specs):
         subprocess.run(["apt-get", "download", "-q", *specs], cwd=directory, check=True)  # noqa: S603
     return sorted(directory.glob("*.deb"))
@@ -54,16 +66,21 @@ def tree_bytes(tree: Path) -> int:
     return total
 
 
-def build_debian_corpus(work: Path) -> dict[str, Path]:
-    """old.img and new.img of the Debian corpus, built (or reused) under WORK/debian."""
-    base = work / "debian"
+def build_debian_corpus(
+    work: Path, fs: FsType = FsType.EXT4, arch: str = "amd64"
+) -> dict[str, Path]:
+    """old.img and new.img of the Debian corpus (old.erofs and new.erofs with `fs` erofs),
+    built (or reused) under WORK/debian (WORK/debian-arm64 for the arm64 packages: apt needs
+    dpkg's arm64 architecture, which scripts/setup-host adds)."""
+    base = work / ("debian" if arch == "amd64" else f"debian-{arch}")
     trees = {}
     for release in ("old", "new"):
         tree = base / "trees" / release
         if not tree.exists():
             partial = tree.with_suffix(".partial")
+            shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted run
             partial.mkdir(parents=True)
-            for deb in download(release, base / "debs" / release):
+            for deb in download(release, base / "debs" / release, arch):
                 subprocess.run(["dpkg-deb", "-x", str(deb), str(partial)], check=True)  # noqa: S603
             partial.rename(tree)
         trees[release] = tree
@@ -71,10 +88,10 @@ def build_debian_corpus(work: Path) -> dict[str, Path]:
     size = ((int(max(map(tree_bytes, trees.values())) * 1.12) + (48 << 20)) >> 20) << 20
     images = {}
     for release, tree in trees.items():
-        image = base / f"{release}.img"
+        image = base / f"{release}.{'img' if fs is FsType.EXT4 else fs.value}"
         if not image.exists():
             partial = image.with_suffix(".partial")
-            build_filesystem(FsType.EXT4, tree, partial, size, label="rootfs", seed="debian-rootfs")
+            build_filesystem(fs, tree, partial, size, label="rootfs", seed="debian-rootfs")
             partial.rename(image)
         images[release] = image
     return images

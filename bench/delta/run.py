@@ -4,11 +4,13 @@
 Usage (from the repository root; `make -f bench/Makefile bench-delta` runs exactly this):
 
     .venv/bin/python bench/delta/run.py [--work build/bench] [--runs 3] [--skip bsdiff]
-        [--corpus wheels|debian] [--images OLD.img NEW.img]
+        [--corpus wheels|debian] [--arch amd64|arm64] [--fs ext4|erofs]
+        [--images OLD.img NEW.img]
 
 `--corpus debian` builds the second corpus (bench/delta/debian.py: two point releases of 24
-Debian 12 packages and the kernel, from the Debian archive); `--images` measures two
-prebuilt images instead.
+Debian 12 packages and the kernel, from the Debian archive; `--arch arm64` takes the same
+packages built for arm64); `--fs erofs` builds either corpus as uncompressed erofs images
+instead of ext4; `--images` measures two prebuilt images instead.
 
 For every tool it records the delta size, the creation wall time and peak RSS, and the apply
 wall time and peak RSS (GNU time's %e and %M for the tool's process tree), checks that the
@@ -38,10 +40,11 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench" / "delta"))
 
 from corpus import build_corpus  # noqa: E402
-from debian import build_debian_corpus  # noqa: E402
+from debian import ARCHITECTURES, build_debian_corpus  # noqa: E402
 
 from avobuild.bundle.keys import load_private_key  # noqa: E402
 from avobuild.bundle.writer import ImageSource, write_bundle  # noqa: E402
+from avobuild.model.layout import FsType  # noqa: E402
 
 KEY = REPO / "keys-example" / "insecure-example.key.pem"
 PUB = REPO / "keys-example" / "insecure-example.pub.pem"
@@ -140,7 +143,8 @@ def measure(
 def full_bundles(work: Path, images: dict[str, Path]) -> dict[str, Path]:
     bundles = {}
     for release, image in images.items():
-        bundle = work / f"{release}.avb"
+        # Cached by content: the ext4, erofs and squashfs corpora share the work directory.
+        bundle = work / f"{release}-{sha256(image)[:16]}.avb"
         if not bundle.exists():
             write_bundle(
                 bundle,
@@ -218,6 +222,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--skip", action="append", default=[], help="tool to leave out")
     parser.add_argument("--corpus", choices=("wheels", "debian"), default="wheels")
+    parser.add_argument("--arch", choices=ARCHITECTURES, default="amd64")
+    parser.add_argument("--fs", choices=("ext4", "erofs"), default="ext4")
     parser.add_argument("--images", nargs=2, type=Path, metavar=("OLD", "NEW"))
     parser.add_argument(
         "--with-slow",
@@ -233,9 +239,9 @@ def main() -> None:
     if args.images:
         images = {"old": args.images[0].resolve(), "new": args.images[1].resolve()}
     elif args.corpus == "debian":
-        images = build_debian_corpus(work)
+        images = build_debian_corpus(work, FsType(args.fs), args.arch)
     else:
-        images = build_corpus(work)
+        images = build_corpus(work, FsType(args.fs))
     bundles = full_bundles(work, images)
     old, new = images["old"], images["new"]
     expected = sha256(new)
