@@ -23,10 +23,9 @@ from elf_edits import host_elf_files, recompile
 from hostile_bundles import Ref, delta_draft
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_delta_squashfs import build_trees, make_delta, ref
+from test_delta_squashfs import assert_rebuilds, build_trees, make_delta, ref
 from test_differential import Product, Readers, product  # noqa: F401 - the device fixture
 
-from avobuild.delta.apply import apply_delta_file
 from avobuild.delta.files import file_pairing
 from avobuild.errors import BuildError
 from avobuild.fs.erofs import build_erofs
@@ -134,10 +133,7 @@ def test_an_erofs_delta_pairs_files_and_rebuilds_the_exact_target(tmp_path: Path
         v2_summary.stream_size,
         v1_summary.stream_size,
     )
-    for stream in (v1, v2):
-        output = tmp_path / f"{stream.stem}.erofs"
-        apply_delta_file(stream, old, output)
-        assert output.read_bytes() == new.read_bytes()
+    output = assert_rebuilds((v1, v2), old, new, ".erofs")
     subprocess.run(["fsck.erofs", output], check=True, capture_output=True)
 
 
@@ -147,9 +143,7 @@ def test_seeded_chunk_based_edits_reproduce_the_target(tmp_path: Path, seed: int
     stream, summary = make_delta(tmp_path, old, new)
     assert stream.read_bytes().startswith(b"avobuild-delta 2\n")
     assert summary.op_counts["bspatch"] >= 1
-    output = tmp_path / "out.erofs"
-    apply_delta_file(stream, old, output)
-    assert output.read_bytes() == new.read_bytes()
+    assert_rebuilds((stream,), old, new, ".erofs")
 
 
 def test_an_erofs_delta_is_reproducible(tmp_path: Path) -> None:

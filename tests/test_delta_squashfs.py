@@ -104,6 +104,16 @@ def make_delta(root: Path, old: Path, new: Path, version: int = 2) -> tuple[Path
     return stream, summary
 
 
+def assert_rebuilds(streams: tuple[Path, ...], old: Path, new: Path, suffix: str) -> Path:
+    """Each stream applied to `old` by the host applier gives `new`'s bytes; the last output."""
+    output = old
+    for stream in streams:
+        output = old.with_name(f"{stream.stem}.applied{suffix}")
+        apply_delta_file(stream, old, output)
+        assert output.read_bytes() == new.read_bytes(), stream
+    return output
+
+
 def test_the_reader_gives_what_unsquashfs_extracts(tmp_path: Path) -> None:
     image, new, new_tree = build_pair(tmp_path, 1)
     extracted = tmp_path / "extracted"
@@ -133,10 +143,7 @@ def test_a_squashfs_delta_recompresses_and_rebuilds_the_exact_target(tmp_path: P
         v2_summary.stream_size,
         v1_summary.stream_size,
     )
-    for stream in (v1, v2):
-        output = tmp_path / f"{stream.stem}.sqfs"
-        apply_delta_file(stream, old, output)
-        assert output.read_bytes() == new.read_bytes()
+    output = assert_rebuilds((v1, v2), old, new, ".sqfs")
     # unsquashfs reads the rebuilt image back.
     listing = subprocess.run(["unsquashfs", "-l", output], capture_output=True, check=True)
     assert b"etc/added.bin" in listing.stdout
