@@ -8,8 +8,8 @@ line may be overridden), signed and optionally encrypted by a `SigningPlan` like
 An image the old bundle lacks gets a delta from the empty image (all `data`); an image only
 the old bundle has is simply not in the delta (docs/delta-format.md, "Images").
 
-The host-side applier is `delta.bundle_apply` (kept apart so that applying loads none of
-the encoder: the CLI's `delta apply` stays within 64 MB).
+The host-side applier is `delta.bundle_apply`, kept apart so that applying loads none of
+the encoder (its imports alone are about 11 MB of a `delta apply`'s peak memory).
 """
 
 from __future__ import annotations
