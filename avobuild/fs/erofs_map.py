@@ -87,7 +87,8 @@ class _Reader:
 
     def inode(self, nid: int) -> _Inode:
         offset = self.meta + nid * _SLOT
-        head = self.read(offset, 32, f"inode {nid}")
+        # An extended inode is 64 bytes, a compact one 32: read 64 where the image has them.
+        head = self.read(offset, 64 if offset + 64 <= self.image_size else 32, f"inode {nid}")
         format_ = int.from_bytes(head[0:2], "little")
         extended = format_ & 1
         layout = (format_ >> 1) & 7
@@ -98,7 +99,8 @@ class _Reader:
         xattr_count = int.from_bytes(head[2:4], "little")
         mode = int.from_bytes(head[4:6], "little")
         if extended:
-            head = self.read(offset, 64, f"inode {nid}")
+            if len(head) < 64:
+                head = self.read(offset, 64, f"inode {nid}")  # raises: past the image
             size, inode_size = int.from_bytes(head[8:16], "little"), 64
         else:
             size, inode_size = int.from_bytes(head[8:12], "little"), 32
