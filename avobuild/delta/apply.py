@@ -13,9 +13,10 @@ already verified as part of the whole source image.) The whole target hash is ch
 end.
 
 Version 2: a `window` line's extents are read from the source and hashed before any
-`bspatch` uses them; a `bspatch` names the window's hash and filter, its BSDIFF40 header
-must declare the size the operation produces, and its output (after the inverse branch
-filter, if any) is checked against the operation's hash before it is written.
+`bspatch` uses them; a `bspatch` names the window's hash and filter, its patch's header
+(BSDIFFLZ or BSDIFF40, read within bounds by `delta.bspatch`) must declare the size the
+operation produces, and its output (after the inverse branch filter, if any) is checked
+against the operation's hash before it is written.
 """
 
 from __future__ import annotations
@@ -26,16 +27,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import bsdiff4
 import zstandard
 
 from avobuild.bundle.manifest import ChunkEntry, ImageEntry, ImageRef
 from avobuild.bundle.reader import decode_frame
 from avobuild.delta import filters
+from avobuild.delta.bspatch import apply_patch
 from avobuild.delta.recompress import RecompressState
 from avobuild.delta.stream import (
-    BSDIFF_HEADER,
-    BSDIFF_MAGIC,
     MAX_LINE,
     Filter,
     Op,
@@ -380,35 +379,12 @@ def _bspatch(op: Op, stream: ChunkStream, where: str, window: _LoadedWindow | No
     if len(payload) != op.payload_size:
         raise BundleError(f"{where}: the stream ends inside an operation's payload")
     produced = op.length if op.filter is Filter.RAW else lzma2_wrapped_size(op.length)
-    if (
-        len(payload) < BSDIFF_HEADER
-        or payload[:8] != BSDIFF_MAGIC
-        or _offtin(payload[24:32]) != produced
-        or not 0 <= _offtin(payload[8:16]) <= len(payload) - BSDIFF_HEADER
-        or not 0 <= _offtin(payload[16:24]) <= len(payload) - BSDIFF_HEADER
-    ):
-        raise BundleError(
-            f"{where}: the payload is not a BSDIFF40 patch producing {produced} bytes"
-        )
-    try:
-        data: bytes = bsdiff4.patch(window.data, payload)
-    except (ValueError, OSError, MemoryError) as error:
-        raise BundleError(f"{where}: the bsdiff patch is corrupt: {error}") from None
-    if len(data) != produced:
-        raise BundleError(
-            f"{where}: the bsdiff patch produced {len(data)} bytes, expected {produced}"
-        )
+    data = apply_patch(window.data, payload, produced, where)
     if op.filter is not Filter.RAW:
         data = filters.inverse(data, op.filter, op.start, op.length)
     if hashlib.sha256(data).hexdigest() != op.sha256:
         raise BundleError(f"{where}: patched bytes do not match the operation's hash")
     return data
-
-
-def _offtin(field: bytes) -> int:
-    """A BSDIFF40 number: 8 bytes little-endian, the top bit the sign."""
-    value = int.from_bytes(field, "little")
-    return -(value & ~(1 << 63)) if value >> 63 else value
 
 
 def _apply_op(

@@ -27,13 +27,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import bsdiff4
 import zstandard
 
 from avobuild.bundle.reader import decode_frame
+from avobuild.delta.bspatch import apply_patch
 from avobuild.delta.stream import (
-    BSDIFF_HEADER,
-    BSDIFF_MAGIC,
     MAX_EXTENT,
     PackedBlock,
     PackedExtent,
@@ -208,21 +206,7 @@ def unpack_payload(op: Recompress, payload: bytes, window: bytes, where: str) ->
             return decode_frame(payload, length, zstandard.ZstdDecompressor(dict_data=dictionary))
         except BundleError as error:
             raise BundleError(f"{where}: the operation's payload {error}") from None
-    if (
-        len(payload) < BSDIFF_HEADER
-        or payload[:8] != BSDIFF_MAGIC
-        or int.from_bytes(payload[24:32], "little") != length
-    ):
-        raise BundleError(f"{where}: the payload is not a BSDIFF40 patch producing {length} bytes")
-    try:
-        data: bytes = bsdiff4.patch(window, payload)
-    except (ValueError, OSError, MemoryError) as error:
-        raise BundleError(f"{where}: the bsdiff patch is corrupt: {error}") from None
-    if len(data) != length:
-        raise BundleError(
-            f"{where}: the bsdiff patch produced {len(data)} bytes, expected {length}"
-        )
-    return data
+    return apply_patch(window, payload, length, where)
 
 
 def pack_blocks(op: Recompress, unpacked: bytes, work: Path, where: str) -> bytes:

@@ -8,8 +8,9 @@ replay the stream with `read`, `dd` and `zstd -d [--patch-from=…]`.
 
 Version 2 adds a `window` line (followed by its `extent` lines: the source ranges, usually
 the old version of one file, that are joined into the window) and the `bspatch` operation,
-a BSDIFF40 patch from the current window to the target range, optionally in the domain of
-an xz branch filter (`x86`, `arm64`) that turns relative call targets into absolute ones.
+a bsdiff patch (BSDIFFLZ or BSDIFF40) from the current window to the target range,
+optionally in the domain of an xz branch filter (`x86`, `arm64`) that turns relative call
+targets into absolute ones.
 
 Everything an applier allocates is bounded by the line before it is read: an operation's
 payload and its dictionary are at most `MAX_EXTENT` bytes, a line at most `MAX_LINE` bytes.
@@ -35,8 +36,12 @@ MAX_LINE = 512
 MAX_WINDOW_EXTENTS = 64
 # An LZMA2 uncompressed chunk holds at most 64 KiB (docs/delta-format.md, "Branch filters").
 LZMA2_CHUNK = 1 << 16
+# A bspatch payload: bsdiff 4.3's BSDIFF40 (bzip2 streams) or BSDIFFLZ (raw LZMA2 streams
+# whose decoder allocates an LZMA2_DICT dictionary), both with a 32-byte header.
 BSDIFF_MAGIC = b"BSDIFF40"
+BSDIFF_LZMA_MAGIC = b"BSDIFFLZ"
 BSDIFF_HEADER = 32
+LZMA2_DICT = 8 << 20
 # Every number is at most what 64-bit signed shell arithmetic holds, as in the manifest.
 MAX_NUMBER = (1 << 63) - 1
 
@@ -88,9 +93,9 @@ class Op:
     source [source_offset, +length), which holds the same bytes, so the same hash checks it;
     PATCH uses source [source_offset, +source_length) as the zstd dictionary, checked by
     `source_sha256`. DATA and PATCH carry `payload_size` bytes of zstd frame. BSPATCH carries
-    a BSDIFF40 patch from the current window, whose hash is `source_sha256`; with a filter
-    other than RAW the patch's output is the filtered target (filter start `start`) in LZMA2
-    uncompressed chunks.
+    a bsdiff patch (BSDIFFLZ or BSDIFF40) from the current window, whose hash is
+    `source_sha256`; with a filter other than RAW the patch's output is the filtered target
+    (filter start `start`) in LZMA2 uncompressed chunks.
     """
 
     kind: OpKind
@@ -303,7 +308,7 @@ def parse_extent(line: str) -> tuple[int, int]:
 # (docs/delta-format.md, section 8). `zstd-version` names the zstd the recompression needs;
 # `zwindow` joins *decompressed* source blocks (its `zextent` lines) into the window;
 # `recompress` rebuilds the uncompressed bytes of `count` target blocks (its `block` lines)
-# from a zstd frame or a BSDIFF40 patch against that window, and the applier recompresses
+# from a zstd frame or a bsdiff patch against that window, and the applier recompresses
 # each one with `zstd -<level> --no-check` and checks its stored bytes' hash.
 
 # A squashfs block is at most 1 MiB; a recompress op rebuilds at most this many of them.
@@ -322,7 +327,8 @@ class Packing(StrEnum):
 
 class RecompressMethod(StrEnum):
     """How a `recompress` payload rebuilds the uncompressed blocks from the current zwindow:
-    a zstd frame with the window as raw-content dictionary, or a BSDIFF40 patch."""
+    a zstd frame with the window as raw-content dictionary, or a bsdiff patch (BSDIFFLZ or
+    BSDIFF40)."""
 
     PATCH = "patch"
     BSPATCH = "bspatch"
