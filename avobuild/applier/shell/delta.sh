@@ -9,8 +9,9 @@
 #          (no temporary copy), data, patch and bspatch operations are decoded and hashed
 #          before they are written. The source slot is only ever read.
 # Stream version 2 adds `window` (its `extent` lines joined from the source, hashed, and for
-# a branch filter filtered with /usr/bin/xz) and `bspatch` (bspatch against the window, the
-# inverse filter with /usr/bin/xz, then the hash check). busybox's own xz applet has no
+# a branch filter filtered with /usr/bin/xz) and `bspatch` (a BSDIFFLZ patch turned into
+# BSDIFF40 with xz and bzip2, bspatch against the window, the inverse filter with
+# /usr/bin/xz, then the hash check). busybox's own xz applet has no
 # filters, so xz is called by its full path.
 # Reads the caller's src_dev, src_base, src_part, src_size, src_sha (the source slot: device,
 # byte offset, partition size, image size and hash) and dev, base, slot_size, target_size,
@@ -99,7 +100,63 @@ apply_delta() (
         fi
         win_ready=1
     }
-    # bspatch_op: the bspatch line in op a b c d e f g: its BSDIFF40 payload applied to the
+    # bspatch_payload WINDOW OUT PRODUCED: delta.payload, a BSDIFF40 or BSDIFFLZ patch
+    # (docs/delta-format.md, 7.5) producing PRODUCED bytes, applied to WINDOW into OUT with
+    # bspatch. A BSDIFFLZ patch is first turned into the BSDIFF40 that bspatch reads: each of
+    # its raw LZMA2 streams decoded with xz (capped one byte past its bound, xz's status
+    # kept) and compressed again with bzip2 -1, one stream at a time.
+    bspatch_payload() {
+        bp_magic=$(dd if="$WORK/delta.payload" bs=8 count=1 2> /dev/null)
+        bp_control=$(od -An -tu8 -j8 -N8 "$WORK/delta.payload" | tr -d ' ')
+        bp_diff=$(od -An -tu8 -j16 -N8 "$WORK/delta.payload" | tr -d ' ')
+        bp_total=$(size_of "$WORK/delta.payload")
+        { [ "$bp_magic" = BSDIFF40 ] || [ "$bp_magic" = BSDIFFLZ ]; } \
+            && [ "$(od -An -tu8 -j24 -N8 "$WORK/delta.payload" | tr -d ' ')" = "$3" ] \
+            && is_number "$bp_control" $((bp_total - 32)) && is_number "$bp_diff" $((bp_total - 32 - bp_control)) \
+            || dfail "the payload at target offset $a is not a BSDIFFLZ or BSDIFF40 patch of $3 bytes"
+        if [ "$bp_magic" = BSDIFFLZ ]; then
+            bp_at=32 bp_left=$3
+            for bp_part in control diff extra; do
+                case $bp_part in
+                control) bp_size=$bp_control bp_limit=$((24 * ($3 / 24 + 2))) ;;
+                diff) bp_size=$bp_diff bp_limit=$3 ;;
+                extra) bp_size=$((bp_total - bp_at)) bp_limit=$bp_left ;;
+                esac
+                rm -f "$WORK/delta.xzfailed"
+                dd if="$WORK/delta.payload" bs=65536 skip="$bp_at" count="$bp_size" iflag=skip_bytes,count_bytes 2> /dev/null \
+                    | { "$XZ" -d --format=raw --lzma2=dict=8MiB -c 2> /dev/null || : > "$WORK/delta.xzfailed"; } \
+                    | take $((bp_limit + 1)) > "$WORK/delta.part"
+                bp_decoded=$(size_of "$WORK/delta.part")
+                [ ! -e "$WORK/delta.xzfailed" ] && [ "$bp_decoded" -le "$bp_limit" ] \
+                    && { [ "$bp_part" != control ] || [ $((bp_decoded % 24)) = 0 ]; } \
+                    || dfail "the payload at target offset $a: its $bp_part stream is not one LZMA2 stream of at most $bp_limit bytes"
+                [ "$bp_part" != diff ] || bp_left=$(($3 - bp_decoded))
+                bz2_compress < "$WORK/delta.part" > "$WORK/delta.$bp_part.bz2" 2> /dev/null \
+                    || dfail "the payload at target offset $a: bzip2 failed"
+                bp_at=$((bp_at + bp_size))
+            done
+            rm -f "$WORK/delta.part"
+            { printf BSDIFF40; le64 "$(size_of "$WORK/delta.control.bz2")"; le64 "$(size_of "$WORK/delta.diff.bz2")"; le64 "$3"
+                cat "$WORK/delta.control.bz2" "$WORK/delta.diff.bz2" "$WORK/delta.extra.bz2"; } > "$WORK/delta.payload"
+            rm -f "$WORK/delta.control.bz2" "$WORK/delta.diff.bz2" "$WORK/delta.extra.bz2"
+        fi
+        bspatch "$1" "$2" "$WORK/delta.payload" 2> /dev/null \
+            && [ "$(size_of "$2")" = "$3" ] || dfail "bspatch at $a failed"
+    }
+    # bz2_compress: stdin compressed with bzip2 -1, the system's bzip2 or else busybox's.
+    bz2_compress() {
+        if command -v bzip2 > /dev/null 2>&1; then bzip2 -1 -c; else busybox bzip2 -1 -c; fi
+    }
+    # le64 N: N (at most 2^63-1) as 8 bytes little-endian, BSDIFF40's numbers.
+    le64() {
+        le_n=$1 le_i=0
+        while [ "$le_i" -lt 8 ]; do
+            # shellcheck disable=SC2059  # the format is an octal escape, made here
+            printf "\\$(printf %o $((le_n % 256)))"
+            le_n=$((le_n / 256)) le_i=$((le_i + 1))
+        done
+    }
+    # bspatch_op: the bspatch line in op a b c d e f g: its bsdiff payload applied to the
     # window (and the inverse filter) into delta.out.
     bspatch_op() {
         numbers "$d" "$f"
@@ -113,11 +170,7 @@ apply_delta() (
         consumed=$((consumed + f))
         bs_produced=$b
         [ "$c" = raw ] || bs_produced=$((b + 3 * ((b + 65535) / 65536) + 1))
-        [ "$(dd if="$WORK/delta.payload" bs=8 count=1 2> /dev/null)" = BSDIFF40 ] \
-            && [ "$(od -An -tu8 -j24 -N8 "$WORK/delta.payload" | tr -d ' ')" = "$bs_produced" ] \
-            || dfail "the payload at target offset $a is not a BSDIFF40 patch of $bs_produced bytes"
-        bspatch "$WORK/delta.window" "$WORK/delta.patched" "$WORK/delta.payload" 2> /dev/null \
-            && [ "$(size_of "$WORK/delta.patched")" = "$bs_produced" ] || dfail "bspatch at $a failed"
+        bspatch_payload "$WORK/delta.window" "$WORK/delta.patched" "$bs_produced"
         rm -f "$WORK/delta.payload"
         if [ "$c" = raw ]; then
             mv "$WORK/delta.patched" "$WORK/delta.out"
@@ -172,7 +225,7 @@ apply_delta() (
         zwin_ready=1
     }
     # recompress_op: the recompress line in op a b c d e f g, its block lines, its payload
-    # (a zstd frame against delta.zwindow, or a BSDIFF40 patch of it) unpacked, then each block
+    # (a zstd frame against delta.zwindow, or a bsdiff patch of it) unpacked, then each block
     # compressed from a file with `zstd -LEVEL --no-check`, hashed and appended to delta.out.
     recompress_op() {
         numbers "$c" "$d" "$g"
@@ -204,11 +257,7 @@ apply_delta() (
             take "$rc_payload" > "$WORK/delta.payload"
             [ "$(size_of "$WORK/delta.payload")" -eq "$rc_payload" ] || dfail "the stream ends inside the payload at target offset $a"
             consumed=$((consumed + rc_payload))
-            [ "$(dd if="$WORK/delta.payload" bs=8 count=1 2> /dev/null)" = BSDIFF40 ] \
-                && [ "$(od -An -tu8 -j24 -N8 "$WORK/delta.payload" | tr -d ' ')" = "$rc_unpacked" ] \
-                || dfail "the payload at target offset $a is not a BSDIFF40 patch of $rc_unpacked bytes"
-            bspatch "$WORK/delta.zwindow" "$WORK/delta.unpacked" "$WORK/delta.payload" 2> /dev/null \
-                && [ "$(size_of "$WORK/delta.unpacked")" = "$rc_unpacked" ] || dfail "bspatch at $a failed"
+            bspatch_payload "$WORK/delta.zwindow" "$WORK/delta.unpacked" "$rc_unpacked"
             rm -f "$WORK/delta.payload"
         fi
         : > "$WORK/delta.out"
