@@ -28,7 +28,7 @@ import multiprocessing
 import os
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import astuple, dataclass, replace
 from pathlib import Path
@@ -130,11 +130,11 @@ class _Encoded:
 @dataclass(frozen=True)
 class _GroupDiff:
     """What bsdiff made of a group: the variant's filter, the window's hash, and one patch
-    per piece (None where the filtered piece did not invert back, never for raw)."""
+    per piece (None where an applier would refuse it: `bsdiff.diff_pieces`)."""
 
     filter: Filter
     window_sha256: str
-    patches: tuple[bytes, ...]
+    patches: tuple[bytes | None, ...]
 
 
 def _bsdiff_group(
@@ -153,8 +153,11 @@ def _bsdiff_group(
         new = [os.pread(handle.fileno(), piece.length, offset) for offset, piece in pieces]
     window_sha256 = hashlib.sha256(old).hexdigest()
 
-    def cost(patches: list[bytes]) -> int:
-        return sum(min(len(patch), size) for patch, size in zip(patches, zstd_sizes, strict=True))
+    def cost(patches: Sequence[bytes | None]) -> int:
+        return sum(
+            size if patch is None else min(len(patch), size)
+            for patch, size in zip(patches, zstd_sizes, strict=True)
+        )
 
     best = _GroupDiff(Filter.RAW, window_sha256, tuple(diff_pieces(old, new)))
     if window.filter is not Filter.RAW:
@@ -166,7 +169,7 @@ def _bsdiff_group(
                 return best
             wrapped.append(filtered)
         patches = diff_pieces(filters.forward(old, window.filter, window.start), wrapped)
-        if cost(patches) < cost(list(best.patches)):
+        if cost(patches) < cost(best.patches):
             best = _GroupDiff(window.filter, window_sha256, tuple(patches))
     return best
 
@@ -288,6 +291,8 @@ class _Encoder:
             return held.encoded
         diff = group.diff.result()
         patch = diff.patches[held.index]
+        if patch is None:
+            return held.encoded
         if group.line is None:
             group.line = Window(
                 len(group.window.extents),

@@ -36,10 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-import bsdiff4
 import zstandard
 
 from avobuild.bundle.manifest import ImageRef
+from avobuild.delta.bsdiff import diff_pieces
 from avobuild.delta.recompress import (
     block_line,
     compress_block,
@@ -504,8 +504,8 @@ def _recompress_op(
     # As for ext4: where zstd already made the payload tiny, bsdiff's suffix sort is not
     # worth its time.
     if job.bsdiff and len(payload) > max(BSDIFF_WORTH_TRYING, len(unpacked) // BSDIFF_RATIO):
-        patch = bsdiff4.diff(window_data, unpacked)
-        if len(patch) < len(payload):
+        patch = diff_pieces(window_data, [unpacked])[0]
+        if patch is not None and len(patch) < len(payload):
             payload, method = patch, RecompressMethod.BSPATCH
     length = run[-1][0].end - run[0][0].offset
     if len(payload) >= length or len(payload) > max_payload_size(len(unpacked)):
