@@ -10,7 +10,10 @@ mutation is applied to a line at the start, in the middle and at the end of its 
 from __future__ import annotations
 
 import base64
+import bz2
 import hashlib
+import itertools
+import lzma
 import random
 import re
 import subprocess
@@ -440,10 +443,42 @@ class DeltaV2Base(DeltaBase):
         return super().stream(chosen, **options)
 
 
+def bsdiff_lz(
+    new_size: int, control: bytes, diff: bytes, extra: bytes, *, streams: Sequence[bytes] = ()
+) -> bytes:
+    """A BSDIFFLZ patch (docs/delta-format.md, 7.5) written here, not by avobuild: bsdiff's
+    three streams each as a raw LZMA2 stream (or the given `streams` as they are)."""
+    filters = [{"id": lzma.FILTER_LZMA2, "preset": 6}]
+    parts = list(streams) or [
+        lzma.compress(part, lzma.FORMAT_RAW, filters=filters) for part in (control, diff, extra)
+    ]
+    sizes = (len(parts[0]), len(parts[1]), new_size)
+    return b"BSDIFFLZ" + b"".join(size.to_bytes(8, "little") for size in sizes) + b"".join(parts)
+
+
+def bsdiff_lz_of(old: bytes, new: bytes) -> bytes:
+    return bsdiff_lz(len(new), *bsdiff4.core.diff(old, new))
+
+
+def bz2_of_lz(payload: bytes) -> bytes:
+    """The BSDIFF40 patch of a BSDIFFLZ one: the same streams, bzip2-compressed."""
+    control_size = int.from_bytes(payload[8:16], "little")
+    diff_size = int.from_bytes(payload[16:24], "little")
+    filters = [{"id": lzma.FILTER_LZMA2, "preset": 6}]
+    ends = (32, 32 + control_size, 32 + control_size + diff_size, len(payload))
+    parts = [
+        bz2.compress(lzma.decompress(payload[a:b], lzma.FORMAT_RAW, filters=filters))
+        for a, b in itertools.pairwise(ends)
+    ]
+    sizes = (len(parts[0]), len(parts[1]), int.from_bytes(payload[24:32], "little"))
+    return b"BSDIFF40" + b"".join(size.to_bytes(8, "little") for size in sizes) + b"".join(parts)
+
+
 def make_delta_v2(source: bytes, rng: random.Random) -> DeltaV2Base:
     """copy, zero, a raw window and bspatch, copy, an x86 window and bspatch, copy to the
     end; the bspatch targets are the window's bytes with seeded edits (a moved block and
-    changed bytes). The x86 one is made the way avobuild's encoder makes it."""
+    changed bytes). The raw one is a BSDIFF40 patch (bsdiff4's), the x86 one a BSDIFFLZ
+    patch made the way avobuild's encoder makes it."""
     from avobuild.delta import filters
     from avobuild.delta.stream import Filter
 
@@ -467,7 +502,7 @@ def make_delta_v2(source: bytes, rng: random.Random) -> DeltaV2Base:
             payload = bsdiff4.diff(window, new)
         else:
             wrapped = filters.wrap_lzma2(filters.forward(new, filter_, target_start))
-            payload = bsdiff4.diff(filters.forward(window, filter_, start), wrapped)
+            payload = bsdiff_lz_of(filters.forward(window, filter_, start), wrapped)
         ops.append(Op(f"window 1 {len(window)} {filter_} {start} {sha(window)}".encode()))
         ops.append(Op(f"extent {offset} {len(window)}".encode()))
         words = f"bspatch {len(target)} {length} {filter_} {target_start} {sha(window)}"
@@ -547,7 +582,7 @@ def make_delta_squashfs(source: bytes, rng: random.Random, work: Path) -> DeltaS
     def recompress(blocks: list[tuple[bytes, bool]], method: str) -> None:
         unpacked = b"".join(data for data, _ in blocks)
         payload = (
-            patch_frame(unpacked, window) if method == "patch" else bsdiff4.diff(window, unpacked)
+            patch_frame(unpacked, window) if method == "patch" else bsdiff_lz_of(window, unpacked)
         )
         stored = [cli_zstd(data, 15, work) if packed else data for data, packed in blocks]
         length = sum(map(len, stored))

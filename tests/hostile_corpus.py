@@ -7,6 +7,7 @@ tests/hostile_bundles.py: header, signature block, manifest, payload framing, de
 
 from __future__ import annotations
 
+import lzma
 import random
 import tempfile
 from collections.abc import Callable, Iterator
@@ -21,6 +22,8 @@ from hostile_bundles import (
     Op,
     Signer,
     b64,
+    bsdiff_lz,
+    bz2_of_lz,
     delta_draft,
     ecdsa_signer,
     frame,
@@ -936,6 +939,7 @@ def delta_v2_cases(ctx: Context) -> Iterator[Case]:
             + payload[32:],
             "flipped": payload[:40] + bytes([payload[40] ^ 0x55]) + payload[41:],
             "cut": payload[: len(payload) // 2],
+            **(lz_payload_cases(payload) if payload.startswith(b"BSDIFFLZ") else {}),
         }.items():
             words = ops[patch].line.split(b" ")
             words[6] = str(len(changed_payload)).encode()
@@ -947,6 +951,46 @@ def delta_v2_cases(ctx: Context) -> Iterator[Case]:
     yield "delta2-bspatch-without-window", signed(ops[:first] + ops[first + 2 :])
     yield "delta2-window-before-end", signed([*ops, ops[windows[1]], ops[windows[1] + 1]])
     yield "delta2-end-counts-windows", signed(ops, end=b"end %d" % len(ops))
+
+
+def lz_payload_cases(payload: bytes) -> dict[str, bytes]:
+    """A BSDIFFLZ patch's streams made wrong one at a time (docs/delta-format.md, 7.5): each
+    must be one whole raw LZMA2 stream, within its bound."""
+    control_size = int.from_bytes(payload[8:16], "little")
+    diff_size = int.from_bytes(payload[16:24], "little")
+    new_size = int.from_bytes(payload[24:32], "little")
+    streams = [
+        payload[32 : 32 + control_size],
+        payload[32 + control_size : 32 + control_size + diff_size],
+        payload[32 + control_size + diff_size :],
+    ]
+    filters = [{"id": lzma.FILTER_LZMA2, "preset": 6}]
+    control, diff, extra = (
+        lzma.decompress(part, lzma.FORMAT_RAW, filters=filters) for part in streams
+    )
+
+    def lz(data: bytes) -> bytes:
+        return lzma.compress(data, lzma.FORMAT_RAW, filters=filters)
+
+    return {
+        "lz-control-trailing-byte": bsdiff_lz(
+            new_size, b"", b"", b"", streams=[streams[0] + b"\0", *streams[1:]]
+        ),
+        "lz-extra-empty": bsdiff_lz(new_size, b"", b"", b"", streams=[*streams[:2], b""]),
+        "lz-control-partial-triple": bsdiff_lz(new_size, control[:-1], diff, extra),
+        "lz-control-over-bound": bsdiff_lz(
+            new_size, control + bytes(24 * (new_size // 24 + 2)), diff, extra
+        ),
+        "lz-diff-over-new-size": bsdiff_lz(new_size, control, diff + bytes(new_size), extra),
+        "lz-extra-over-what-is-left": bsdiff_lz(new_size, control, diff, extra + b"x"),
+        "lz-bzip2-streams": b"BSDIFFLZ" + bz2_of_lz(payload)[8:],
+        "lz-control-size-past-end": payload[:8]
+        + (len(payload) - 31).to_bytes(8, "little")
+        + payload[16:],
+        "lz-streams-swapped": bsdiff_lz(new_size, diff, control, extra),
+        # The same patch as BSDIFF40: accepted, the same target.
+        "lz-as-bsdiff40": bz2_of_lz(payload),
+    }
 
 
 def delta_squashfs_cases(ctx: Context) -> Iterator[Case]:
@@ -1038,6 +1082,7 @@ def delta_squashfs_cases(ctx: Context) -> Iterator[Case]:
         for name, changed_payload in {
             "flipped": payload[:40] + bytes([payload[40] ^ 0x55]) + payload[41:],
             "cut": payload[: len(payload) // 2],
+            **(lz_payload_cases(payload) if payload.startswith(b"BSDIFFLZ") else {}),
         }.items():
             words = header.line.split(b" ")
             words[7] = str(len(changed_payload)).encode()

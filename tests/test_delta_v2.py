@@ -19,6 +19,7 @@ from pathlib import Path
 import bsdiff4
 import pytest
 from elf_edits import host_elf_files, recompile
+from hostile_bundles import bsdiff_lz, bz2_of_lz
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -26,6 +27,7 @@ from avobuild.bundle.manifest import ImageRef
 from avobuild.delta import filters
 from avobuild.delta.apply import apply_delta_file
 from avobuild.delta.bsdiff import diff_pieces
+from avobuild.delta.bspatch import apply_patch
 from avobuild.delta.encode import DeltaSummary, encode_delta
 from avobuild.delta.files import _normalised
 from avobuild.delta.stream import Filter
@@ -282,9 +284,10 @@ def test_in_process_x86_filter_equals_the_xz_cli(tmp_path: Path) -> None:
 
 
 def test_one_diff_cut_into_pieces_applies_piece_by_piece_with_bspatch(tmp_path: Path) -> None:
-    """A group's single bsdiff is cut into one BSDIFF40 patch per piece: Debian's bspatch
-    (what a device runs) turns the shared window into each piece exactly, whatever the cuts
-    (inside a match, inside inserted bytes, one-byte pieces)."""
+    """A group's single bsdiff is cut into one BSDIFFLZ patch per piece: rewritten as
+    BSDIFF40 by the tests' own converter, Debian's bspatch (what a device runs) turns the
+    shared window into each piece exactly, whatever the cuts (inside a match, inside
+    inserted bytes, one-byte pieces)."""
     rng = random.Random(15)
     old = ELF_FILES[1].read_bytes()[: 1 << 20]
     new = bytearray(recompile(rng, old) if len(old) > 8192 else old)
@@ -294,14 +297,80 @@ def test_one_diff_cut_into_pieces_applies_piece_by_piece_with_bspatch(tmp_path: 
     new = new[:start] + rng.randbytes(5000) + new[start:] + old[:3000]
     cuts = sorted({*rng.sample(range(1, len(new)), 12), 1, len(new) - 1})
     pieces = [bytes(new[a:b]) for a, b in zip([0, *cuts], [*cuts, len(new)], strict=True)]
-    patches = diff_pieces(old, pieces)
+    patches = [patch for patch in diff_pieces(old, pieces) if patch is not None]
+    assert len(patches) == len(pieces)
     window = tmp_path / "window"
     window.write_bytes(old)
     for index, (piece, patch) in enumerate(zip(pieces, patches, strict=True)):
-        (tmp_path / "patch").write_bytes(patch)
+        assert patch.startswith(b"BSDIFFLZ")
+        (tmp_path / "patch").write_bytes(bz2_of_lz(patch))
         subprocess.run(
             ["bspatch", str(window), str(tmp_path / "out"), str(tmp_path / "patch")], check=True
         )
         assert (tmp_path / "out").read_bytes() == piece, index
     # Cut patches cost little more than one patch of the whole.
     assert sum(map(len, patches)) < len(bsdiff4.diff(old, bytes(new))) + 200 * len(pieces)
+
+
+def _lz_patch() -> tuple[bytes, bytes, bytes]:
+    """A window, a seeded edit of it and the BSDIFFLZ patch between them."""
+    rng = random.Random(21)
+    old = ELF_FILES[0].read_bytes()[: 1 << 16]
+    new = bytearray(recompile(rng, old) if len(old) > 8192 else old)
+    new[100:100] = rng.randbytes(300)
+    patch = diff_pieces(old, [bytes(new)])[0]
+    assert patch is not None and patch.startswith(b"BSDIFFLZ")
+    return old, bytes(new), patch
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.data())
+def test_bspatch_reader_refuses_or_reproduces_any_damaged_patch(data: st.DataObject) -> None:
+    """Fuzz: a BSDIFFLZ patch with bytes flipped, cut or appended anywhere is refused with
+    a BundleError or still produces exactly the declared number of bytes (raw LZMA2 has no
+    checksum: the operation's sha256 then refuses them); never another exception."""
+    old, new, patch = _LZ_PATCH
+    damaged = bytearray(patch)
+    for _ in range(data.draw(st.integers(1, 4))):
+        kind = data.draw(st.sampled_from(["flip", "cut", "append"]))
+        if not damaged:
+            kind = "append"
+        if kind == "flip":
+            at = data.draw(st.integers(0, len(damaged) - 1))
+            damaged[at] ^= data.draw(st.integers(1, 255))
+        elif kind == "cut":
+            del damaged[data.draw(st.integers(0, len(damaged) - 1)) :]
+        else:
+            damaged += data.draw(st.binary(min_size=1, max_size=16))
+    try:
+        out = apply_patch(old, bytes(damaged), len(new), "fuzz")
+    except BundleError:
+        return
+    assert len(out) == len(new)
+
+
+_LZ_PATCH = _lz_patch()
+
+
+def test_bspatch_reader_bounds_every_stream_before_applying() -> None:
+    """Each stream is decoded only up to its bound (docs/delta-format.md, 7.5): a diff
+    stream of 64 MiB of zeros (10 KB of LZMA2, 11 KB of bzip2) for a 64 KiB operation is
+    refused in both formats without being decoded, as is a control stream over the bound;
+    the BSDIFF40 rewrite of a good patch gives the same bytes as the patch."""
+    old, new, patch = _LZ_PATCH
+    assert apply_patch(old, bz2_of_lz(patch), len(new), "x") == new
+    bomb = bytes(64 << 20)
+    control, diff, extra = bsdiff4.core.diff(old, new)
+    for payload, message in (
+        (bsdiff_lz(len(new), control, bomb, extra), "diff stream decodes to over"),
+        (bz2_of_lz(bsdiff_lz(len(new), control, bomb, extra)), "diff stream decodes to over"),
+        (
+            bsdiff_lz(len(new), control + bytes(len(new) + 48), diff, extra),
+            "control stream .* over",
+        ),
+        (bsdiff_lz(len(new), control, diff, extra + b"x"), "extra stream decodes to over"),
+        (bsdiff_lz(len(new) - 1, control, diff, extra), "not a BSDIFFLZ or BSDIFF40"),
+    ):
+        assert len(payload) < 64 << 10
+        with pytest.raises(BundleError, match=message):
+            apply_patch(old, payload, len(new), "x")

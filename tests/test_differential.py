@@ -384,15 +384,19 @@ def test_whole_corpus_same_verdict(product: Product, corpus: list[Case], tmp_pat
 def test_delta_version_2_same_verdict(product: Product, corpus: list[Case], tmp_path: Path) -> None:
     """Stream version 2 (windows, bspatch raw and with the x86 filter; squashfs zstd-version,
     zwindow and recompress): every case, from a file and from a pipe, with the valid ones
-    applied by both readers."""
+    applied by both readers. The x86 bspatch is a BSDIFFLZ patch: each way of making one of
+    its LZMA2 streams wrong is refused by both, its BSDIFF40 rewrite accepted by both."""
     cases = [case for case in corpus if case[0].startswith("delta2-")]
     assert len(cases) >= 50
+    lz_cases = [name for name, _ in cases if name.startswith("delta2-x86-payload-lz-")]
+    assert len(lz_cases) == 10
     readers = Readers(product, tmp_path / "valid")
     for name, accepted in (
         ("delta2-valid", True),
         ("delta2-as-version-1", False),
         ("delta2-sq-valid", True),
         ("delta2-sq-as-version-1", False),
+        *((name, name.endswith("-as-bsdiff40")) for name in lz_cases),
     ):
         python, shell, found = readers.judge(name, dict(cases)[name])
         assert (python.accepted, shell.accepted, found) == (accepted, accepted, []), (
