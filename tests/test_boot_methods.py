@@ -33,6 +33,7 @@ from avobuild.fs import list_vfat_tree, read_vfat_file
 from avobuild.fs.cpio import read_newc
 from avobuild.model.applier import Bootloader
 from avobuild.model.boot import BootMethod, UbootEnv
+from avobuild.model.layout import Role
 from avobuild.model.recipe import load_recipe
 from avobuild.model.serialize import from_jsonable, to_jsonable
 
@@ -191,6 +192,33 @@ def test_uboot_needs_ext4_slots_and_named_loader_files(product: Product) -> None
     recipe.write_text(with_boot_text)
     with pytest.raises(RecipeError, match=r"\[boot\] method: expected ext4 system slots"):
         load_recipe(recipe)
+
+
+@pytest.mark.parametrize("filesystem", ["squashfs", "erofs"])
+def test_grub_efi_needs_ext4_slots(product: Product, filesystem: str) -> None:
+    """GRUB loads the kernel from the slot; Debian 12's GRUB 2.06 reads neither erofs nor
+    zstd squashfs, so such a recipe is refused instead of building a disk that cannot boot.
+    The oracle for GRUB's side: its squash4 module depends on no zstd module (moddep.lst)."""
+    moddep = Path("/usr/lib/grub/x86_64-efi/moddep.lst").read_text().splitlines()
+    squash4 = next(line for line in moddep if line.startswith("squash4:"))
+    assert "zstd" not in squash4.split()
+    assert not Path("/usr/lib/grub/x86_64-efi/erofs.mod").exists()
+    layout = product.layout.read_text()
+    system = layout.index("[partition.system-a]")
+    product.layout.write_text(
+        layout[:system]
+        + layout[system:].replace('filesystem = "ext4"', f'filesystem = "{filesystem}"', 2)
+    )
+    recipe = with_boot(product, '[boot]\nmethod = "grub-efi"\n')
+    with pytest.raises(RecipeError) as error:
+        load_recipe(recipe)
+    message = str(error.value)
+    assert "[boot] method: expected ext4 system slots: GRUB" in message, message
+    assert f"is {filesystem}" in message and 'method = "external"' in message, message
+    product.recipe.write_text(
+        product.recipe.read_text().replace('method = "grub-efi"', 'method = "external"')
+    )
+    assert load_recipe(product.recipe).layout.by_role(Role.SYSTEM_A).filesystem.value == filesystem
 
 
 # --- the build: a complete chain, or an error naming the key ----------------------------------

@@ -252,16 +252,26 @@ def _check_method(
             f"the boot loader files and the boot state there ({layout.path}: {found})",
             method.value,
         )
+    system = layout.by_role(Role.SYSTEM_A)
+    assert system is not None
+    if system.filesystem is not FsType.EXT4:
+        # Both load the kernel from the slot: U-Boot's ext4 support is what boards enable,
+        # and Debian 12's GRUB 2.06 has no erofs module and a squash4 module without zstd
+        # (avobuild's squashfs images are zstd), so either would build an image that
+        # cannot boot.
+        loader = (
+            "U-Boot"
+            if method is BootMethod.UBOOT
+            else "GRUB (2.06 reads no erofs and no zstd squashfs)"
+        )
+        table.fail(
+            "method",
+            f"ext4 system slots: {loader} loads the kernel and initramfs from the slot "
+            f"({layout.path}: [partition.{system.label}] is {system.filesystem}); squashfs "
+            'or erofs slots need [boot] method = "external"',
+            method.value,
+        )
     if method is BootMethod.UBOOT:
-        system = layout.by_role(Role.SYSTEM_A)
-        assert system is not None
-        if system.filesystem is not FsType.EXT4:
-            table.fail(
-                "method",
-                f"ext4 system slots: U-Boot loads the kernel and initramfs from the slot "
-                f"({layout.path}: [partition.{system.label}] is {system.filesystem})",
-                method.value,
-            )
         if config.loader is UbootLoader.BOOT_PARTITION and not (config.files or config.tree):
             table.fail(
                 "loader",
