@@ -16,12 +16,12 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff_check() -> None:
-    result = _run("ruff", "check", "avobuild", "tests")
+    result = _run("ruff", "check", "avobuild", "tests", "bench")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_ruff_format() -> None:
-    result = _run("ruff", "format", "--check", "avobuild", "tests")
+    result = _run("ruff", "format", "--check", "avobuild", "tests", "bench")
     assert result.returncode == 0, result.stdout + result.stderr
 
 

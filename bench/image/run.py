@@ -47,7 +47,7 @@ def build_corpus(work: Path) -> Path:
         return tree
     shutil.rmtree(tree, ignore_errors=True)
     tree.mkdir(parents=True)
-    subprocess.run(
+    subprocess.run(  # noqa: S603
         [
             "mmdebstrap",
             "--quiet",
@@ -72,7 +72,7 @@ def timed(argv: list[str], work: Path, cwd: Path | None = None) -> tuple[float, 
     """Wall seconds and peak RSS (KiB) of a command, from GNU time."""
     out = work / "time.txt"
     env = {**os.environ, "SOURCE_DATE_EPOCH": EPOCH}
-    subprocess.run(
+    subprocess.run(  # noqa: S603
         ["/usr/bin/time", "-f", "%e %M", "-o", str(out), *argv],
         check=True,
         cwd=cwd,
