@@ -82,8 +82,8 @@ def unpack_tree(wheels: list[Path], tree: Path) -> None:
 
 
 def build_corpus(work: Path, fs: FsType = FsType.EXT4) -> dict[str, Path]:
-    """The two images, old.img and new.img (old.erofs and new.erofs with `fs` erofs), built
-    (or reused) under `work`."""
+    """The two images, old.img and new.img (old.erofs and new.erofs with `fs` erofs, and so
+    on), built (or reused) under `work`."""
     images = {}
     for release in RELEASES:
         image = work / f"{release}.{'img' if fs is FsType.EXT4 else fs.value}"

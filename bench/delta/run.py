@@ -223,7 +223,7 @@ def main() -> None:
     parser.add_argument("--skip", action="append", default=[], help="tool to leave out")
     parser.add_argument("--corpus", choices=("wheels", "debian"), default="wheels")
     parser.add_argument("--arch", choices=ARCHITECTURES, default="amd64")
-    parser.add_argument("--fs", choices=("ext4", "erofs"), default="ext4")
+    parser.add_argument("--fs", choices=("ext4", "erofs", "squashfs"), default="ext4")
     parser.add_argument("--images", nargs=2, type=Path, metavar=("OLD", "NEW"))
     parser.add_argument(
         "--with-slow",
