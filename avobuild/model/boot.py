@@ -271,12 +271,15 @@ def _check_method(
             'or erofs slots need [boot] method = "external"',
             method.value,
         )
-    if method is BootMethod.UBOOT:
-        if config.loader is UbootLoader.BOOT_PARTITION and not (config.files or config.tree):
-            table.fail(
-                "loader",
-                "a [boot] tree or [[boot.file]] entries with the board's U-Boot files (for "
-                'example source = "u-boot.bin", dest = "/u-boot.bin"), as loader = '
-                '"boot-partition" says the board loads U-Boot from the boot partition',
-                config.loader.value,
-            )
+    if (
+        method is BootMethod.UBOOT
+        and config.loader is UbootLoader.BOOT_PARTITION
+        and not (config.files or config.tree)
+    ):
+        table.fail(
+            "loader",
+            "a [boot] tree or [[boot.file]] entries with the board's U-Boot files (for "
+            'example source = "u-boot.bin", dest = "/u-boot.bin"), as loader = '
+            '"boot-partition" says the board loads U-Boot from the boot partition',
+            config.loader.value,
+        )
