@@ -47,6 +47,8 @@ _METAVARS = {
     "remove": "KEY-ID",
     "rsa_bits": "BITS",
 }
+# click's type names (typer <= 0.28) as the annotation `_annotation` reports.
+_CLICK_TYPES = {"int": "int", "integer": "int", "integer range": "int", "path": "Path"}
 
 
 def metavar_for(param: Any) -> str | None:
@@ -79,13 +81,21 @@ def _configure_argument(param: Any) -> None:
     usage = name + more if param.required else f"[{name}]{more}"
     param.metavar = name + more
     param.display_type_rich = lambda ctx: None
-    param._usage_display_name = lambda: usage
+    param._usage_display_name = lambda: usage  # typer 0.29
+    param.get_usage_pieces = lambda ctx: [usage]  # typer <= 0.28
 
 
 def _annotation(param: Any) -> str:
-    """The parameter's annotated type, as text ("int", "Path", "list[Path]")."""
-    annotation = param.type_descriptor.annotation
-    return getattr(annotation, "__name__", str(annotation)).replace("pathlib.", "")
+    """The parameter's type, as text ("int", "Path", "str").
+
+    typer up to 0.28 gives the click type of the parameter (`int`, `path`); 0.29 keeps the
+    annotation itself in `type_descriptor`.
+    """
+    descriptor = getattr(param, "type_descriptor", None)
+    if descriptor is not None:
+        annotation = descriptor.annotation
+        return getattr(annotation, "__name__", str(annotation)).replace("pathlib.", "")
+    return _CLICK_TYPES.get(getattr(param.type, "name", ""), "")
 
 
 def _configure(command: Any) -> None:
