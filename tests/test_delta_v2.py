@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from avobuild.bundle.manifest import ImageRef
 from avobuild.delta import filters
 from avobuild.delta.apply import apply_delta_file
-from avobuild.delta.bsdiff import diff_pieces
+from avobuild.delta.bsdiff import diff_pieces, shares_strings
 from avobuild.delta.bspatch import apply_patch
 from avobuild.delta.encode import DeltaSummary, encode_delta
 from avobuild.delta.files import _normalised
@@ -374,3 +374,55 @@ def test_bspatch_reader_bounds_every_stream_before_applying() -> None:
         assert len(payload) < 64 << 10
         with pytest.raises(BundleError, match=message):
             apply_patch(old, payload, len(new), "x")
+
+
+def test_shares_strings_finds_shared_bytes_and_none_in_unrelated_random_data() -> None:
+    rng = random.Random(41)
+    old = rng.randbytes(6 << 20)
+    assert not shares_strings(old, rng.randbytes(1 << 20))
+    assert shares_strings(old, old[1_000_000 : 1_000_000 + (512 << 10)] + rng.randbytes(512 << 10))
+    # Too short to probe: always tried.
+    assert shares_strings(old, rng.randbytes(256))
+
+
+def test_compressed_data_sharing_nothing_is_not_given_to_bsdiff(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file of high-entropy bytes replaced by other high-entropy bytes (what a new kernel
+    image or .gz is) never reaches bsdiff; the recompiled library next to it does. The bsdiff
+    processes are forked, so they log what they were given to a file."""
+    import avobuild.delta.encode as encode_module
+
+    log = tmp_path / "diffed"
+
+    def logged(old: bytes, pieces: list[bytes]) -> list[bytes | None]:
+        with log.open("ab") as handle:
+            for piece in pieces:
+                handle.write(piece[:64].hex().encode() + b"\n")
+        return diff_pieces(old, pieces)
+
+    monkeypatch.setattr(encode_module, "diff_pieces", logged)
+    rng = random.Random(12)
+    libraries = [path.read_bytes() for path in ELF_FILES]
+    images = []
+    for name in ("old", "new"):
+        tree = tmp_path / f"{name}-tree"
+        (tree / "usr" / "lib").mkdir(parents=True)
+        for index, data in enumerate(libraries):
+            edited = data if name == "old" else recompile(rng, data)
+            (tree / "usr" / "lib" / f"lib{'abcdef'[index]}.so").write_bytes(edited)
+        (tree / "boot").mkdir()
+        (tree / "boot" / "kernel").write_bytes(rng.randbytes(3 << 20))
+        image = tmp_path / f"{name}.img"
+        subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-d", tree, image,
+                        str(IMAGE_SIZE >> 10)], check=True)  # fmt: skip
+        images.append(image)
+    old, new = images
+    stream, summary = make_delta(tmp_path, old, new)
+    diffed = log.read_bytes().splitlines()
+    assert summary.op_counts["bspatch"] >= 1 and diffed
+    kernel = (tmp_path / "new-tree" / "boot" / "kernel").read_bytes()
+    assert not [head for head in diffed if bytes.fromhex(head.decode()) in kernel]
+    output = tmp_path / "out.img"
+    apply_delta_file(stream, old, output)
+    assert output.read_bytes() == new.read_bytes()
